@@ -903,8 +903,10 @@ class EMATeacher:
     so one network with one set of modules plays both roles.
     """
 
-    def __init__(self, parameters, decay, device=None, dtype=None):
-        self.parameters = list(parameters)
+    FILE_NAME = "ema_teacher.safetensors"
+
+    def __init__(self, named_parameters, decay, device=None, dtype=None):
+        self.names, self.parameters = zip(*named_parameters)
         self.decay = decay
         self.shadow = [p.detach().to(device=device or p.device, dtype=dtype or p.dtype, copy=True)
                        for p in self.parameters]
@@ -926,12 +928,17 @@ class EMATeacher:
             for parameter, data in zip(self.parameters, stash):
                 parameter.data = data
 
-    def state_dict(self):
-        return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}
+    def save(self, folder):
+        save_file({name: s.detach().cpu().contiguous() for name, s in zip(self.names, self.shadow)},
+                  Path(folder) / self.FILE_NAME)
 
-    def load_state_dict(self, state):
-        for shadow, saved in zip(self.shadow, state["shadow"]):
-            shadow.copy_(saved)
+    @torch.no_grad()
+    def load(self, folder):
+        saved = load_file(Path(folder) / self.FILE_NAME)
+        if set(saved) != set(self.names) or any(saved[n].shape != s.shape for n, s in zip(self.names, self.shadow)):
+            raise UserError(f"the EMA teacher in {folder} does not fit this model/LoRA configuration")
+        for name, shadow in zip(self.names, self.shadow):
+            shadow.copy_(saved[name])
 
 
 def to_x0(latents, velocity, sigma):
@@ -1232,6 +1239,7 @@ def main(args):
     args.lora_layers = args.lora_layers or family.default_lora_layers
     if args.resolution % family.resolution_multiple:
         raise UserError(f"--resolution must be a multiple of {family.resolution_multiple} for {family.name}")
+    lora_targets = resolve_lora_targets(family.transformer, args.lora_layers)
     if family.teacher_context == "vlm":
         family.load_teacher_vlm()
 
@@ -1249,23 +1257,22 @@ def main(args):
     # The student: a LoRA on the transformer. The teacher: the EMA of that LoRA (SPEC §2.4).
     transformer = family.transformer
     transformer.to(accelerator.device)
-    targets = resolve_lora_targets(transformer, args.lora_layers)
     transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
-                                       target_modules=targets))
+                                       target_modules=lora_targets))
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if accelerator.mixed_precision in ("fp16", "bf16"):
         cast_training_params(transformer, dtype=torch.float32)
     lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
-    ema_teacher = EMATeacher(lora_parameters, args.ema_decay)
-    accelerator.register_for_checkpointing(ema_teacher)
-    logger.info(f"LoRA on {len(targets)} layers: {sum(p.numel() for p in lora_parameters) / 1e6:.2f} M parameters")
+    ema_teacher = EMATeacher([(n, p) for n, p in transformer.named_parameters() if p.requires_grad], args.ema_decay)
+    logger.info(f"LoRA on {len(lora_targets)} layers: {sum(p.numel() for p in lora_parameters) / 1e6:.2f} M parameters")
 
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:
                 save_lora(family, accelerator.unwrap_model(model), output_dir)
                 weights.pop()
+            ema_teacher.save(output_dir)
 
     def load_model_hook(models, input_dir):
         while models:
@@ -1277,6 +1284,7 @@ def main(args):
                 raise UserError(f"checkpoint {input_dir} does not fit this model/LoRA configuration")
             if accelerator.mixed_precision in ("fp16", "bf16"):
                 cast_training_params(model, dtype=torch.float32)
+        ema_teacher.load(input_dir)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -1361,14 +1369,17 @@ def main(args):
                 break
 
     accelerator.wait_for_everyone()
+    uploaded = True
     if accelerator.is_main_process:
         save_lora(family, accelerator.unwrap_model(transformer), args.output_dir)
         logger.info(f"saved {Path(args.output_dir) / LORA_WEIGHT_NAME}")
         if args.push_to_hub:
             repo_id = hub_repo_id(args)
             save_model_card(args, family, repo_id, images)
-            push_to_hub(args, repo_id)
+            uploaded = push_to_hub(args, repo_id)
     accelerator.end_training()
+    if not uploaded:
+        sys.exit(1)
 
 
 def run():

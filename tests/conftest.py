@@ -1,0 +1,105 @@
+"""Shared helpers for the tests: paths of the committed tiny models and in-process construction of the pieces.
+
+Everything runs on the CPU in float32 on the tiny random models under examples/tiny (no network, no downloads).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train_dopsd_lora as lora_script  # noqa: E402
+
+
+TINY = ROOT / "examples" / "tiny"
+TINY_ZIMAGE = TINY / "z-image-turbo"
+TINY_KLEIN = TINY / "flux2-klein"
+TINY_VLM = TINY / "qwen3-vl"
+CONCEPT = ROOT / "examples" / "data" / "chelsea-cat"
+TINY_RESOLUTION = 64
+
+
+def script_args(output_dir, model=TINY_ZIMAGE, *extra, data=CONCEPT):
+    """The argument list of a short tiny-model run; `extra` flags override the defaults (argparse keeps the last)."""
+    return [
+        "--pretrained_model_name_or_path", str(model),
+        "--teacher_vlm_name_or_path", str(TINY_VLM),
+        "--instance_data_dir", str(data),
+        "--output_dir", str(output_dir),
+        "--resolution", str(TINY_RESOLUTION),
+        "--report_to", "none",
+        "--seed", "0",
+        *map(str, extra),
+    ]
+
+
+def load_family(output_dir, model=TINY_ZIMAGE, *extra, script=lora_script):
+    """Parsed args and the model family, loaded in float32 on the CPU as the script would."""
+    args = script.parse_args(script_args(output_dir, model, *extra))
+    family = script.detect_family(args)(args, torch.float32, torch.device("cpu"))
+    args.learning_rate = args.learning_rate or family.default_learning_rate
+    args.validation_inference_steps = args.validation_inference_steps or family.default_validation_steps
+    args.lora_layers = args.lora_layers or family.default_lora_layers
+    if family.teacher_context == "vlm":
+        family.load_teacher_vlm()
+    return args, family
+
+
+def add_random_lora(transformer, args, script=lora_script, seed=0):
+    """The script's LoRA, with B made non-zero so the student differs from the base model."""
+    targets = script.resolve_lora_targets(transformer, args.lora_layers)
+    transformer.add_adapter(script.LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=targets))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def train_in_process(family, args, examples, accelerator, steps, learning_rate, script=lora_script):
+    """A short D-OPSD run with the script's own pieces (LoRA config, step, EMA), for claims about learning."""
+    targets = script.resolve_lora_targets(family.transformer, args.lora_layers)
+    family.transformer.add_adapter(script.LoraConfig(r=args.rank, lora_alpha=args.lora_alpha,
+                                                     init_lora_weights="gaussian", target_modules=targets))
+    named = [(n, p) for n, p in family.transformer.named_parameters() if p.requires_grad]
+    ema = script.EMATeacher(named, args.ema_decay)
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=learning_rate)
+    store = script.ContextStore(family, args, examples, accelerator)
+    store.fill()
+    dataset = script.ContextDataset(examples, store)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        batch = script.collate_examples([dataset[step % len(dataset)]])
+        script.dopsd_step(family, family.transformer, family.transformer, ema, batch, args, accelerator, generator)
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update()
+    return ema, dataset
+
+
+def run_script(argv, script="train_dopsd_lora.py", launcher=None, check=True, env=None, timeout=600):
+    """Run a training script in a subprocess, as a user would; returns the CompletedProcess."""
+    command = [sys.executable, str(ROOT / script), *map(str, argv)]
+    if launcher == "accelerate":
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+                   str(ROOT / script), *map(str, argv)]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    result = subprocess.run(command, capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)

@@ -1,0 +1,183 @@
+"""The script as a user runs it, end to end on the tiny Z-Image-Turbo: outputs, loading in diffusers, resume, Hub,
+and a clear one-line message for each bad input."""
+
+import json
+import logging
+import sys
+
+import pytest
+import torch
+from conftest import CONCEPT, TINY_KLEIN, TINY_ZIMAGE, lora_script as script, run_script, script_args
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from diffusers import ZImagePipeline
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Three steps via `accelerate launch`, a checkpoint after each, validation at the end."""
+    output_dir = tmp_path_factory.mktemp("zimage-run")
+    result = run_script(script_args(output_dir, TINY_ZIMAGE, "--max_train_steps", 3, "--checkpointing_steps", 1,
+                                    "--validation_steps", 3, "--validation_prompt", "a photo of sks cat",
+                                    "--ema_decay", 0.5, "--learning_rate", 1e-3, "--rank", 8, "--lora_alpha", 16),
+                        launcher="accelerate")
+    return output_dir, result
+
+
+def test_run_writes_lora_checkpoints_and_samples(trained):
+    output_dir, _ = trained
+    assert (output_dir / script.LORA_WEIGHT_NAME).is_file()
+    for step in (1, 2, 3):
+        checkpoint = output_dir / f"checkpoint-{step}"
+        assert (checkpoint / script.LORA_WEIGHT_NAME).is_file() and (checkpoint / "ema_teacher.safetensors").is_file()
+    samples = sorted(p.name for p in (output_dir / "samples").iterdir())
+    assert samples == ["step-000003-prompt0-0.png", "step-000003-teacher-view.png"]
+    assert Image.open(output_dir / "samples" / samples[0]).size == (64, 64)
+    # the final LoRA is the last checkpoint's student
+    final = load_file(output_dir / script.LORA_WEIGHT_NAME)
+    last = load_file(output_dir / "checkpoint-3" / script.LORA_WEIGHT_NAME)
+    assert final.keys() == last.keys()
+    for key in final:
+        torch.testing.assert_close(final[key], last[key])
+
+
+def test_ema_teacher_is_updated_after_every_optimizer_step(trained):
+    """teacher_i = d * teacher_{i-1} + (1 - d) * student_i, read back from consecutive checkpoints (d = 0.5)."""
+    output_dir, _ = trained
+    for step in (2, 3):
+        previous = load_file(output_dir / f"checkpoint-{step - 1}" / "ema_teacher.safetensors")
+        teacher = load_file(output_dir / f"checkpoint-{step}" / "ema_teacher.safetensors")
+        student = load_file(output_dir / f"checkpoint-{step}" / script.LORA_WEIGHT_NAME)
+        assert len(teacher) == len(student) > 0
+        for name, value in teacher.items():
+            student_key = "transformer." + name.replace(".default", "")
+            torch.testing.assert_close(value, 0.5 * previous[name] + 0.5 * student[student_key])
+        assert any((teacher[n] - previous[n]).abs().max() > 0 for n in teacher)
+
+
+def test_lora_loads_in_the_stock_pipeline_and_changes_its_images(trained):
+    output_dir, _ = trained
+    pipe = ZImagePipeline.from_pretrained(TINY_ZIMAGE)
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate():
+        return pipe("a photo of sks cat", height=64, width=64, num_inference_steps=4, guidance_scale=0.0,
+                    output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+    before = generate()
+    records = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        pipe.load_lora_weights(output_dir)
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
+    saved = load_file(output_dir / script.LORA_WEIGHT_NAME)
+    loaded = script.get_peft_model_state_dict(pipe.transformer, adapter_name=pipe.get_active_adapters()[0])
+    assert {k.removeprefix("transformer.") for k in saved} == set(loaded)
+    # rank 8, alpha 16 travel in the file's metadata: the pipeline scales the LoRA by 2, as in training
+    with safe_open(output_dir / script.LORA_WEIGHT_NAME, "pt") as f:
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert (metadata["transformer.r"], metadata["transformer.lora_alpha"]) == (8, 16)
+    assert pipe.transformer.layers[0].attention.to_q.scaling[pipe.get_active_adapters()[0]] == 2.0
+    after = generate()
+    assert abs(after - before).max() > 1e-3
+
+
+def test_resume_continues_from_the_latest_checkpoint(trained, tmp_path):
+    output_dir, _ = trained
+    result = run_script(script_args(output_dir, TINY_ZIMAGE, "--max_train_steps", 4, "--checkpointing_steps", 1,
+                                    "--validation_steps", 100, "--ema_decay", 0.5, "--learning_rate", 1e-3,
+                                    "--rank", 8, "--lora_alpha", 16, "--resume_from_checkpoint", "latest"))
+    assert "resuming from" in result.stderr and "checkpoint-3" in result.stderr
+    assert (output_dir / "checkpoint-4").is_dir()
+    resumed = load_file(output_dir / "checkpoint-4" / script.LORA_WEIGHT_NAME)
+    previous = load_file(output_dir / "checkpoint-3" / script.LORA_WEIGHT_NAME)
+    assert any((resumed[k] - previous[k]).abs().max() > 0 for k in resumed)
+    # the teacher continued from the checkpoint's teacher, not from a fresh copy of the student
+    teacher = load_file(output_dir / "checkpoint-4" / "ema_teacher.safetensors")
+    old_teacher = load_file(output_dir / "checkpoint-3" / "ema_teacher.safetensors")
+    for name, value in teacher.items():
+        student_key = "transformer." + name.replace(".default", "")
+        torch.testing.assert_close(value, 0.5 * old_teacher[name] + 0.5 * resumed[student_key])
+
+
+def test_failed_upload_keeps_outputs_and_prints_the_retry_command(tmp_path):
+    token = "hf_secret_test_token_123"
+    result = run_script(script_args(tmp_path, TINY_ZIMAGE, "--max_train_steps", 1, "--push_to_hub",
+                                    "--hub_model_id", "someone/sks-cat", "--validation_prompt", "sks cat"),
+                        check=False, env={"HF_TOKEN": token, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert result.returncode == 1
+    assert "upload to the Hub failed" in result.stderr and "hf upload someone/sks-cat" in result.stderr
+    assert (tmp_path / script.LORA_WEIGHT_NAME).is_file()
+    card = (tmp_path / "README.md").read_text()
+    assert "D-OPSD" in card and "base_model:" in card and "load_lora_weights" in card
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.suffix in {".md", ".json", ".yml", ".txt"}:
+            assert token not in path.read_text()
+    assert token not in result.stdout + result.stderr
+
+
+def bad_input(tmp_path, capsys, monkeypatch, *extra, data=CONCEPT, model=TINY_ZIMAGE):
+    """Run the CLI in-process; return the exit status and what it printed to stderr."""
+    monkeypatch.setattr(sys, "argv", ["train_dopsd_lora.py", *script_args(tmp_path / "out", model, *extra,
+                                                                           data=data)])
+    with pytest.raises(SystemExit) as exit_info:
+        script.run()
+    return exit_info.value.code, capsys.readouterr().err.strip()
+
+
+def test_bad_inputs_each_get_one_clear_line(tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    other_pipeline = tmp_path / "sd"
+    other_pipeline.mkdir()
+    (other_pipeline / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    cases = [
+        ((), tmp_path / "missing", TINY_ZIMAGE, "does not exist"),
+        ((), empty, TINY_ZIMAGE, "holds no images"),
+        (("--instance_prompt", "sks"), corrupt, TINY_ZIMAGE, "broken.jpg"),
+        ((), CONCEPT, tmp_path / "no-model", "cannot find a diffusers pipeline"),
+        ((), CONCEPT, other_pipeline, "is a StableDiffusionPipeline; D-OPSD supports Z-Image-Turbo, FLUX.2-klein"),
+        (("--rollout_steps", 0), CONCEPT, TINY_ZIMAGE, "--rollout_steps must be at least 1"),
+        (("--resolution", 32), CONCEPT, TINY_ZIMAGE, "--resolution 32 is too small"),
+        (("--resolution", 72), CONCEPT, TINY_ZIMAGE, "--resolution must be a multiple of 16"),
+        (("--teacher_context", "edit"), CONCEPT, TINY_ZIMAGE, "--teacher_context edit is not available"),
+        (("--lora_layers", "to_q,not_a_layer"), CONCEPT, TINY_ZIMAGE, "'not_a_layer' matches no linear layer"),
+    ]
+    for extra, data, model, expected in cases:
+        code, err = bad_input(tmp_path, capsys, monkeypatch, *extra, data=data, model=model)
+        assert code == 2, (expected, err)
+        assert expected in err, (expected, err)
+        assert "Traceback" not in err
+        last = err.splitlines()[-1]
+        assert expected in last and last.startswith(("error:", "usage:")) or "error:" in last
+
+
+def test_skip_bad_images_skips_with_a_warning(tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("chelsea-1.jpg", "chelsea-1.txt", "chelsea-2.jpg", "chelsea-2.txt"):
+        (data / name).write_bytes((CONCEPT / name).read_bytes())
+    (data / "broken.png").write_bytes(b"garbage")
+    Image.new("RGB", (20, 20)).save(data / "tiny.png")
+    args = script.parse_args(script_args(tmp_path / "out", TINY_ZIMAGE, "--skip_bad_images", "--instance_prompt",
+                                         "sks", data=data))
+    with caplog.at_level(logging.WARNING):
+        examples = script.collect_examples(args, 16)
+    assert sorted({e.source.rsplit("/", 1)[1] for e in examples}) == ["chelsea-1.jpg", "chelsea-2.jpg"]
+    assert "broken.png" in caplog.text and "tiny.png" in caplog.text and "20x20" in caplog.text
+
+
+def test_cli_prints_no_traceback(tmp_path):
+    result = run_script(script_args(tmp_path, TINY_ZIMAGE, data=tmp_path / "nowhere"), check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --instance_data_dir")
+    assert "Traceback" not in result.stderr
