@@ -138,3 +138,11 @@ def test_a_short_run_closes_the_student_teacher_gap_on_heldout_noise(tmp_path, a
 
     before, after = gap_after(0), gap_after(20)
     assert before > 0 and after <= 0.7 * before, (before, after)
+
+
+def test_vlm_teacher_default_matches_the_text_encoder_size(tmp_path):
+    _, family = load_family(tmp_path, TINY_KLEIN)
+    config = family.pipeline.text_encoder.config
+    for hidden, expected in ((2560, "Qwen/Qwen3-VL-4B-Instruct"), (4096, "Qwen/Qwen3-VL-8B-Instruct")):
+        config.hidden_size = hidden  # klein-4B uses Qwen3-4B (2560), klein-9B Qwen3-8B (4096)
+        assert family.default_teacher_vlm() == expected
