@@ -394,6 +394,10 @@ class ModelFamily:
     def collate(self, contexts):
         raise NotImplementedError
 
+    def to_model(self, tensor):
+        """A context tensor on the accelerator, floating point in the transformer's dtype (as the pipeline feeds it)."""
+        return tensor.to(self.device, self.transformer.dtype if tensor.is_floating_point() else None)
+
     # -- roll-out ------------------------------------------------------------------------------------------------
     def initial_noise(self, batch_size, height, width, generator=None):
         raise NotImplementedError
@@ -452,7 +456,7 @@ class ZImageTurbo(ModelFamily):
         return {"prompt_embeds": features.to("cpu", self.weight_dtype)}
 
     def collate(self, contexts):
-        return {"prompt_embeds": [c["prompt_embeds"].to(self.device) for c in contexts]}
+        return {"prompt_embeds": [self.to_model(c["prompt_embeds"]) for c in contexts]}
 
     def initial_noise(self, batch_size, height, width, generator=None):
         vae_scale = self.pipeline.vae_scale_factor
@@ -475,7 +479,7 @@ class ZImageTurbo(ModelFamily):
     def predict(self, transformer, latents, timestep, context):
         # The transformer takes t = 1 - sigma and returns the negative of the scheduler's velocity (SPEC §3).
         t = ((1000 - timestep) / 1000).expand(latents.shape[0])
-        model_input = list(latents.to(self.weight_dtype).unsqueeze(2).unbind(0))
+        model_input = list(latents.to(self.transformer.dtype).unsqueeze(2).unbind(0))
         output = transformer(model_input, t, context["prompt_embeds"], return_dict=False)[0]
         return -torch.stack([o.float() for o in output]).squeeze(2)
 
@@ -487,7 +491,7 @@ class ZImageTurbo(ModelFamily):
     def generate(self, transformer, context, height, width, num_steps, generator):
         self.pipeline.transformer = transformer
         return self.pipeline(
-            prompt_embeds=[context["prompt_embeds"].to(self.device)],
+            prompt_embeds=[self.to_model(context["prompt_embeds"])],
             height=height, width=width, num_inference_steps=num_steps, guidance_scale=0.0, generator=generator,
         ).images
 
@@ -549,7 +553,7 @@ class Flux2Klein(ModelFamily):
         return {"prompt_embeds": stacked.permute(1, 0, 2).flatten(1).to("cpu", self.weight_dtype)}
 
     def collate(self, contexts):
-        return {key: torch.stack([c[key] for c in contexts]).to(self.device) for key in contexts[0]}
+        return {key: self.to_model(torch.stack([c[key] for c in contexts])) for key in contexts[0]}
 
     def initial_noise(self, batch_size, height, width, generator=None):
         vae_scale = self.pipeline.vae_scale_factor
@@ -580,7 +584,7 @@ class Flux2Klein(ModelFamily):
             token_ids = torch.cat([token_ids, context["image_latent_ids"]], dim=1)
         prompt_embeds = context["prompt_embeds"]
         output = transformer(
-            hidden_states=tokens.to(self.weight_dtype),
+            hidden_states=tokens.to(self.transformer.dtype),
             timestep=timestep.expand(batch_size).to(latents.dtype) / 1000,
             guidance=None,
             encoder_hidden_states=prompt_embeds,
@@ -589,7 +593,7 @@ class Flux2Klein(ModelFamily):
             return_dict=False,
         )[0][:, :num_tokens]
         velocity = output.permute(0, 2, 1).reshape(batch_size, channels, height, width)
-        return velocity.to(self.weight_dtype)
+        return velocity.to(self.transformer.dtype)
 
     def unnormalize(self, latents):
         """Patchified, batch-norm-normalised latents -> the VAE's latent space (what output_type='latent' gives)."""
@@ -607,7 +611,7 @@ class Flux2Klein(ModelFamily):
     def generate(self, transformer, context, height, width, num_steps, generator):
         self.pipeline.transformer = transformer
         return self.pipeline(
-            prompt_embeds=context["prompt_embeds"].unsqueeze(0).to(self.device),
+            prompt_embeds=self.to_model(context["prompt_embeds"].unsqueeze(0)),
             height=height, width=width, num_inference_steps=num_steps, guidance_scale=1.0, generator=generator,
         ).images
 
@@ -910,6 +914,7 @@ class EMATeacher:
         self.decay = decay
         self.shadow = [p.detach().to(device=device or p.device, dtype=dtype or p.dtype, copy=True)
                        for p in self.parameters]
+        self.stash = None  # student copies for the copy-in/copy-out swap, allocated on first use
 
     @torch.no_grad()
     def update(self):
@@ -918,15 +923,34 @@ class EMATeacher:
 
     @contextmanager
     def swapped_in(self):
-        """Inside the block the student's parameters hold the teacher's weights (no copy where they already match)."""
-        stash = [p.data for p in self.parameters]
-        for parameter, shadow in zip(self.parameters, self.shadow):
-            parameter.data = shadow.to(parameter.device, parameter.dtype)
+        """Inside the block the student's parameters hold the teacher's weights.
+
+        Where the shadow has the parameters' device and dtype, the storages are swapped (no copy). Otherwise (a CPU
+        or fp32 EMA) the student is copied out beside the shadow and the teacher copied in, in place, so the
+        accelerator never holds a second copy of the weights.
+        """
+        if all(p.device == s.device and p.dtype == s.dtype for p, s in zip(self.parameters, self.shadow)):
+            stash = [p.data for p in self.parameters]
+            for parameter, shadow in zip(self.parameters, self.shadow):
+                parameter.data = shadow
+            try:
+                yield
+            finally:
+                for parameter, data in zip(self.parameters, stash):
+                    parameter.data = data
+            return
+        if self.stash is None:
+            self.stash = [torch.empty_like(p, device=s.device) for p, s in zip(self.parameters, self.shadow)]
+        with torch.no_grad():
+            for parameter, shadow, stash in zip(self.parameters, self.shadow, self.stash):
+                stash.copy_(parameter)
+                parameter.copy_(shadow)
         try:
             yield
         finally:
-            for parameter, data in zip(self.parameters, stash):
-                parameter.data = data
+            with torch.no_grad():
+                for parameter, stash in zip(self.parameters, self.stash):
+                    parameter.copy_(stash)
 
     def save(self, folder):
         save_file({name: s.detach().cpu().contiguous() for name, s in zip(self.names, self.shadow)},
@@ -1201,7 +1225,8 @@ def find_resume_checkpoint(args):
     return checkpoints[-1]
 
 
-def main(args):
+def setup(args):
+    """Check inputs, start accelerate, load the model family. Bad input fails here, before any long work."""
     if args.push_to_hub:
         from huggingface_hub import get_token
 
@@ -1236,14 +1261,16 @@ def main(args):
     family = family_class(args, weight_dtype, accelerator.device)
     args.learning_rate = args.learning_rate or family.default_learning_rate
     args.validation_inference_steps = args.validation_inference_steps or family.default_validation_steps
-    args.lora_layers = args.lora_layers or family.default_lora_layers
     if args.resolution % family.resolution_multiple:
         raise UserError(f"--resolution must be a multiple of {family.resolution_multiple} for {family.name}")
-    lora_targets = resolve_lora_targets(family.transformer, args.lora_layers)
+    return accelerator, family, examples, resume_path
+
+
+def cache_contexts(args, family, examples, accelerator):
+    """Student and teacher contexts for every example (and the validation prompts), computed once; then the text
+    encoder, VLM and VAE leave the accelerator."""
     if family.teacher_context == "vlm":
         family.load_teacher_vlm()
-
-    # Contexts: computed once, then the encoders leave the accelerator (SPEC §2; issue: cache_contexts).
     store = ContextStore(family, args, examples, accelerator)
     store.fill()
     validation = {
@@ -1253,42 +1280,10 @@ def main(args):
     }
     if args.cache_contexts:
         family.free_encoders()
+    return store, validation
 
-    # The student: a LoRA on the transformer. The teacher: the EMA of that LoRA (SPEC §2.4).
-    transformer = family.transformer
-    transformer.to(accelerator.device)
-    transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
-                                       target_modules=lora_targets))
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    if accelerator.mixed_precision in ("fp16", "bf16"):
-        cast_training_params(transformer, dtype=torch.float32)
-    lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
-    ema_teacher = EMATeacher([(n, p) for n, p in transformer.named_parameters() if p.requires_grad], args.ema_decay)
-    logger.info(f"LoRA on {len(lora_targets)} layers: {sum(p.numel() for p in lora_parameters) / 1e6:.2f} M parameters")
 
-    def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            for model in models:
-                save_lora(family, accelerator.unwrap_model(model), output_dir)
-                weights.pop()
-            ema_teacher.save(output_dir)
-
-    def load_model_hook(models, input_dir):
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            state = family.pipeline_class.lora_state_dict(input_dir)
-            state = {k.removeprefix("transformer."): v for k, v in state.items()}
-            incompatible = set_peft_model_state_dict(model, state, adapter_name="default")
-            if incompatible is not None and getattr(incompatible, "unexpected_keys", None):
-                raise UserError(f"checkpoint {input_dir} does not fit this model/LoRA configuration")
-            if accelerator.mixed_precision in ("fp16", "bf16"):
-                cast_training_params(model, dtype=torch.float32)
-        ema_teacher.load(input_dir)
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
+def make_optimizer(args, parameters, accelerator):
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     if args.use_8bit_adam:
@@ -1300,8 +1295,16 @@ def main(args):
             raise UserError(f"--use_8bit_adam needs a working bitsandbytes ({error}); drop the flag") from None
     else:
         optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(lora_parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    return optimizer_class(parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def train(args, accelerator, family, transformer, optimizer, ema_teacher, examples, store, validation, resume_path,
+          project_name):
+    """The D-OPSD loop: step, clip, optimizer step, EMA update; checkpoints and validation on schedule.
+
+    Returns the prepared transformer and the last validation images."""
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
@@ -1317,7 +1320,7 @@ def main(args):
 
     if accelerator.is_main_process and args.report_to != "none":
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        accelerator.init_trackers("dopsd-lora", config=config)
+        accelerator.init_trackers(project_name, config=config)
 
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
@@ -1345,7 +1348,7 @@ def main(args):
             with accelerator.accumulate(transformer):
                 loss, _ = dopsd_step(family, transformer, teacher_model, ema_teacher, batch, args, accelerator)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -1367,19 +1370,75 @@ def main(args):
                                            global_step)
             if global_step >= args.max_train_steps:
                 break
-
     accelerator.wait_for_everyone()
+    return transformer, images
+
+
+def finish(args, accelerator, save_outputs):
+    """Write the final outputs on the main process and push them; exit 1 if the upload failed."""
     uploaded = True
     if accelerator.is_main_process:
-        save_lora(family, accelerator.unwrap_model(transformer), args.output_dir)
-        logger.info(f"saved {Path(args.output_dir) / LORA_WEIGHT_NAME}")
+        repo_id = save_outputs()
         if args.push_to_hub:
-            repo_id = hub_repo_id(args)
-            save_model_card(args, family, repo_id, images)
             uploaded = push_to_hub(args, repo_id)
     accelerator.end_training()
     if not uploaded:
         sys.exit(1)
+
+
+def main(args):
+    accelerator, family, examples, resume_path = setup(args)
+    args.lora_layers = args.lora_layers or family.default_lora_layers
+    lora_targets = resolve_lora_targets(family.transformer, args.lora_layers)
+    store, validation = cache_contexts(args, family, examples, accelerator)
+
+    # The student: a LoRA on the transformer. The teacher: the EMA of that LoRA (SPEC §2.4).
+    transformer = family.transformer.to(accelerator.device)
+    transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
+                                       target_modules=lora_targets))
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if accelerator.mixed_precision in ("fp16", "bf16"):
+        cast_training_params(transformer, dtype=torch.float32)
+    lora = [(name, p) for name, p in transformer.named_parameters() if p.requires_grad]
+    ema_teacher = EMATeacher(lora, args.ema_decay)
+    logger.info(f"LoRA on {len(lora_targets)} layers: {sum(p.numel() for _, p in lora) / 1e6:.2f} M parameters")
+
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                save_lora(family, accelerator.unwrap_model(model), output_dir)
+                weights.pop()
+            ema_teacher.save(output_dir)
+
+    def load_model_hook(models, input_dir):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            state = family.pipeline_class.lora_state_dict(input_dir)
+            state = {k.removeprefix("transformer."): v for k, v in state.items()}
+            incompatible = set_peft_model_state_dict(model, state, adapter_name="default")
+            if incompatible is not None and getattr(incompatible, "unexpected_keys", None):
+                raise UserError(f"checkpoint {input_dir} does not fit this model/LoRA configuration")
+            if accelerator.mixed_precision in ("fp16", "bf16"):
+                cast_training_params(model, dtype=torch.float32)
+        ema_teacher.load(input_dir)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    optimizer = make_optimizer(args, [p for _, p in lora], accelerator)
+    transformer, images = train(args, accelerator, family, transformer, optimizer, ema_teacher, examples, store,
+                                validation, resume_path, "dopsd-lora")
+
+    def save_outputs():
+        save_lora(family, accelerator.unwrap_model(transformer), args.output_dir)
+        logger.info(f"saved {Path(args.output_dir) / LORA_WEIGHT_NAME}")
+        repo_id = hub_repo_id(args)
+        if args.push_to_hub:
+            save_model_card(args, family, repo_id, images)
+        return repo_id
+
+    finish(args, accelerator, save_outputs)
 
 
 def run():

@@ -201,3 +201,22 @@ def test_a_short_run_closes_the_student_teacher_gap_on_heldout_noise(tmp_path, a
 
     before, after = gap_after(0), gap_after(20)
     assert before > 0 and after <= 0.7 * before, (before, after)
+
+
+def test_copy_swap_for_an_ema_of_another_dtype_restores_the_student_in_place():
+    """A CPU or fp32 EMA swaps by copying in place: the parameters keep their storage (no second model on the GPU)."""
+    parameters = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(6))]
+    ema = script.EMATeacher(zip("ab", parameters), 0.5, dtype=torch.float64)
+    with torch.no_grad():
+        for p in parameters:
+            p.add_(1.0)
+    ema.update()
+    students = [p.detach().clone() for p in parameters]
+    pointers = [p.data_ptr() for p in parameters]
+    with ema.swapped_in():
+        assert [p.data_ptr() for p in parameters] == pointers
+        for p, shadow in zip(parameters, ema.shadow):
+            torch.testing.assert_close(p.detach(), shadow.float())
+    assert [p.data_ptr() for p in parameters] == pointers
+    for p, student in zip(parameters, students):
+        assert torch.equal(p.detach(), student)
