@@ -84,7 +84,25 @@ class UserError(Exception):
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="D-OPSD LoRA training for Z-Image-Turbo and FLUX.2-klein.")
+    add_common_arguments(parser)
 
+    group = parser.add_argument_group("LoRA")
+    group.add_argument("--rank", type=int, default=64)
+    group.add_argument("--lora_alpha", type=int, default=128)
+    group.add_argument("--lora_layers", type=str, default=None, help="Comma-separated module-name suffixes to adapt"
+                       " (default: the family's attention and feed-forward projections).")
+
+    parser.set_defaults(output_dir="dopsd-lora")
+
+    args = parser.parse_args(input_args)
+    check_args(parser, args)
+    if args.rank < 1:
+        parser.error(f"--rank must be at least 1 (got {args.rank})")
+    return args
+
+
+def add_common_arguments(parser):
+    """The flags both D-OPSD scripts share; each script adds its own (LoRA, full fine-tuning)."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--pretrained_model_name_or_path",
@@ -150,19 +168,14 @@ def parse_args(input_args=None):
                        " student and teacher contexts once, then free the text encoder, VLM and VAE from the"
                        " accelerator during training.")
 
-    group = parser.add_argument_group("LoRA")
-    group.add_argument("--rank", type=int, default=64)
-    group.add_argument("--lora_alpha", type=int, default=128)
-    group.add_argument("--lora_layers", type=str, default=None, help="Comma-separated module-name suffixes to adapt"
-                       " (default: the family's attention and feed-forward projections).")
-
     group = parser.add_argument_group("training")
-    group.add_argument("--output_dir", type=str, default="dopsd-lora")
+    group.add_argument("--output_dir", type=str, default=None, help="Where outputs, checkpoints and caches go.")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--train_batch_size", type=int, default=1)
     group.add_argument("--gradient_accumulation_steps", type=int, default=4)
     group.add_argument("--max_train_steps", type=int, default=2000)
-    group.add_argument("--learning_rate", type=float, default=None, help="Default 1e-4 (Z-Image), 2e-5 (FLUX.2-klein).")
+    group.add_argument("--learning_rate", type=float, default=None, help="LoRA default: 1e-4 (Z-Image), 2e-5"
+                       " (FLUX.2-klein); full fine-tuning: a tenth of that.")
     group.add_argument("--scale_lr", action="store_true", help="Scale the learning rate by accumulation x batch x GPUs.")
     group.add_argument("--lr_scheduler", type=str, default="constant", help='One of "linear", "cosine",'
                        ' "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".')
@@ -197,10 +210,6 @@ def parse_args(input_args=None):
     group.add_argument("--push_to_hub", action="store_true")
     group.add_argument("--hub_model_id", type=str, default=None, help="Repository name (default: output folder name).")
 
-    args = parser.parse_args(input_args)
-    check_args(parser, args)
-    return args
-
 
 def check_args(parser, args):
     """Reject inconsistent flags before anything is loaded or written."""
@@ -210,7 +219,7 @@ def check_args(parser, args):
         parser.error(f"--rollout_steps must be at least 1 (got {args.rollout_steps})")
     if not 0.0 <= args.ema_decay <= 1.0:
         parser.error(f"--ema_decay must lie in [0, 1] (got {args.ema_decay})")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "rank", "repeats",
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "repeats",
                  "checkpointing_steps", "validation_steps", "num_validation_images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1 (got {getattr(args, name)})")
@@ -1259,7 +1268,6 @@ def setup(args):
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     family = family_class(args, weight_dtype, accelerator.device)
-    args.learning_rate = args.learning_rate or family.default_learning_rate
     args.validation_inference_steps = args.validation_inference_steps or family.default_validation_steps
     if args.resolution % family.resolution_multiple:
         raise UserError(f"--resolution must be a multiple of {family.resolution_multiple} for {family.name}")
@@ -1387,7 +1395,9 @@ def finish(args, accelerator, save_outputs):
 
 
 def main(args):
+    """Train a LoRA with D-OPSD; returns the trained transformer (with its LoRA)."""
     accelerator, family, examples, resume_path = setup(args)
+    args.learning_rate = args.learning_rate or family.default_learning_rate
     args.lora_layers = args.lora_layers or family.default_lora_layers
     lora_targets = resolve_lora_targets(family.transformer, args.lora_layers)
     store, validation = cache_contexts(args, family, examples, accelerator)
@@ -1439,6 +1449,7 @@ def main(args):
         return repo_id
 
     finish(args, accelerator, save_outputs)
+    return accelerator.unwrap_model(transformer)
 
 
 def run():

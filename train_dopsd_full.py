@@ -1,0 +1,1498 @@
+#!/usr/bin/env python
+"""D-OPSD full fine-tuning: on-policy self-distillation of the whole transformer (arXiv 2605.05204).
+
+The paper's second setting: adapt the whole model to a domain (its example: anime, from a large dataset) while
+keeping the base model's few-step sampling and general knowledge. The student is the full transformer; the teacher
+is an EMA of all its trained weights, conditioned on the caption and the training image. Everything else (the
+roll-out on the inference schedule, contexts, data, checkpoints, validation, Hub) is the LoRA script's, shared
+block for block: blocks marked "# Copied from train_dopsd_lora.NAME" are kept identical by utils/check_copies.py.
+
+    accelerate launch train_dopsd_full.py --pretrained_model_name_or_path Tongyi-MAI/Z-Image-Turbo \
+        --dataset_name my/anime-dataset --caption_column text --output_dir z-image-anime \
+        --mixed_precision bf16 --gradient_checkpointing --use_8bit_adam --ema_device cpu
+
+Output: output_dir/transformer in diffusers format (load it into the stock pipeline with
+`ZImageTransformer2DModel.from_pretrained(output_dir, subfolder="transformer")`), and with --save_ema the
+teacher's weights in output_dir/transformer_ema.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import sys
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+# bitsandbytes' CPU backend warns about an optional kernel package on import; it is irrelevant here.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed  # noqa: E402
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, ZImagePipeline  # noqa: E402
+from diffusers.optimization import get_scheduler  # noqa: E402
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu  # noqa: E402
+from diffusers.pipelines.z_image.pipeline_z_image import (  # noqa: E402
+    calculate_shift,
+    get_default_z_image_sigmas,
+    retrieve_timesteps,
+)
+from diffusers.training_utils import find_nearest_bucket, free_memory, generate_aspect_ratio_buckets  # noqa: E402
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import AutoConfig, Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration  # noqa: E402
+
+
+logger = get_logger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+MIN_IMAGE_SIDE = 64  # smaller photos carry too little detail for a ~1 MP teacher context
+
+# Copied from train_dopsd_lora.UserError
+class UserError(Exception):
+    """A mistake the user can fix (bad path, bad data, bad flag). Printed as one line, exit status 2."""
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="D-OPSD full fine-tuning for Z-Image-Turbo and FLUX.2-klein.")
+    add_common_arguments(parser)
+
+    group = parser.add_argument_group("full fine-tuning")
+    group.add_argument("--train_layers", type=str, default=None, help="Comma-separated module-name prefixes to train"
+                       " (e.g. layers.28,layers.29,all_final_layer); default: the whole transformer.")
+    group.add_argument("--ema_dtype", type=str, default="fp32", choices=["fp32", "bf16"], help="Precision of the"
+                       " EMA teacher's weights.")
+    group.add_argument("--ema_device", type=str, default="accelerator", choices=["accelerator", "cpu"], help="Where"
+                       " the EMA teacher's weights live. cpu frees accelerator memory; each teacher pass then copies"
+                       " them in (the student is copied out meanwhile, so one copy stays on the accelerator).")
+    group.add_argument("--save_ema", action="store_true", help="Also save the EMA teacher's weights to"
+                       " output_dir/transformer_ema.")
+    parser.set_defaults(output_dir="dopsd-full")
+
+    args = parser.parse_args(input_args)
+    check_args(parser, args)
+    return args
+
+
+# Copied from train_dopsd_lora.add_common_arguments
+def add_common_arguments(parser):
+    """The flags both D-OPSD scripts share; each script adds its own (LoRA, full fine-tuning)."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Hub id or local folder of a Z-Image-Turbo or FLUX.2-klein diffusers pipeline.",
+    )
+    group.add_argument("--revision", type=str, default=None, help="Hub revision of the pipeline.")
+    group.add_argument("--variant", type=str, default=None, help="Weight variant of the pipeline, e.g. fp16.")
+    group.add_argument(
+        "--teacher_context",
+        type=str,
+        default=None,
+        choices=["vlm", "edit"],
+        help="What the teacher sees besides the caption. vlm: Qwen3-VL features of [image, caption] (Z-Image's only"
+        " option). edit: the image's VAE tokens appended as a reference image (FLUX.2-klein's default).",
+    )
+    group.add_argument(
+        "--teacher_vlm_name_or_path",
+        type=str,
+        default=None,
+        help="Qwen3-VL whose language model is replaced by the pipeline's text encoder (default: Qwen3-VL-4B-Instruct;"
+        " Qwen3-VL-8B-Instruct for FLUX.2-klein-9B).",
+    )
+    group.add_argument(
+        "--teacher_prompt_suffix",
+        type=str,
+        default="Make the main subject (facial/ip details), background, and overall composition consistent with the"
+        " reference image.",
+        help="FLUX.2-klein edit teacher: sentence appended to the teacher's caption.",
+    )
+    group.add_argument(
+        "--text_encoder_out_layers",
+        type=int,
+        nargs="+",
+        default=[9, 18, 27],
+        help="FLUX.2-klein: text-encoder hidden layers stacked into the prompt embedding (the pipeline's default).",
+    )
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--instance_data_dir", type=str, default=None, help="Folder of images with same-name .txt"
+                       " captions (one caption variant per line) or a metadata.jsonl with file_name/text.")
+    group.add_argument("--dataset_name", type=str, default=None, help="Hugging Face dataset id or local dataset folder.")
+    group.add_argument("--dataset_config_name", type=str, default=None)
+    group.add_argument("--image_column", type=str, default="image")
+    group.add_argument("--caption_column", type=str, default=None, help="Dataset column with captions.")
+    group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+    group.add_argument("--instance_prompt", type=str, default=None, help="Caption for images that have none.")
+    group.add_argument("--resolution", type=int, default=1024, help="Training area is resolution^2 pixels, in"
+                       " aspect-ratio buckets.")
+    group.add_argument("--repeats", type=int, default=1, help="How many times each image is repeated per epoch.")
+    group.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable or too-small images with a"
+                       " warning instead of stopping.")
+
+    group = parser.add_argument_group("D-OPSD")
+    group.add_argument("--rollout_steps", type=int, default=4, help="K: steps of the student's on-policy roll-out,"
+                       " on the inference schedule for K steps.")
+    group.add_argument("--loss_space", type=str, default="x0", choices=["x0", "v"], help="x0: match x0-predictions"
+                       " (released code; sigma^2-weighted velocity MSE). v: match velocities (the paper's equation).")
+    group.add_argument("--ema_decay", type=float, default=0.9999, help="Teacher = EMA of the student with this decay"
+                       " (1.0 keeps the teacher frozen at the base model).")
+    group.add_argument("--cache_contexts", action=argparse.BooleanOptionalAction, default=True, help="Compute the"
+                       " student and teacher contexts once, then free the text encoder, VLM and VAE from the"
+                       " accelerator during training.")
+
+    group = parser.add_argument_group("training")
+    group.add_argument("--output_dir", type=str, default=None, help="Where outputs, checkpoints and caches go.")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--train_batch_size", type=int, default=1)
+    group.add_argument("--gradient_accumulation_steps", type=int, default=4)
+    group.add_argument("--max_train_steps", type=int, default=2000)
+    group.add_argument("--learning_rate", type=float, default=None, help="LoRA default: 1e-4 (Z-Image), 2e-5"
+                       " (FLUX.2-klein); full fine-tuning: a tenth of that.")
+    group.add_argument("--scale_lr", action="store_true", help="Scale the learning rate by accumulation x batch x GPUs.")
+    group.add_argument("--lr_scheduler", type=str, default="constant", help='One of "linear", "cosine",'
+                       ' "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".')
+    group.add_argument("--lr_warmup_steps", type=int, default=0)
+    group.add_argument("--lr_num_cycles", type=int, default=1)
+    group.add_argument("--lr_power", type=float, default=1.0)
+    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=0.0)
+    group.add_argument("--adam_epsilon", type=float, default=1e-8)
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--gradient_checkpointing", action="store_true")
+    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    group.add_argument("--allow_tf32", action="store_true")
+
+    group = parser.add_argument_group("checkpoints")
+    group.add_argument("--checkpointing_steps", type=int, default=500)
+    group.add_argument("--checkpoints_total_limit", type=int, default=None)
+    group.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint folder.')
+
+    group = parser.add_argument_group("validation and logging")
+    group.add_argument("--validation_prompt", type=str, action="append", default=None, help="Repeatable.")
+    group.add_argument("--validation_steps", type=int, default=100)
+    group.add_argument("--validation_inference_steps", type=int, default=None, help="Default: 8 (Z-Image-Turbo),"
+                       " 4 (FLUX.2-klein).")
+    group.add_argument("--num_validation_images", type=int, default=1)
+    group.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb" or "none".')
+    group.add_argument("--logging_dir", type=str, default="logs")
+
+    group = parser.add_argument_group("Hugging Face Hub")
+    group.add_argument("--push_to_hub", action="store_true")
+    group.add_argument("--hub_model_id", type=str, default=None, help="Repository name (default: output folder name).")
+
+
+# Copied from train_dopsd_lora.check_args
+def check_args(parser, args):
+    """Reject inconsistent flags before anything is loaded or written."""
+    if (args.instance_data_dir is None) == (args.dataset_name is None):
+        parser.error("give exactly one of --instance_data_dir or --dataset_name")
+    if args.rollout_steps < 1:
+        parser.error(f"--rollout_steps must be at least 1 (got {args.rollout_steps})")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        parser.error(f"--ema_decay must lie in [0, 1] (got {args.ema_decay})")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "repeats",
+                 "checkpointing_steps", "validation_steps", "num_validation_images"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.validation_inference_steps is not None and args.validation_inference_steps < 1:
+        parser.error("--validation_inference_steps must be at least 1")
+    if args.resolution < MIN_IMAGE_SIDE:
+        parser.error(f"--resolution {args.resolution} is too small: use at least {MIN_IMAGE_SIDE}")
+    if os.path.isfile(args.output_dir):
+        parser.error(f"--output_dir {args.output_dir} is a file; give a folder")
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model families: everything that differs between Z-Image-Turbo and FLUX.2-klein (SPEC §3-§5)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_dopsd_lora.image_to_tensor
+def image_to_tensor(image):
+    """PIL RGB -> float tensor (1, 3, H, W) in [-1, 1], the VAE's input convention."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+
+
+# Copied from train_dopsd_lora.GraftedVLM
+class GraftedVLM:
+    """Qwen3-VL whose language model is replaced by the pipeline's Qwen3 text encoder (SPEC §3).
+
+    The vision tower and mergers stay Qwen3-VL's. Text-only, the grafted model reproduces the text encoder's
+    features exactly, so whatever differs in the teacher's context comes from the image tokens.
+    """
+
+    MIN_PIXELS, MAX_PIXELS = 512 * 512, 768 * 768
+
+    def __init__(self, vlm_path, text_encoder, tokenizer, dtype, device, cache_dir=None):
+        try:
+            config = AutoConfig.from_pretrained(vlm_path, cache_dir=cache_dir)
+        except Exception as error:
+            raise UserError(f"cannot load the teacher VLM from {vlm_path}: {error}") from None
+        if config.model_type != "qwen3_vl":
+            raise UserError(f"--teacher_vlm_name_or_path {vlm_path} is a {config.model_type}, not a Qwen3-VL model")
+        # The language model becomes the text encoder, positional base included.
+        text_rope = getattr(text_encoder.config, "rope_parameters", None) or {}
+        if "rope_theta" in text_rope:
+            config.text_config.rope_parameters["rope_theta"] = text_rope["rope_theta"]
+        self.vlm = Qwen3VLForConditionalGeneration.from_pretrained(
+            vlm_path, config=config, dtype=dtype, cache_dir=cache_dir
+        )
+        language_model = self.vlm.model.language_model
+        encoder_state = {
+            key.removeprefix("model."): value
+            for key, value in text_encoder.state_dict().items()
+            if not key.startswith("lm_head.")
+        }
+        target_state = language_model.state_dict()
+        missing = sorted(set(target_state) - set(encoder_state))
+        unexpected = sorted(set(encoder_state) - set(target_state))
+        mismatched = sorted(k for k in set(target_state) & set(encoder_state)
+                            if target_state[k].shape != encoder_state[k].shape)
+        if missing or unexpected or mismatched:
+            example = (missing or unexpected or mismatched)[0]
+            raise UserError(
+                f"the teacher VLM {vlm_path} does not match the pipeline's text encoder: {len(missing)} missing,"
+                f" {len(unexpected)} unexpected, {len(mismatched)} mismatched weights (first: {example}); use the"
+                " Qwen3-VL whose language model has the text encoder's size (4B for Qwen3-4B, 8B for Qwen3-8B)"
+            )
+        language_model.load_state_dict(encoder_state)
+        self.vlm.to(device).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(vlm_path, cache_dir=cache_dir)
+        self.image_token_id = config.image_token_id
+        for token, token_id in (("<|image_pad|>", config.image_token_id),
+                                ("<|vision_start|>", config.vision_start_token_id),
+                                ("<|vision_end|>", config.vision_end_token_id)):
+            if tokenizer.convert_tokens_to_ids(token) != token_id:
+                raise UserError(f"the teacher VLM's {token} id {token_id} differs from the pipeline tokenizer's")
+
+    def vision_inputs(self, image):
+        """Pixel patches and the number of image tokens for one PIL image."""
+        processed = self.image_processor(
+            images=[image],
+            size={"shortest_edge": self.MIN_PIXELS, "longest_edge": self.MAX_PIXELS},
+            return_tensors="pt",
+        )
+        merge = self.image_processor.merge_size
+        num_tokens = int(processed["image_grid_thw"].prod()) // (merge * merge)
+        return processed, num_tokens
+
+    @torch.no_grad()
+    def hidden_states(self, text, image=None, max_length=None):
+        """All hidden states for one chat text whose user turn holds `<|image_pad|>` placeholders for `image`."""
+        device = self.vlm.device
+        padding = {"padding": "max_length", "max_length": max_length, "truncation": True} if max_length else {}
+        tokens = self.tokenizer([text], return_tensors="pt", **padding)
+        input_ids = tokens.input_ids.to(device)
+        attention_mask = tokens.attention_mask.to(device)
+        vision = {}
+        if image is not None:
+            processed, num_tokens = self.vision_inputs(image)
+            if int((input_ids == self.image_token_id).sum()) != num_tokens:
+                raise UserError("the caption is too long for the teacher context: shorten it")
+            vision = {
+                "pixel_values": processed["pixel_values"].to(device, self.vlm.dtype),
+                "image_grid_thw": processed["image_grid_thw"].to(device),
+                "mm_token_type_ids": (input_ids == self.image_token_id).int(),
+            }
+        output = self.vlm.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                                use_cache=False, **vision)
+        return output.hidden_states, attention_mask[0].bool()
+
+    def user_content(self, caption, image):
+        """[image, caption]: image first (SPEC §3)."""
+        if image is None:
+            return caption
+        _, num_tokens = self.vision_inputs(image)
+        return "<|vision_start|>" + "<|image_pad|>" * num_tokens + "<|vision_end|>" + caption
+
+
+# Copied from train_dopsd_lora.ModelFamily
+class ModelFamily:
+    """What differs between model families. Subclasses fill in the same handful of methods.
+
+    Latent states have the shape (batch, channels, height, width) in the space the pipeline's scheduler steps in.
+    Contexts are dicts of CPU-storable tensors for ONE sample; `collate` batches them for `predict`.
+    """
+
+    name = None
+    pipeline_class = None
+    default_learning_rate = None
+    default_validation_steps = None
+    default_lora_layers = None
+    default_teacher_context = None
+    teacher_contexts = ()
+    resolution_multiple = 16
+
+    def __init__(self, args, weight_dtype, device):
+        self.args = args
+        self.weight_dtype = weight_dtype
+        self.device = device
+        self.teacher_context = args.teacher_context or self.default_teacher_context
+        if self.teacher_context not in self.teacher_contexts:
+            raise UserError(f"--teacher_context {self.teacher_context} is not available for {self.name}"
+                            f" (choose from {', '.join(self.teacher_contexts)})")
+        try:
+            self.pipeline = self.pipeline_class.from_pretrained(
+                args.pretrained_model_name_or_path,
+                revision=args.revision,
+                variant=args.variant,
+                dtype=weight_dtype,
+                cache_dir=args.cache_dir,
+            )
+        except Exception as error:
+            raise UserError(f"cannot load {args.pretrained_model_name_or_path} as {self.name}: {error}") from None
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.transformer = self.pipeline.transformer
+        self.scheduler = self.pipeline.scheduler
+        self.vlm = None
+        self.pipeline.text_encoder.to(device).requires_grad_(False).eval()
+        self.pipeline.vae.to(device).requires_grad_(False).eval()
+        self.transformer.requires_grad_(False)
+
+    # -- loading -------------------------------------------------------------------------------------------------
+    def load_teacher_vlm(self):
+        vlm_path = self.args.teacher_vlm_name_or_path or self.default_teacher_vlm()
+        self.vlm = GraftedVLM(vlm_path, self.pipeline.text_encoder, self.pipeline.tokenizer, self.weight_dtype,
+                              self.device, cache_dir=self.args.cache_dir)
+
+    def default_teacher_vlm(self):
+        return "Qwen/Qwen3-VL-4B-Instruct"
+
+    def free_encoders(self):
+        """Drop the text encoder and VLM and park the VAE on the CPU: the loop only needs the transformer."""
+        self.pipeline.text_encoder = None
+        self.vlm = None
+        self.pipeline.vae.to("cpu")
+        free_memory()
+
+    # -- contexts ------------------------------------------------------------------------------------------------
+    def encode_student_context(self, caption):
+        raise NotImplementedError
+
+    def build_teacher_context(self, image, caption):
+        raise NotImplementedError
+
+    def collate(self, contexts):
+        raise NotImplementedError
+
+    def to_model(self, tensor):
+        """A context tensor on the accelerator, floating point in the transformer's dtype (as the pipeline feeds it)."""
+        return tensor.to(self.device, self.transformer.dtype if tensor.is_floating_point() else None)
+
+    # -- roll-out ------------------------------------------------------------------------------------------------
+    def initial_noise(self, batch_size, height, width, generator=None):
+        raise NotImplementedError
+
+    def rollout_schedule(self, num_steps, height, width):
+        """(timesteps, sigmas) exactly as the pipeline sets them for `num_steps` at this size (SPEC §4)."""
+        raise NotImplementedError
+
+    def predict(self, transformer, latents, timestep, context):
+        """Velocity in the scheduler's convention and the pipeline's dtype: x_{k-1} = x_k + (s_{k-1} - s_k) v."""
+        raise NotImplementedError
+
+    # -- images --------------------------------------------------------------------------------------------------
+    def decode(self, latents):
+        raise NotImplementedError
+
+    def generate(self, transformer, context, height, width, num_steps, generator):
+        """Images from the stock pipeline for a cached student context."""
+        raise NotImplementedError
+
+
+# Copied from train_dopsd_lora.ZImageTurbo
+class ZImageTurbo(ModelFamily):
+    """Z-Image-Turbo: 8-step distilled, Qwen3-4B text encoder, teacher context from a grafted Qwen3-VL."""
+
+    name = "Z-Image-Turbo"
+    pipeline_class = ZImagePipeline
+    default_learning_rate = 1e-4
+    default_validation_steps = 8
+    # The released code lost w1/w2 to a missing comma; all three feed-forward projections are meant (SPEC §5).
+    default_lora_layers = "to_q,to_k,to_v,to_out.0,feed_forward.w1,feed_forward.w2,feed_forward.w3"
+    default_teacher_context = "vlm"
+    teacher_contexts = ("vlm",)
+    max_sequence_length = 512
+
+    def __init__(self, args, weight_dtype, device):
+        super().__init__(args, weight_dtype, device)
+        # Caption positions run 1..padded length and the image starts after them on the same RoPE axis, so the
+        # teacher context is capped below the transformer's first axis length (1024 -> 992), and at 1024 (SPEC §3).
+        axis_length = self.transformer.config.axes_lens[0]
+        self.max_teacher_tokens = min(1024, (axis_length - 2) // 32 * 32)
+
+    def encode_student_context(self, caption):
+        embeds = self.pipeline._encode_prompt([caption], device=self.device,
+                                              max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": embeds[0].to("cpu", self.weight_dtype)}
+
+    def build_teacher_context(self, image, caption):
+        text = self.pipeline.tokenizer.apply_chat_template(
+            [{"role": "user", "content": self.vlm.user_content(caption, image)}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=True,
+        )
+        hidden_states, mask = self.vlm.hidden_states(text, image)
+        features = hidden_states[-2][0][mask][: self.max_teacher_tokens]
+        return {"prompt_embeds": features.to("cpu", self.weight_dtype)}
+
+    def collate(self, contexts):
+        return {"prompt_embeds": [self.to_model(c["prompt_embeds"]) for c in contexts]}
+
+    def initial_noise(self, batch_size, height, width, generator=None):
+        vae_scale = self.pipeline.vae_scale_factor
+        shape = (batch_size, self.transformer.config.in_channels, 2 * (height // (vae_scale * 2)),
+                 2 * (width // (vae_scale * 2)))
+        return diffusers.utils.torch_utils.randn_tensor(shape, generator=generator, device=self.device,
+                                                        dtype=torch.float32)
+
+    def rollout_schedule(self, num_steps, height, width):
+        vae_scale = self.pipeline.vae_scale_factor
+        image_seq_len = (height // (vae_scale * 2)) * (width // (vae_scale * 2))
+        config = self.scheduler.config
+        mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        retrieve_timesteps(scheduler, num_steps, self.device, sigmas=get_default_z_image_sigmas(num_steps), mu=mu)
+        return scheduler.timesteps, scheduler.sigmas
+
+    def predict(self, transformer, latents, timestep, context):
+        # The transformer takes t = 1 - sigma and returns the negative of the scheduler's velocity (SPEC §3).
+        t = ((1000 - timestep) / 1000).expand(latents.shape[0])
+        model_input = list(latents.to(self.transformer.dtype).unsqueeze(2).unbind(0))
+        output = transformer(model_input, t, context["prompt_embeds"], return_dict=False)[0]
+        return -torch.stack([o.float() for o in output]).squeeze(2)
+
+    def decode(self, latents):
+        vae = self.pipeline.vae
+        latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        return self.pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
+
+    def generate(self, transformer, context, height, width, num_steps, generator):
+        self.pipeline.transformer = transformer
+        return self.pipeline(
+            prompt_embeds=[self.to_model(context["prompt_embeds"])],
+            height=height, width=width, num_inference_steps=num_steps, guidance_scale=0.0, generator=generator,
+        ).images
+
+
+# Copied from train_dopsd_lora.Flux2Klein
+class Flux2Klein(ModelFamily):
+    """FLUX.2-klein 4B/9B: 4-step distilled, Qwen3 text encoder; edit (reference image) or VLM teacher."""
+
+    name = "FLUX.2-klein"
+    pipeline_class = Flux2KleinPipeline
+    default_learning_rate = 2e-5
+    default_validation_steps = 4
+    # Module names that exist in diffusers' Flux2 transformer (the released code named ff.net.*, which do not).
+    default_lora_layers = ("to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,"
+                           "to_qkv_mlp_proj,attn.to_out,ff.linear_in,ff.linear_out,ff_context.linear_in,"
+                           "ff_context.linear_out")
+    default_teacher_context = "edit"
+    teacher_contexts = ("edit", "vlm")
+    max_sequence_length = 512
+
+    def default_teacher_vlm(self):
+        hidden = self.pipeline.text_encoder.config.hidden_size
+        return "Qwen/Qwen3-VL-8B-Instruct" if hidden >= 4096 else "Qwen/Qwen3-VL-4B-Instruct"
+
+    def encode_caption(self, caption):
+        embeds = self.pipeline._get_qwen3_prompt_embeds(
+            self.pipeline.text_encoder, self.pipeline.tokenizer, [caption], dtype=self.weight_dtype,
+            device=self.device, max_sequence_length=self.max_sequence_length,
+            hidden_states_layers=tuple(self.args.text_encoder_out_layers),
+        )
+        return embeds[0].to("cpu")
+
+    def encode_student_context(self, caption):
+        return {"prompt_embeds": self.encode_caption(caption)}
+
+    def build_teacher_context(self, image, caption):
+        if self.teacher_context == "vlm":
+            return self.vlm_teacher_context(image, caption)
+        # Edit teacher: the target as the pipeline's reference image, with the instruction suffix (SPEC §3).
+        pixels = image_to_tensor(image)
+        image_latents, image_latent_ids = self.pipeline.prepare_image_latents(
+            [pixels], batch_size=1, generator=None, device=self.device, dtype=self.pipeline.vae.dtype
+        )
+        teacher_caption = f"{caption} {self.args.teacher_prompt_suffix}".strip()
+        return {
+            "prompt_embeds": self.encode_caption(teacher_caption),
+            "image_latents": image_latents[0].to("cpu", self.weight_dtype),
+            "image_latent_ids": image_latent_ids[0].to("cpu"),
+        }
+
+    def vlm_teacher_context(self, image, caption):
+        text = self.pipeline.tokenizer.apply_chat_template(
+            [{"role": "user", "content": self.vlm.user_content(caption, image)}],
+            tokenize=False, add_generation_prompt=True, enable_thinking=False,
+        )
+        # Padded like the student's prompt (the caption keeps its 512-token budget), so all image tokens fit.
+        _, num_image_tokens = self.vlm.vision_inputs(image)
+        hidden_states, _ = self.vlm.hidden_states(text, image, self.max_sequence_length + num_image_tokens)
+        stacked = torch.stack([hidden_states[k] for k in self.args.text_encoder_out_layers], dim=1)[0]
+        return {"prompt_embeds": stacked.permute(1, 0, 2).flatten(1).to("cpu", self.weight_dtype)}
+
+    def collate(self, contexts):
+        return {key: self.to_model(torch.stack([c[key] for c in contexts])) for key in contexts[0]}
+
+    def initial_noise(self, batch_size, height, width, generator=None):
+        vae_scale = self.pipeline.vae_scale_factor
+        shape = (batch_size, self.transformer.config.in_channels, height // (vae_scale * 2),
+                 width // (vae_scale * 2))
+        # The pipeline samples its noise in the prompt embeddings' dtype.
+        return diffusers.utils.torch_utils.randn_tensor(shape, generator=generator, device=self.device,
+                                                        dtype=self.weight_dtype)
+
+    def rollout_schedule(self, num_steps, height, width):
+        vae_scale = self.pipeline.vae_scale_factor
+        image_seq_len = (height // (vae_scale * 2)) * (width // (vae_scale * 2))
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        if getattr(self.scheduler.config, "use_flow_sigmas", False):
+            sigmas = None
+        mu = compute_empirical_mu(image_seq_len=image_seq_len, num_steps=num_steps)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+        retrieve_timesteps(scheduler, num_steps, self.device, sigmas=sigmas, mu=mu)
+        return scheduler.timesteps, scheduler.sigmas
+
+    def predict(self, transformer, latents, timestep, context):
+        batch_size, channels, height, width = latents.shape
+        tokens = self.pipeline._pack_latents(latents)
+        token_ids = self.pipeline._prepare_latent_ids(latents).to(self.device)
+        num_tokens = tokens.shape[1]
+        if "image_latents" in context:  # edit teacher: reference tokens after the noisy ones
+            tokens = torch.cat([tokens, context["image_latents"].to(tokens.dtype)], dim=1)
+            token_ids = torch.cat([token_ids, context["image_latent_ids"]], dim=1)
+        prompt_embeds = context["prompt_embeds"]
+        output = transformer(
+            hidden_states=tokens.to(self.transformer.dtype),
+            timestep=timestep.expand(batch_size).to(latents.dtype) / 1000,
+            guidance=None,
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=self.pipeline._prepare_text_ids(prompt_embeds).to(self.device),
+            img_ids=token_ids,
+            return_dict=False,
+        )[0][:, :num_tokens]
+        velocity = output.permute(0, 2, 1).reshape(batch_size, channels, height, width)
+        return velocity.to(self.transformer.dtype)
+
+    def unnormalize(self, latents):
+        """Patchified, batch-norm-normalised latents -> the VAE's latent space (what output_type='latent' gives)."""
+        vae = self.pipeline.vae
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device,
+                                                                                              latents.dtype)
+        return self.pipeline._unpatchify_latents(latents * std + mean)
+
+    def decode(self, latents):
+        vae = self.pipeline.vae
+        latents = self.unnormalize(latents.to(vae.device, vae.dtype))
+        return self.pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
+
+    def generate(self, transformer, context, height, width, num_steps, generator):
+        self.pipeline.transformer = transformer
+        return self.pipeline(
+            prompt_embeds=self.to_model(context["prompt_embeds"].unsqueeze(0)),
+            height=height, width=width, num_inference_steps=num_steps, guidance_scale=1.0, generator=generator,
+        ).images
+
+
+# Copied from train_dopsd_lora.MODEL_FAMILIES
+MODEL_FAMILIES = {"ZImagePipeline": ZImageTurbo, "Flux2KleinPipeline": Flux2Klein}
+
+
+# Copied from train_dopsd_lora.detect_family
+def detect_family(args):
+    """The family class named by the pipeline folder's model_index.json."""
+    try:
+        config = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision,
+                                               cache_dir=args.cache_dir)
+    except Exception:
+        raise UserError(f"cannot find a diffusers pipeline (model_index.json) at {args.pretrained_model_name_or_path}")
+    pipeline_class = config.get("_class_name")
+    if pipeline_class not in MODEL_FAMILIES:
+        supported = ", ".join(cls.name for cls in MODEL_FAMILIES.values())
+        raise UserError(f"{args.pretrained_model_name_or_path} is a {pipeline_class}; D-OPSD supports {supported}")
+    return MODEL_FAMILIES[pipeline_class]
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: (image, caption) pairs in aspect-ratio buckets
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_dopsd_lora.Example
+@dataclass
+class Example:
+    """One training pair. Caption variants of one image are separate examples sharing the image."""
+
+    source: str  # a file path, or "dataset:<row>"
+    caption: str
+    bucket: tuple  # (height, width)
+    image_key: str = ""
+    load: object = field(default=None, repr=False)  # () -> PIL RGB image at its original size
+
+
+# Copied from train_dopsd_lora.load_rgb
+def load_rgb(image, name):
+    """Any PIL image (grayscale, palette, RGBA, 16-bit) as 8-bit RGB; transparency composited on white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        scale = 255.0 / max(array.max(), 1.0) if image.mode == "I" else 1 / 257
+        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    image = image.convert("RGB")
+    if min(image.size) < MIN_IMAGE_SIDE:
+        raise ValueError(f"{name} is only {image.size[0]}x{image.size[1]} pixels (need at least {MIN_IMAGE_SIDE})")
+    return image
+
+
+# Copied from train_dopsd_lora.read_image_file
+def read_image_file(path):
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return load_rgb(image, path)
+    except ValueError:
+        raise
+    except Exception as error:
+        raise ValueError(f"cannot read image {path}: {error}") from None
+
+
+# Copied from train_dopsd_lora.resize_to_bucket
+def resize_to_bucket(image, bucket):
+    """Scale to cover the bucket, then center-crop to it."""
+    height, width = bucket
+    scale = max(width / image.width, height / image.height)
+    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                           Image.Resampling.LANCZOS)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+# Copied from train_dopsd_lora.read_captions
+def read_captions(text, source):
+    captions = [line.strip() for line in text.splitlines() if line.strip()]
+    if not captions:
+        raise UserError(f"caption file for {source} is empty")
+    return captions
+
+
+# Copied from train_dopsd_lora.scan_instance_data_dir
+def scan_instance_data_dir(args):
+    """(path, captions) for every image in --instance_data_dir, from .txt files or metadata.jsonl."""
+    root = Path(args.instance_data_dir)
+    if not root.is_dir():
+        raise UserError(f"--instance_data_dir {root} does not exist or is not a folder")
+    metadata = root / "metadata.jsonl"
+    entries = []
+    if metadata.exists():
+        for line_number, line in enumerate(metadata.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                path, text = root / record["file_name"], record.get("text")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{metadata}:{line_number} is not a JSON object with file_name (and text)") from None
+            if not path.is_file():
+                raise UserError(f"{metadata}:{line_number} names {record['file_name']}, which does not exist")
+            entries.append((path, read_captions(text, path) if text else None))
+    else:
+        for path in sorted(root.iterdir()):
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            caption_file = path.with_suffix(".txt")
+            entries.append((path, read_captions(caption_file.read_text(), path) if caption_file.exists() else None))
+    if not entries:
+        raise UserError(f"--instance_data_dir {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return [(str(path), captions) for path, captions in entries]
+
+
+# Copied from train_dopsd_lora.scan_dataset
+def scan_dataset(args):
+    """(row, captions, loader) for every row of a Hugging Face dataset (hub id or local folder)."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir,
+                                        split="train")
+    except Exception as error:
+        raise UserError(f"cannot load dataset {args.dataset_name}: {error}") from None
+    for column in (args.image_column, args.caption_column):
+        if column is not None and column not in dataset.column_names:
+            raise UserError(f"dataset {args.dataset_name} has no column '{column}' (columns: "
+                            f"{', '.join(dataset.column_names)}); set --image_column/--caption_column")
+    entries = []
+    for row in range(len(dataset)):
+        captions = None
+        if args.caption_column is not None:
+            value = dataset[row][args.caption_column]
+            captions = read_captions(value, f"dataset row {row}") if isinstance(value, str) and value.strip() else None
+        entries.append((f"dataset:{row}", captions,
+                        lambda row=row: load_rgb(dataset[row][args.image_column], f"dataset row {row}")))
+    return entries
+
+
+# Copied from train_dopsd_lora.collect_examples
+def collect_examples(args, resolution_multiple):
+    """Scan and check the whole dataset up front: bad input stops here, before any model is loaded."""
+    if args.instance_data_dir is not None:
+        entries = [(path, captions, lambda path=path: read_image_file(path))
+                   for path, captions in scan_instance_data_dir(args)]
+    else:
+        entries = scan_dataset(args)
+    buckets = generate_aspect_ratio_buckets(args.resolution, divisibility=resolution_multiple)
+    examples = []
+    for source, captions, load in entries:
+        try:
+            image = load()
+        except ValueError as error:
+            if not args.skip_bad_images:
+                raise UserError(f"{error} (pass --skip_bad_images to skip such images)") from None
+            logger.warning(f"skipping {source}: {error}")
+            continue
+        if captions is None:
+            if args.instance_prompt is None:
+                raise UserError(f"{source} has no caption: add a .txt caption or pass --instance_prompt")
+            captions = [args.instance_prompt]
+        bucket = buckets[find_nearest_bucket(image.height, image.width, buckets)]
+        image_key = hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
+        examples += [Example(source, caption, bucket, image_key, load) for caption in captions]
+    if not examples:
+        raise UserError("no usable training images left after skipping bad ones")
+    return examples
+
+
+# Copied from train_dopsd_lora.BucketBatchSampler
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches of example indices from one bucket each, reshuffled every epoch from (seed, epoch)."""
+
+    def __init__(self, examples, batch_size, repeats, seed):
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.groups = {}
+        for index, example in enumerate(examples):
+            self.groups.setdefault(example.bucket, []).extend([index] * repeats)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def batches(self):
+        rng = random.Random(self.seed * 100003 + self.epoch)
+        batches = []
+        for bucket in sorted(self.groups):
+            indices = self.groups[bucket][:]
+            rng.shuffle(indices)
+            batches += [indices[i: i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self):
+        yield from self.batches()
+
+    def __len__(self):
+        return sum(math.ceil(len(group) / self.batch_size) for group in self.groups.values())
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contexts: student c_s (caption) and teacher c_t (caption + image), computed once per example and cached
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_dopsd_lora.ContextStore
+class ContextStore:
+    """Per-example student and teacher contexts, as safetensors files under output_dir/context_cache.
+
+    The file name hashes everything the contexts depend on, so a resumed or repeated run reuses them and a change
+    of model, teacher, caption or bucket computes new ones. With --no-cache_contexts nothing is stored and the
+    encoders stay on the accelerator to compute contexts for every batch.
+    """
+
+    def __init__(self, family, args, examples, accelerator):
+        self.family = family
+        self.examples = examples
+        self.enabled = args.cache_contexts
+        self.folder = Path(args.output_dir) / "context_cache"
+        fingerprint = {
+            "model": args.pretrained_model_name_or_path, "revision": args.revision, "variant": args.variant,
+            "teacher": family.teacher_context, "vlm": args.teacher_vlm_name_or_path,
+            "suffix": args.teacher_prompt_suffix if family.teacher_context == "edit" else None,
+            "layers": args.text_encoder_out_layers, "dtype": str(family.weight_dtype),
+        }
+        self.fingerprint = json.dumps(fingerprint, sort_keys=True)
+        self.accelerator = accelerator
+
+    def path(self, example):
+        key = hashlib.sha1(f"{self.fingerprint}|{example.image_key}|{example.caption}|{example.bucket}".encode())
+        return self.folder / f"{key.hexdigest()}.safetensors"
+
+    @torch.no_grad()
+    def compute(self, example):
+        image = resize_to_bucket(example.load(), example.bucket)
+        student = self.family.encode_student_context(example.caption)
+        teacher = self.family.build_teacher_context(image, example.caption)
+        return student, teacher
+
+    def fill(self):
+        """Compute every missing context (each process takes its share), then free the encoders."""
+        if not self.enabled:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        accelerator = self.accelerator
+        todo = [e for e in self.examples if not self.path(e).exists()]
+        mine = todo[accelerator.process_index:: accelerator.num_processes]
+        for example in tqdm(mine, desc="caching contexts", disable=not accelerator.is_local_main_process):
+            student, teacher = self.compute(example)
+            tensors = {f"student.{k}": v.contiguous() for k, v in student.items()}
+            tensors.update({f"teacher.{k}": v.contiguous() for k, v in teacher.items()})
+            path = self.path(example)
+            save_file(tensors, f"{path}.tmp")
+            os.replace(f"{path}.tmp", path)
+        accelerator.wait_for_everyone()
+        logger.info(f"contexts cached for {len(self.examples)} examples ({len(todo)} computed) in {self.folder}")
+
+    def get(self, example):
+        if not self.enabled:
+            return self.compute(example)
+        tensors = load_file(self.path(example))
+        split = ({}, {})
+        for key, value in tensors.items():
+            role, name = key.split(".", 1)
+            split[role == "teacher"][name] = value
+        return split
+
+
+# Copied from train_dopsd_lora.ContextDataset
+class ContextDataset(torch.utils.data.Dataset):
+    def __init__(self, examples, store):
+        self.examples = examples
+        self.store = store
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, index):
+        student, teacher = self.store.get(self.examples[index])
+        return {"student": student, "teacher": teacher, "bucket": self.examples[index].bucket}
+
+
+# Copied from train_dopsd_lora.collate_examples
+def collate_examples(items):
+    assert len({item["bucket"] for item in items}) == 1, "a batch mixes buckets"
+    return {"student": [i["student"] for i in items], "teacher": [i["teacher"] for i in items],
+            "bucket": items[0]["bucket"]}
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The D-OPSD step: roll out, ask the teacher, pull the student (SPEC §2)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_dopsd_lora.EMATeacher
+class EMATeacher:
+    """The teacher's weights: theta_bar <- d * theta_bar + (1 - d) * theta after every optimizer step.
+
+    It holds a shadow copy of the student's trainable parameters and starts equal to them (zero-initialised LoRA B:
+    the teacher starts as the base model). For a teacher pass the shadow is swapped into the student's parameters,
+    so one network with one set of modules plays both roles.
+    """
+
+    FILE_NAME = "ema_teacher.safetensors"
+
+    def __init__(self, named_parameters, decay, device=None, dtype=None):
+        self.names, self.parameters = zip(*named_parameters)
+        self.decay = decay
+        self.shadow = [p.detach().to(device=device or p.device, dtype=dtype or p.dtype, copy=True)
+                       for p in self.parameters]
+        self.stash = None  # student copies for the copy-in/copy-out swap, allocated on first use
+
+    @torch.no_grad()
+    def update(self):
+        students = [p.detach().to(s.device, s.dtype) for p, s in zip(self.parameters, self.shadow)]
+        torch._foreach_lerp_(self.shadow, students, 1.0 - self.decay)
+
+    @contextmanager
+    def swapped_in(self):
+        """Inside the block the student's parameters hold the teacher's weights.
+
+        Where the shadow has the parameters' device and dtype, the storages are swapped (no copy). Otherwise (a CPU
+        or fp32 EMA) the student is copied out beside the shadow and the teacher copied in, in place, so the
+        accelerator never holds a second copy of the weights.
+        """
+        if all(p.device == s.device and p.dtype == s.dtype for p, s in zip(self.parameters, self.shadow)):
+            stash = [p.data for p in self.parameters]
+            for parameter, shadow in zip(self.parameters, self.shadow):
+                parameter.data = shadow
+            try:
+                yield
+            finally:
+                for parameter, data in zip(self.parameters, stash):
+                    parameter.data = data
+            return
+        if self.stash is None:
+            self.stash = [torch.empty_like(p, device=s.device) for p, s in zip(self.parameters, self.shadow)]
+        with torch.no_grad():
+            for parameter, shadow, stash in zip(self.parameters, self.shadow, self.stash):
+                stash.copy_(parameter)
+                parameter.copy_(shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for parameter, stash in zip(self.parameters, self.stash):
+                    parameter.copy_(stash)
+
+    def save(self, folder):
+        save_file({name: s.detach().cpu().contiguous() for name, s in zip(self.names, self.shadow)},
+                  Path(folder) / self.FILE_NAME)
+
+    @torch.no_grad()
+    def load(self, folder):
+        saved = load_file(Path(folder) / self.FILE_NAME)
+        if set(saved) != set(self.names) or any(saved[n].shape != s.shape for n, s in zip(self.names, self.shadow)):
+            raise UserError(f"the EMA teacher in {folder} does not fit this model/LoRA configuration")
+        for name, shadow in zip(self.names, self.shadow):
+            shadow.copy_(saved[name])
+
+
+# Copied from train_dopsd_lora.to_x0
+def to_x0(latents, velocity, sigma):
+    """x0-prediction of a flow-matching velocity in the scheduler's convention: x0 = x_t - sigma * v."""
+    return latents.float() - sigma * velocity.float()
+
+
+# Copied from train_dopsd_lora.dopsd_loss
+def dopsd_loss(student_velocity, teacher_velocity, latents, sigma, loss_space):
+    """mean((f(u_s) - f(u_t))^2); f = x0-prediction (== sigma^2-weighted velocity MSE) or identity (SPEC §2)."""
+    if loss_space == "x0":
+        return F.mse_loss(to_x0(latents, student_velocity, sigma), to_x0(latents, teacher_velocity, sigma))
+    return F.mse_loss(student_velocity.float(), teacher_velocity.float())
+
+
+# Copied from train_dopsd_lora.rollout_step
+def rollout_step(latents, velocity, sigma, sigma_next):
+    """One Euler step exactly as FlowMatchEulerDiscreteScheduler.step computes it (fp32, back to v's dtype)."""
+    return (latents.float() + (sigma_next - sigma) * velocity).to(velocity.dtype)
+
+
+# Copied from train_dopsd_lora.dopsd_step
+def dopsd_step(family, student, teacher_model, ema_teacher, batch, args, accelerator, generator=None):
+    """One D-OPSD iteration on a batch; returns the mean loss over the K roll-out steps and the final latents.
+
+    The student's forward with grad at x_k *is* the roll-out step: its velocity moves the state to x_{k-1}
+    (detached: no backprop through the trajectory). Each step's loss is backpropagated at once, so only one
+    step's graph is alive; the gradient equals that of the mean over the K steps (SPEC §2.3).
+    """
+    height, width = batch["bucket"]
+    student_context = family.collate(batch["student"])
+    teacher_context = family.collate(batch["teacher"])
+    timesteps, sigmas = family.rollout_schedule(args.rollout_steps, height, width)
+    latents = family.initial_noise(len(batch["student"]), height, width, generator)  # fresh noise: on-policy
+    total_loss = torch.zeros((), device=latents.device)
+    for k in range(args.rollout_steps):
+        with torch.no_grad(), ema_teacher.swapped_in(), accelerator.autocast():
+            teacher_velocity = family.predict(teacher_model, latents, timesteps[k], teacher_context)
+        # Gradients of all but the last step stay local; DDP averages them once, at the last backward.
+        last = k == args.rollout_steps - 1
+        with nullcontext() if last else accelerator.no_sync(student):
+            student_velocity = family.predict(student, latents, timesteps[k], student_context)
+            loss = dopsd_loss(student_velocity, teacher_velocity, latents, sigmas[k], args.loss_space)
+            accelerator.backward(loss / args.rollout_steps)
+        total_loss += loss.detach() / args.rollout_steps
+        latents = rollout_step(latents, student_velocity.detach(), sigmas[k], sigmas[k + 1])
+    return total_loss, latents
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_dopsd_lora.sample
+@torch.no_grad()
+def sample(family, transformer, context, height, width, num_steps, generator):
+    """A plain few-step roll-out with any model and context (used for the teacher's view)."""
+    timesteps, sigmas = family.rollout_schedule(num_steps, height, width)
+    latents = family.initial_noise(1, height, width, generator)
+    context = family.collate([context])
+    for k in range(num_steps):
+        latents = rollout_step(latents, family.predict(transformer, latents, timesteps[k], context), sigmas[k],
+                               sigmas[k + 1])
+    return latents
+
+
+# Copied from train_dopsd_lora.heldout_teacher_gap
+@torch.no_grad()
+def heldout_teacher_gap(family, transformer, ema_teacher, batch, num_steps, seeds):
+    """Mean squared x0 gap between student and teacher along the student's own roll-outs from held-out seeds."""
+    height, width = batch["bucket"]
+    timesteps, sigmas = family.rollout_schedule(num_steps, height, width)
+    student_context, teacher_context = family.collate(batch["student"]), family.collate(batch["teacher"])
+    gaps = []
+    for seed in seeds:
+        generator = torch.Generator(family.device).manual_seed(seed)
+        latents = family.initial_noise(len(batch["student"]), height, width, generator)
+        for k in range(num_steps):
+            student_velocity = family.predict(transformer, latents, timesteps[k], student_context)
+            with ema_teacher.swapped_in():
+                teacher_velocity = family.predict(transformer, latents, timesteps[k], teacher_context)
+            gaps.append(dopsd_loss(student_velocity, teacher_velocity, latents, sigmas[k], "x0"))
+            latents = rollout_step(latents, student_velocity, sigmas[k], sigmas[k + 1])
+    return torch.stack(gaps).mean().item()
+
+
+# Copied from train_dopsd_lora.log_validation
+def log_validation(family, transformer, ema_teacher, validation, args, accelerator, step):
+    """Student images from the stock pipeline, and the teacher's view of the first training example."""
+    logger.info(f"validation at step {step}")
+    transformer.eval()
+    family.pipeline.vae.to(accelerator.device)
+    samples = Path(args.output_dir) / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    height = width = args.resolution
+    num_steps = args.validation_inference_steps
+    logged = {}
+    for p, (prompt, context) in enumerate(validation["prompts"]):
+        generator = torch.Generator(accelerator.device).manual_seed(args.seed)
+        images = []
+        for _ in range(args.num_validation_images):
+            images += family.generate(transformer, context, height, width, num_steps, generator)
+        for i, image in enumerate(images):
+            image.save(samples / f"step-{step:06d}-prompt{p}-{i}.png")
+        logged[prompt] = images
+    first = validation["teacher_view"]
+    generator = torch.Generator(accelerator.device).manual_seed(args.seed)
+    with ema_teacher.swapped_in():
+        latents = sample(family, transformer, first["teacher"], *first["bucket"], num_steps, generator)
+    teacher_image = family.decode(latents)[0]
+    teacher_image.save(samples / f"step-{step:06d}-teacher-view.png")
+    logged[f"teacher view: {first['caption']}"] = [teacher_image]
+    gap = heldout_teacher_gap(family, transformer, ema_teacher, collate_examples([first]), args.rollout_steps,
+                              seeds=range(10_000, 10_004))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for name, images in logged.items():
+                tracker.writer.add_images(name, np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(i, caption=n) for n, imgs in logged.items() for i in imgs]},
+                        step=step)
+    accelerator.log({"heldout_teacher_gap": gap}, step=step)
+    family.pipeline.vae.to("cpu" if args.cache_contexts else accelerator.device)
+    transformer.train()
+    free_memory()
+    return logged, gap
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving and the Hub
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_dopsd_lora.HUB_IGNORE
+HUB_IGNORE = ["checkpoint-*", "checkpoint-*/*", "context_cache/*", "logs/*", "*.tmp"]
+
+
+# Copied from train_dopsd_lora.push_to_hub
+def push_to_hub(args, repo_id):
+    """Upload the output folder. On failure everything stays local and the retry command is printed."""
+    from huggingface_hub import create_repo, upload_folder
+
+    try:
+        create_repo(repo_id, exist_ok=True)
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="D-OPSD LoRA",
+                      ignore_patterns=HUB_IGNORE)
+    except Exception as error:
+        excludes = " ".join(f"--exclude '{p}'" for p in HUB_IGNORE)
+        logger.error(
+            f"upload to the Hub failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+            f"Your results are intact in {args.output_dir}. Retry with:\n"
+            f"  hf upload {repo_id} {args.output_dir} . {excludes}"
+        )
+        return False
+    logger.info(f"uploaded to https://huggingface.co/{repo_id}")
+    return True
+
+
+# Copied from train_dopsd_lora.hub_repo_id
+def hub_repo_id(args):
+    return args.hub_model_id or Path(args.output_dir).resolve().name
+
+
+def resolve_trainable(transformer, train_layers):
+    """Names of the parameters to train: all of them, or those under the given module-name prefixes."""
+    names = [name for name, _ in transformer.named_parameters()]
+    if train_layers is None:
+        return names
+    chosen = set()
+    for prefix in (p.strip() for p in train_layers.split(",") if p.strip()):
+        matched = [name for name in names if name == prefix or name.startswith(prefix + ".")]
+        if not matched:
+            raise UserError(f"--train_layers entry '{prefix}' matches no parameter of this transformer")
+        chosen.update(matched)
+    return [name for name in names if name in chosen]
+
+
+def save_model_card(args, family, repo_id, images):
+    """README.md for the Hub: what was trained, how, and how to load it."""
+    samples = []
+    for i, (prompt, image_list) in enumerate(images.items()):
+        if prompt.startswith("teacher view"):
+            continue
+        name = f"image_{i}.png"
+        image_list[0].save(Path(args.output_dir) / name)
+        samples.append({"text": prompt, "output": {"url": name}})
+    pipeline_class = family.pipeline_class.__name__
+    transformer_class = type(family.transformer).__name__
+    guidance = 0.0 if family.name == "Z-Image-Turbo" else 1.0
+    description = f"""
+# {repo_id}: {family.name} fully fine-tuned with D-OPSD
+
+The transformer of [{args.pretrained_model_name_or_path}](https://huggingface.co/{args.pretrained_model_name_or_path})
+fine-tuned with **D-OPSD** (on-policy self-distillation, arXiv 2605.05204): the student rolled out its own
+{args.rollout_steps}-step trajectories and was pulled toward an EMA teacher that also saw the training image, so the
+base model's few-step sampling is kept.
+
+## Use it
+
+```python
+import torch
+from diffusers import {pipeline_class}, {transformer_class}
+
+transformer = {transformer_class}.from_pretrained("{repo_id}", subfolder="transformer", torch_dtype=torch.bfloat16)
+pipe = {pipeline_class}.from_pretrained("{args.pretrained_model_name_or_path}", transformer=transformer, torch_dtype=torch.bfloat16).to("cuda")
+image = pipe("your prompt", num_inference_steps={args.validation_inference_steps}, guidance_scale={guidance}).images[0]
+```
+{"The EMA teacher's weights are in `transformer_ema/`." if args.save_ema else ""}
+
+## Training settings
+| setting | value |
+|---|---|
+| roll-out steps K | {args.rollout_steps} |
+| teacher context | {family.teacher_context} |
+| loss space | {args.loss_space} |
+| EMA decay / dtype / device | {args.ema_decay} / {args.ema_dtype} / {args.ema_device} |
+| trained layers | {args.train_layers or "all"} |
+| learning rate | {args.learning_rate} |
+| steps x batch x accumulation | {args.max_train_steps} x {args.train_batch_size} x {args.gradient_accumulation_steps} |
+| resolution | {args.resolution} |
+"""
+    card = load_or_create_model_card(repo_id_or_path=repo_id, from_training=True, license="apache-2.0",
+                                     base_model=args.pretrained_model_name_or_path, model_description=description,
+                                     widget=samples or None)
+    tags = ["text-to-image", "diffusers", "d-opsd", "diffusers-training", family.name.lower()]
+    populate_model_card(card, tags=tags).save(Path(args.output_dir) / "README.md")
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_dopsd_lora.prune_checkpoints
+def prune_checkpoints(output_dir, limit):
+    """Keep the newest `limit - 1` checkpoints, making room for the one about to be saved."""
+    checkpoints = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[1].isdigit()),
+                         key=lambda p: int(p.name.split("-")[1]))
+    for old in checkpoints[: max(0, len(checkpoints) - limit + 1)]:
+        logger.info(f"removing old checkpoint {old}")
+        shutil.rmtree(old)
+
+
+# Copied from train_dopsd_lora.find_resume_checkpoint
+def find_resume_checkpoint(args):
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint != "latest":
+        path = Path(args.resume_from_checkpoint)
+        if not path.is_dir():
+            path = Path(args.output_dir) / args.resume_from_checkpoint
+        if not path.is_dir():
+            raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist")
+        return path
+    checkpoints = sorted((p for p in Path(args.output_dir).glob("checkpoint-*") if p.name.split("-")[1].isdigit()),
+                         key=lambda p: int(p.name.split("-")[1]))
+    if not checkpoints:
+        logger.info("no checkpoint to resume from: starting a new run")
+        return None
+    return checkpoints[-1]
+
+
+# Copied from train_dopsd_lora.setup
+def setup(args):
+    """Check inputs, start accelerate, load the model family. Bad input fails here, before any long work."""
+    if args.push_to_hub:
+        from huggingface_hub import get_token
+
+        if get_token() is None:
+            raise UserError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
+    family_class = detect_family(args)
+    examples = collect_examples(args, family_class.resolution_multiple)
+    resume_path = find_resume_checkpoint(args)
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=Path(args.output_dir, args.logging_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_warning()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    set_seed(args.seed, device_specific=True)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    family = family_class(args, weight_dtype, accelerator.device)
+    args.validation_inference_steps = args.validation_inference_steps or family.default_validation_steps
+    if args.resolution % family.resolution_multiple:
+        raise UserError(f"--resolution must be a multiple of {family.resolution_multiple} for {family.name}")
+    return accelerator, family, examples, resume_path
+
+
+# Copied from train_dopsd_lora.cache_contexts
+def cache_contexts(args, family, examples, accelerator):
+    """Student and teacher contexts for every example (and the validation prompts), computed once; then the text
+    encoder, VLM and VAE leave the accelerator."""
+    if family.teacher_context == "vlm":
+        family.load_teacher_vlm()
+    store = ContextStore(family, args, examples, accelerator)
+    store.fill()
+    validation = {
+        "prompts": [(prompt, family.encode_student_context(prompt)) for prompt in args.validation_prompt or []],
+        "teacher_view": {**dict(zip(("student", "teacher"), store.get(examples[0]))),
+                         "bucket": examples[0].bucket, "caption": examples[0].caption},
+    }
+    if args.cache_contexts:
+        family.free_encoders()
+    return store, validation
+
+
+# Copied from train_dopsd_lora.make_optimizer
+def make_optimizer(args, parameters, accelerator):
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+
+            optimizer_class = bnb.optim.AdamW8bit
+        except Exception as error:
+            raise UserError(f"--use_8bit_adam needs a working bitsandbytes ({error}); drop the flag") from None
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+# Copied from train_dopsd_lora.train
+def train(args, accelerator, family, transformer, optimizer, ema_teacher, examples, store, validation, resume_path,
+          project_name):
+    """The D-OPSD loop: step, clip, optimizer step, EMA update; checkpoints and validation on schedule.
+
+    Returns the prepared transformer and the last validation images."""
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles, power=args.lr_power,
+    )
+    batch_sampler = BucketBatchSampler(examples, args.train_batch_size, args.repeats, args.seed)
+    dataloader = torch.utils.data.DataLoader(ContextDataset(examples, store), batch_sampler=batch_sampler,
+                                             collate_fn=collate_examples)
+    transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader,
+                                                                           lr_scheduler)
+    teacher_model = accelerator.unwrap_model(transformer)
+
+    if accelerator.is_main_process and args.report_to != "none":
+        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        accelerator.init_trackers(project_name, config=config)
+
+    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    if resume_path is not None:
+        logger.info(f"resuming from {resume_path}")
+        accelerator.load_state(str(resume_path))
+        global_step = int(resume_path.name.split("-")[1])
+        first_epoch = global_step // updates_per_epoch
+        skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+
+    logger.info(f"{family.name}: {len(examples)} examples, {args.max_train_steps} steps, K={args.rollout_steps},"
+                f" teacher={family.teacher_context}, loss={args.loss_space}, lr={args.learning_rate}")
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    transformer.train()
+    images = {}
+    for epoch in range(first_epoch, num_epochs):
+        batch_sampler.set_epoch(epoch)
+        epoch_batches = dataloader
+        if skip_batches:
+            epoch_batches = accelerator.skip_first_batches(dataloader, skip_batches)
+            skip_batches = 0
+        for batch in epoch_batches:
+            with accelerator.accumulate(transformer):
+                loss, _ = dopsd_step(family, transformer, teacher_model, ema_teacher, batch, args, accelerator)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            ema_teacher.update()
+            global_step += 1
+            progress.update(1)
+            logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+                    prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
+                accelerator.save_state(str(Path(args.output_dir) / f"checkpoint-{global_step}"))
+            if accelerator.is_main_process and (global_step % args.validation_steps == 0
+                                                or global_step == args.max_train_steps):
+                images, _ = log_validation(family, teacher_model, ema_teacher, validation, args, accelerator,
+                                           global_step)
+            if global_step >= args.max_train_steps:
+                break
+    accelerator.wait_for_everyone()
+    return transformer, images
+
+
+# Copied from train_dopsd_lora.finish
+def finish(args, accelerator, save_outputs):
+    """Write the final outputs on the main process and push them; exit 1 if the upload failed."""
+    uploaded = True
+    if accelerator.is_main_process:
+        repo_id = save_outputs()
+        if args.push_to_hub:
+            uploaded = push_to_hub(args, repo_id)
+    accelerator.end_training()
+    if not uploaded:
+        sys.exit(1)
+
+
+def main(args):
+    """Fine-tune the whole transformer (or --train_layers) with D-OPSD; returns the trained transformer."""
+    accelerator, family, examples, resume_path = setup(args)
+    args.learning_rate = args.learning_rate or family.default_learning_rate / 10
+    trainable_names = set(resolve_trainable(family.transformer, args.train_layers))
+    store, validation = cache_contexts(args, family, examples, accelerator)
+
+    # The student: the transformer itself, with fp32 master weights (autocast computes in bf16/fp16).
+    # The teacher: the EMA of every trained weight, on the accelerator or the CPU (SPEC §2.4).
+    transformer = family.transformer.to(accelerator.device, torch.float32)
+    for name, parameter in transformer.named_parameters():
+        parameter.requires_grad_(name in trainable_names)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    trained = [(name, p) for name, p in transformer.named_parameters() if p.requires_grad]
+    ema_teacher = EMATeacher(trained, args.ema_decay, device="cpu" if args.ema_device == "cpu" else None,
+                             dtype=torch.bfloat16 if args.ema_dtype == "bf16" else torch.float32)
+    logger.info(f"training {len(trained)} tensors, {sum(p.numel() for _, p in trained) / 1e6:.1f} M parameters;"
+                f" EMA teacher in {args.ema_dtype} on {args.ema_device}")
+
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / "transformer")
+                weights.pop()
+            ema_teacher.save(output_dir)
+
+    def load_model_hook(models, input_dir):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            saved = type(model).from_pretrained(input_dir, subfolder="transformer")
+            model.load_state_dict(saved.state_dict())
+            del saved
+        ema_teacher.load(input_dir)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    optimizer = make_optimizer(args, [p for _, p in trained], accelerator)
+    transformer, images = train(args, accelerator, family, transformer, optimizer, ema_teacher, examples, store,
+                                validation, resume_path, "dopsd-full")
+
+    def save_outputs():
+        model = accelerator.unwrap_model(transformer)
+        model.to(family.weight_dtype)  # the precision the stock pipeline loads
+        model.save_pretrained(Path(args.output_dir) / "transformer")
+        logger.info(f"saved {Path(args.output_dir) / 'transformer'}")
+        if args.save_ema:
+            with ema_teacher.swapped_in():
+                model.save_pretrained(Path(args.output_dir) / "transformer_ema")
+        repo_id = hub_repo_id(args)
+        if args.push_to_hub:
+            save_model_card(args, family, repo_id, images)
+        return repo_id
+
+    finish(args, accelerator, save_outputs)
+    return accelerator.unwrap_model(transformer)
+
+
+# Copied from train_dopsd_lora.run
+def run():
+    try:
+        main(parse_args())
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()
