@@ -887,7 +887,8 @@ class ContextStore:
             save_file(tensors, f"{path}.tmp")
             os.replace(f"{path}.tmp", path)
         accelerator.wait_for_everyone()
-        logger.info(f"contexts cached for {len(self.examples)} examples ({len(todo)} computed) in {self.folder}")
+        logger.info(f"contexts cached for {len(self.examples)} examples ({len(todo)} new, computed by"
+                    f" {accelerator.num_processes} process(es)) in {self.folder}")
 
     def get(self, example):
         if not self.enabled:

@@ -46,7 +46,8 @@ def load_family(output_dir, model=TINY_ZIMAGE, *extra, script=lora_script):
     family = script.detect_family(args)(args, torch.float32, torch.device("cpu"))
     args.learning_rate = args.learning_rate or family.default_learning_rate
     args.validation_inference_steps = args.validation_inference_steps or family.default_validation_steps
-    args.lora_layers = args.lora_layers or family.default_lora_layers
+    if hasattr(args, "lora_layers"):
+        args.lora_layers = args.lora_layers or family.default_lora_layers
     if family.teacher_context == "vlm":
         family.load_teacher_vlm()
     return args, family
