@@ -42,7 +42,7 @@ import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed  # noqa: E402
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed  # noqa: E402
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, ZImagePipeline  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu  # noqa: E402
@@ -1016,12 +1016,15 @@ def rollout_step(latents, velocity, sigma, sigma_next):
 
 
 # Copied from train_dopsd_lora.dopsd_step
-def dopsd_step(family, student, teacher_model, ema_teacher, batch, args, accelerator, generator=None):
+def dopsd_step(family, student, teacher_model, ema_teacher, batch, args, accelerator, generator=None,
+               backward_per_step=True):
     """One D-OPSD iteration on a batch; returns the mean loss over the K roll-out steps and the final latents.
 
     The student's forward with grad at x_k *is* the roll-out step: its velocity moves the state to x_{k-1}
     (detached: no backprop through the trajectory). Each step's loss is backpropagated at once, so only one
-    step's graph is alive; the gradient equals that of the mean over the K steps (SPEC §2.3).
+    step's graph is alive; the gradient equals that of the mean over the K steps (SPEC §2.3). With
+    backward_per_step=False the K graphs are kept and one backward runs at the end (same gradient, memory O(K)):
+    what DeepSpeed needs, which allows one backward per micro-batch.
     """
     height, width = batch["bucket"]
     student_context = family.collate(batch["student"])
@@ -1034,13 +1037,16 @@ def dopsd_step(family, student, teacher_model, ema_teacher, batch, args, acceler
             teacher_velocity = family.predict(teacher_model, latents, timesteps[k], teacher_context)
         # Gradients of all but the last step stay local; DDP averages them once, at the last backward.
         last = k == args.rollout_steps - 1
-        with nullcontext() if last else accelerator.no_sync(student):
+        with nullcontext() if last or not backward_per_step else accelerator.no_sync(student):
             student_velocity = family.predict(student, latents, timesteps[k], student_context)
             loss = dopsd_loss(student_velocity, teacher_velocity, latents, sigmas[k], args.loss_space)
-            accelerator.backward(loss / args.rollout_steps)
-        total_loss += loss.detach() / args.rollout_steps
+            if backward_per_step:
+                accelerator.backward(loss / args.rollout_steps)
+        total_loss = total_loss + (loss.detach() if backward_per_step else loss) / args.rollout_steps
         latents = rollout_step(latents, student_velocity.detach(), sigmas[k], sigmas[k + 1])
-    return total_loss, latents
+    if not backward_per_step:
+        accelerator.backward(total_loss)
+    return total_loss.detach(), latents
 
 
 
@@ -1295,6 +1301,9 @@ def setup(args):
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise UserError("FSDP shards the parameters that the EMA teacher swaps in; use DDP or DeepSpeed ZeRO-2"
+                        " (examples/accelerate/)")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     family = family_class(args, weight_dtype, accelerator.device)
     args.validation_inference_steps = args.validation_inference_steps or family.default_validation_steps
@@ -1386,7 +1395,8 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
             skip_batches = 0
         for batch in epoch_batches:
             with accelerator.accumulate(transformer):
-                loss, _ = dopsd_step(family, transformer, teacher_model, ema_teacher, batch, args, accelerator)
+                loss, _ = dopsd_step(family, transformer, teacher_model, ema_teacher, batch, args, accelerator,
+                                     backward_per_step=accelerator.distributed_type != DistributedType.DEEPSPEED)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
                 optimizer.step()
@@ -1451,7 +1461,8 @@ def main(args):
         if accelerator.is_main_process:
             for model in models:
                 accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / "transformer")
-                weights.pop()
+                if weights:  # empty under DeepSpeed, which saves the engine itself
+                    weights.pop()
             ema_teacher.save(output_dir)
 
     def load_model_hook(models, input_dir):

@@ -220,3 +220,28 @@ def test_copy_swap_for_an_ema_of_another_dtype_restores_the_student_in_place():
     assert [p.data_ptr() for p in parameters] == pointers
     for p, student in zip(parameters, students):
         assert torch.equal(p.detach(), student)
+
+
+def test_single_backward_mode_gives_the_same_gradient(tmp_path, accelerator):
+    """DeepSpeed's one-backward-per-micro-batch arrangement trains exactly what per-step backward trains."""
+    args, family = load_family(tmp_path)
+    examples = script.collect_examples(args, family.resolution_multiple)
+    store = script.ContextStore(family, args, examples, accelerator)
+    store.fill()
+    lora = add_random_lora(family.transformer, args)
+    ema = script.EMATeacher([(n, p) for n, p in family.transformer.named_parameters() if p.requires_grad], 0.9999)
+    with torch.no_grad():
+        for shadow in ema.shadow:
+            shadow.add_(0.02 * torch.randn_like(shadow))
+    batch = example_batch(family, store, 2)
+    grads, losses = [], []
+    for per_step in (True, False):
+        loss, _ = script.dopsd_step(family, family.transformer, family.transformer, ema, batch, args, accelerator,
+                                    torch.Generator().manual_seed(3), backward_per_step=per_step)
+        grads.append([p.grad.clone() for p in lora])
+        losses.append(loss)
+        for p in lora:
+            p.grad = None
+    torch.testing.assert_close(losses[0], losses[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
