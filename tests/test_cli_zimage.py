@@ -181,3 +181,27 @@ def test_cli_prints_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --instance_data_dir")
     assert "Traceback" not in result.stderr
+
+
+def test_local_dataset_folder_is_read_lazily_with_its_columns(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "dataset"
+    data.mkdir()
+    lines = []
+    for index, name in enumerate(("chelsea-1.jpg", "chelsea-3.jpg")):
+        (data / name).write_bytes((CONCEPT / name).read_bytes())
+        lines.append(json.dumps({"file_name": name, "text": f"sks cat, photo {index}"}))
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    args = script.parse_args(["--pretrained_model_name_or_path", str(TINY_ZIMAGE), "--dataset_name", str(data),
+                              "--caption_column", "text", "--output_dir", str(tmp_path / "out"), "--resolution", "64"])
+    examples = script.collect_examples(args, 16)
+    assert sorted(e.caption for e in examples) == ["sks cat, photo 0", "sks cat, photo 1"]
+    assert all(e.source.startswith("dataset:") for e in examples)
+    assert {e.load().size for e in examples} == {Image.open(CONCEPT / "chelsea-1.jpg").size,
+                                                  Image.open(CONCEPT / "chelsea-3.jpg").size}
+    monkeypatch.setattr(sys, "argv", ["train_dopsd_lora.py", "--pretrained_model_name_or_path", str(TINY_ZIMAGE),
+                                      "--dataset_name", str(data), "--caption_column", "caption",
+                                      "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        script.run()
+    assert exit_info.value.code == 2
+    assert "has no column 'caption' (columns: image, text)" in capsys.readouterr().err
