@@ -23,8 +23,9 @@ import logging
 import math
 import os
 import random
-import re
+import shlex
 import shutil
+import signal
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -183,6 +184,8 @@ def add_common_arguments(parser):
     group.add_argument("--adam_weight_decay", type=float, default=0.0)
     group.add_argument("--adam_epsilon", type=float, default=1e-8)
     group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--max_bad_steps", type=int, default=10, help="Stop (with a checkpoint) after this many"
+                       " consecutive steps with non-finite loss or gradients; each one is skipped.")
     group.add_argument("--gradient_checkpointing", action="store_true")
     group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     group.add_argument("--allow_tf32", action="store_true")
@@ -215,7 +218,7 @@ def check_args(parser, args):
         parser.error(f"--rollout_steps must be at least 1 (got {args.rollout_steps})")
     if not 0.0 <= args.ema_decay <= 1.0:
         parser.error(f"--ema_decay must lie in [0, 1] (got {args.ema_decay})")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "repeats",
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "repeats", "max_bad_steps",
                  "checkpointing_steps", "validation_steps", "num_validation_images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1 (got {getattr(args, name)})")
@@ -1230,7 +1233,8 @@ image = pipe("your prompt", num_inference_steps={args.validation_inference_steps
                                      base_model=args.pretrained_model_name_or_path, model_description=description,
                                      widget=samples or None)
     tags = ["text-to-image", "diffusers", "d-opsd", "diffusers-training", family.name.lower()]
-    populate_model_card(card, tags=tags).save(Path(args.output_dir) / "README.md")
+    with atomic_output(Path(args.output_dir) / "README.md") as temporary:
+        populate_model_card(card, tags=tags).save(temporary)
 
 
 
@@ -1239,14 +1243,140 @@ image = pipe("your prompt", num_inference_steps={args.validation_inference_steps
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Copied from train_dopsd_lora.remove_path
+def remove_path(path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+# Copied from train_dopsd_lora.atomic_output
+@contextmanager
+def atomic_output(path):
+    """Write a file or folder under a temporary name and rename it into place once complete: a crash or a full disk
+    never leaves a half-written output, and the previous complete one stays until the new one is whole."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    remove_path(temporary)
+    try:
+        yield temporary
+    except BaseException:
+        remove_path(temporary)
+        raise
+    if path.is_dir() and not path.is_symlink():
+        previous = path.with_name(path.name + ".old")
+        remove_path(previous)
+        os.replace(path, previous)
+        os.replace(temporary, path)
+        remove_path(previous)
+    else:
+        os.replace(temporary, path)
+
+
+# Copied from train_dopsd_lora.list_checkpoints
+def list_checkpoints(output_dir):
+    """Complete checkpoints, oldest first (a checkpoint-N.tmp being written is not one)."""
+    return sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()),
+                  key=lambda p: int(p.name.split("-", 1)[1]))
+
+
 # Copied from train_dopsd_lora.prune_checkpoints
 def prune_checkpoints(output_dir, limit):
-    """Keep the newest `limit - 1` checkpoints, making room for the one about to be saved."""
-    checkpoints = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[1].isdigit()),
-                         key=lambda p: int(p.name.split("-")[1]))
-    for old in checkpoints[: max(0, len(checkpoints) - limit + 1)]:
+    """Keep the newest `limit` checkpoints."""
+    for old in list_checkpoints(output_dir)[: max(0, len(list_checkpoints(output_dir)) - limit)]:
         logger.info(f"removing old checkpoint {old}")
         shutil.rmtree(old)
+
+
+# Copied from train_dopsd_lora.save_checkpoint
+def save_checkpoint(accelerator, args, global_step, noise_generator):
+    """accelerate state (model hooks, optimizer, lr scheduler, RNGs) + the roll-out noise generator, written to
+    checkpoint-N.tmp and renamed when every process is done. Old checkpoints are pruned only after that."""
+    final = Path(args.output_dir) / f"checkpoint-{global_step}"
+    temporary = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        remove_path(temporary)
+    accelerator.wait_for_everyone()
+    error = None
+    try:
+        accelerator.save_state(str(temporary))
+        save_file({"state": noise_generator.get_state()},
+                  temporary / f"rollout_noise_{accelerator.process_index}.safetensors")
+    except OSError as caught:
+        error = caught
+    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "max")
+    if failed.item() > 0:
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+        previous = list_checkpoints(args.output_dir)
+        kept = f"{previous[-1].name} is intact" if previous else "no earlier checkpoint exists"
+        reason = error.strerror if error is not None and error.strerror else "on another process"
+        raise UserError(f"could not write {final.name} ({reason}); {kept}. Free disk space and resume with"
+                        " --resume_from_checkpoint latest")
+    if accelerator.is_main_process:
+        remove_path(final)
+        os.replace(temporary, final)
+        if args.checkpoints_total_limit is not None:
+            prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+    logger.info(f"saved {final}")
+
+
+# Copied from train_dopsd_lora.load_checkpoint
+def load_checkpoint(accelerator, path, noise_generator):
+    """Restore everything save_checkpoint wrote; a checkpoint of another model or LoRA shape is a user error."""
+    try:
+        accelerator.load_state(str(path))
+        saved_noise = load_file(Path(path) / f"rollout_noise_{accelerator.process_index}.safetensors")
+    except UserError:
+        raise
+    except (RuntimeError, ValueError, KeyError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot resume from {path}: it does not fit this model, LoRA or number of processes"
+                        f" ({first_line[:200]})") from None
+    noise_generator.set_state(saved_noise["state"])
+
+
+# Copied from train_dopsd_lora.resume_command
+def resume_command():
+    """The command line that continues this run from its latest checkpoint."""
+    argv = sys.argv[1:]
+    if "--resume_from_checkpoint" in argv:
+        index = argv.index("--resume_from_checkpoint")
+        argv = argv[:index] + argv[index + 2:]
+    argv = [a for a in argv if not a.startswith("--resume_from_checkpoint=")]
+    launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"
+    return shlex.join([*launcher.split(), sys.argv[0], *argv, "--resume_from_checkpoint", "latest"])
+
+
+# Copied from train_dopsd_lora.StopRequest
+class StopRequest:
+    """SIGINT / SIGTERM (Ctrl-C, a notebook's stop button, preemption) ask the loop to stop at the next step
+    boundary with a checkpoint. A second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+
+    def handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signum, self.previous[signum])
+        logger.warning(f"{signal.Signals(signum).name} received: stopping with a checkpoint after this step"
+                       " (send it again to stop at once)", main_process_only=False)
+
+    def agreed(self, accelerator):
+        """True on every process once any process was asked to stop."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=accelerator.device)
+        return accelerator.reduce(flag, "max").item() > 0
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 # Copied from train_dopsd_lora.find_resume_checkpoint
@@ -1260,8 +1390,7 @@ def find_resume_checkpoint(args):
         if not path.is_dir():
             raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist")
         return path
-    checkpoints = sorted((p for p in Path(args.output_dir).glob("checkpoint-*") if p.name.split("-")[1].isdigit()),
-                         key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = list_checkpoints(args.output_dir)
     if not checkpoints:
         logger.info("no checkpoint to resume from: starting a new run")
         return None
@@ -1298,8 +1427,8 @@ def setup(args):
     set_seed(args.seed, device_specific=True)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU has no bf16: use --mixed_precision fp16 (trained with a gradient scaler)")
 
     if accelerator.distributed_type == DistributedType.FSDP:
         raise UserError("FSDP shards the parameters that the EMA teacher swaps in; use DDP or DeepSpeed ZeRO-2"
@@ -1309,6 +1438,15 @@ def setup(args):
     args.validation_inference_steps = args.validation_inference_steps or family.default_validation_steps
     if args.resolution % family.resolution_multiple:
         raise UserError(f"--resolution must be a multiple of {family.resolution_multiple} for {family.name}")
+    if accelerator.is_main_process:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(Path(args.output_dir) / ".write-test", "w") as probe:
+                probe.write("ok")
+            os.remove(Path(args.output_dir) / ".write-test")
+        except OSError as error:
+            raise UserError(f"cannot write to --output_dir {args.output_dir}: {error.strerror}") from None
+    accelerator.wait_for_everyone()
     return accelerator, family, examples, resume_path
 
 
@@ -1373,10 +1511,12 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
 
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    # Roll-out noise has its own generator, saved in every checkpoint, so a resumed run draws the same noise.
+    noise_generator = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
     global_step, first_epoch, skip_batches = 0, 0, 0
     if resume_path is not None:
         logger.info(f"resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
+        load_checkpoint(accelerator, resume_path, noise_generator)
         global_step = int(resume_path.name.split("-")[1])
         first_epoch = global_step // updates_per_epoch
         skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
@@ -1386,7 +1526,8 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     transformer.train()
-    images = {}
+    images, bad_steps = {}, 0
+    stop = StopRequest()
     for epoch in range(first_epoch, num_epochs):
         batch_sampler.set_epoch(epoch)
         epoch_batches = dataloader
@@ -1396,30 +1537,53 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
         for batch in epoch_batches:
             with accelerator.accumulate(transformer):
                 loss, _ = dopsd_step(family, transformer, teacher_model, ema_teacher, batch, args, accelerator,
+                                     noise_generator,
                                      backward_per_step=accelerator.distributed_type != DistributedType.DEEPSPEED)
+                finite = True
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
+                    grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                    # fp16's gradient scaler skips overflowing steps itself; DeepSpeed returns no norm.
+                    if grad_norm is not None and accelerator.scaler is None:
+                        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
+                if finite:
+                    optimizer.step()
+                    lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
-            ema_teacher.update()
             global_step += 1
             progress.update(1)
-            logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(**logs)
-            accelerator.log(logs, step=global_step)
+            if finite:
+                ema_teacher.update()
+                bad_steps = 0
+                logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+                progress.set_postfix(**logs)
+                accelerator.log(logs, step=global_step)
+            else:
+                bad_steps += 1
+                logger.warning(f"step {global_step}: non-finite loss or gradients (loss {loss.item()}); the update"
+                               f" was skipped ({bad_steps} in a row)")
+                if bad_steps >= args.max_bad_steps:
+                    save_checkpoint(accelerator, args, global_step, noise_generator)
+                    raise UserError(f"stopped at step {global_step} after {bad_steps} consecutive non-finite steps:"
+                                    " lower --learning_rate, or use --mixed_precision bf16 instead of fp16."
+                                    f" checkpoint-{global_step} holds the last good weights")
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-                    prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
-                accelerator.save_state(str(Path(args.output_dir) / f"checkpoint-{global_step}"))
+                save_checkpoint(accelerator, args, global_step, noise_generator)
             if accelerator.is_main_process and (global_step % args.validation_steps == 0
                                                 or global_step == args.max_train_steps):
                 images, _ = log_validation(family, teacher_model, ema_teacher, validation, args, accelerator,
                                            global_step)
+            if global_step < args.max_train_steps and stop.agreed(accelerator):
+                if global_step % args.checkpointing_steps:
+                    save_checkpoint(accelerator, args, global_step, noise_generator)
+                logger.warning(f"stopped at step {global_step}; checkpoint-{global_step} is saved. To continue:\n"
+                               f"  {resume_command()}")
+                accelerator.end_training()
+                sys.exit(0)
             if global_step >= args.max_train_steps:
                 break
+    stop.restore()
     accelerator.wait_for_everyone()
     return transformer, images
 
@@ -1483,11 +1647,12 @@ def main(args):
     def save_outputs():
         model = accelerator.unwrap_model(transformer)
         model.to(family.weight_dtype)  # the precision the stock pipeline loads
-        model.save_pretrained(Path(args.output_dir) / "transformer")
+        with atomic_output(Path(args.output_dir) / "transformer") as temporary:
+            model.save_pretrained(temporary)
         logger.info(f"saved {Path(args.output_dir) / 'transformer'}")
         if args.save_ema:
-            with ema_teacher.swapped_in():
-                model.save_pretrained(Path(args.output_dir) / "transformer_ema")
+            with ema_teacher.swapped_in(), atomic_output(Path(args.output_dir) / "transformer_ema") as temporary:
+                model.save_pretrained(temporary)
         repo_id = hub_repo_id(args)
         if args.push_to_hub:
             save_model_card(args, family, repo_id, images)
