@@ -814,7 +814,9 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         for index, example in enumerate(examples):
             self.groups.setdefault(example.bucket, []).extend([index] * repeats)
 
-    def set_epoch(self, epoch):
+    def start_epoch(self, epoch):
+        # Not named set_epoch: accelerate would call that with its own per-loader iteration count, which restarts
+        # at 0 for the loader of a resumed run and would change the order.
         self.epoch = epoch
 
     def batches(self):
@@ -1528,62 +1530,65 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
     transformer.train()
     images, bad_steps = {}, 0
     stop = StopRequest()
-    for epoch in range(first_epoch, num_epochs):
-        batch_sampler.set_epoch(epoch)
-        epoch_batches = dataloader
-        if skip_batches:
-            epoch_batches = accelerator.skip_first_batches(dataloader, skip_batches)
-            skip_batches = 0
-        for batch in epoch_batches:
-            with accelerator.accumulate(transformer):
-                loss, _ = dopsd_step(family, transformer, teacher_model, ema_teacher, batch, args, accelerator,
-                                     noise_generator,
-                                     backward_per_step=accelerator.distributed_type != DistributedType.DEEPSPEED)
-                finite = True
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                    # fp16's gradient scaler skips overflowing steps itself; DeepSpeed returns no norm.
-                    if grad_norm is not None and accelerator.scaler is None:
-                        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
+    try:
+        for epoch in range(first_epoch, num_epochs):
+            batch_sampler.start_epoch(epoch)
+            epoch_batches = dataloader
+            if skip_batches:
+                epoch_batches = accelerator.skip_first_batches(dataloader, skip_batches)
+                skip_batches = 0
+            for batch in epoch_batches:
+                with accelerator.accumulate(transformer):
+                    loss, _ = dopsd_step(family, transformer, teacher_model, ema_teacher, batch, args, accelerator,
+                                         noise_generator,
+                                         backward_per_step=accelerator.distributed_type != DistributedType.DEEPSPEED)
+                    finite = True
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                        # fp16's gradient scaler skips overflowing steps itself; DeepSpeed returns no norm.
+                        if grad_norm is not None and accelerator.scaler is None:
+                            finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
+                    if finite:
+                        optimizer.step()
+                        lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                progress.update(1)
                 if finite:
-                    optimizer.step()
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            progress.update(1)
-            if finite:
-                ema_teacher.update()
-                bad_steps = 0
-                logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
-                progress.set_postfix(**logs)
-                accelerator.log(logs, step=global_step)
-            else:
-                bad_steps += 1
-                logger.warning(f"step {global_step}: non-finite loss or gradients (loss {loss.item()}); the update"
-                               f" was skipped ({bad_steps} in a row)")
-                if bad_steps >= args.max_bad_steps:
+                    ema_teacher.update()
+                    bad_steps = 0
+                    logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+                    progress.set_postfix(**logs)
+                    accelerator.log(logs, step=global_step)
+                else:
+                    bad_steps += 1
+                    logger.warning(f"step {global_step}: non-finite loss or gradients (loss {loss.item()}); the update"
+                                   f" was skipped ({bad_steps} in a row)")
+                    if bad_steps >= args.max_bad_steps:
+                        save_checkpoint(accelerator, args, global_step, noise_generator)
+                        raise UserError(f"stopped at step {global_step} after {bad_steps} consecutive non-finite steps:"
+                                        " lower --learning_rate, or use --mixed_precision bf16 instead of fp16."
+                                        f" checkpoint-{global_step} holds the last good weights")
+                if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
                     save_checkpoint(accelerator, args, global_step, noise_generator)
-                    raise UserError(f"stopped at step {global_step} after {bad_steps} consecutive non-finite steps:"
-                                    " lower --learning_rate, or use --mixed_precision bf16 instead of fp16."
-                                    f" checkpoint-{global_step} holds the last good weights")
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                save_checkpoint(accelerator, args, global_step, noise_generator)
-            if accelerator.is_main_process and (global_step % args.validation_steps == 0
-                                                or global_step == args.max_train_steps):
-                images, _ = log_validation(family, teacher_model, ema_teacher, validation, args, accelerator,
-                                           global_step)
-            if global_step < args.max_train_steps and stop.agreed(accelerator):
-                if global_step % args.checkpointing_steps:
-                    save_checkpoint(accelerator, args, global_step, noise_generator)
-                logger.warning(f"stopped at step {global_step}; checkpoint-{global_step} is saved. To continue:\n"
-                               f"  {resume_command()}")
-                accelerator.end_training()
-                sys.exit(0)
-            if global_step >= args.max_train_steps:
-                break
-    stop.restore()
+                if accelerator.is_main_process and (global_step % args.validation_steps == 0
+                                                    or global_step == args.max_train_steps):
+                    images, _ = log_validation(family, teacher_model, ema_teacher, validation, args, accelerator,
+                                               global_step)
+                if global_step < args.max_train_steps and stop.agreed(accelerator):
+                    if global_step % args.checkpointing_steps:
+                        save_checkpoint(accelerator, args, global_step, noise_generator)
+                    logger.warning(f"stopped at step {global_step}; checkpoint-{global_step} is saved. To continue:\n"
+                                   f"  {resume_command()}")
+                    accelerator.end_training()
+                    sys.exit(0)
+                if global_step >= args.max_train_steps:
+                    break
+    finally:
+        progress.close()
+        stop.restore()
     accelerator.wait_for_everyone()
     return transformer, images
 
