@@ -1487,6 +1487,33 @@ def make_optimizer(args, parameters, accelerator):
                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
+# Copied from train_dopsd_lora.epoch_batches
+def epoch_batches(dataloader, batch_sampler, accelerator, first_epoch, num_epochs, skip_batches):
+    """Training batches from `first_epoch` on, without the `skip_batches` a resumed run has already trained on."""
+    for epoch in range(first_epoch, num_epochs):
+        batch_sampler.start_epoch(epoch)
+        if epoch == first_epoch and skip_batches:
+            yield from accelerator.skip_first_batches(dataloader, skip_batches)
+        else:
+            yield from dataloader
+
+
+# Copied from train_dopsd_lora.optimizer_step
+def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, max_grad_norm, loss):
+    """Clip and step. A step whose loss or gradients are not finite is skipped; returns whether it was applied."""
+    if accelerator.sync_gradients:
+        grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
+        # fp16's gradient scaler skips overflowing steps itself; DeepSpeed returns no norm.
+        if grad_norm is not None and accelerator.scaler is None:
+            if not (torch.isfinite(grad_norm) and torch.isfinite(loss)):
+                optimizer.zero_grad(set_to_none=True)
+                return False
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return True
+
+
 # Copied from train_dopsd_lora.train
 def train(args, accelerator, family, transformer, optimizer, ema_teacher, examples, store, validation, resume_path,
           project_name):
@@ -1506,6 +1533,7 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
     transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader,
                                                                            lr_scheduler)
     teacher_model = accelerator.unwrap_model(transformer)
+    backward_per_step = accelerator.distributed_type != DistributedType.DEEPSPEED
 
     if accelerator.is_main_process and args.report_to != "none":
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
@@ -1515,77 +1543,59 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
     # Roll-out noise has its own generator, saved in every checkpoint, so a resumed run draws the same noise.
     noise_generator = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
-    global_step, first_epoch, skip_batches = 0, 0, 0
+    global_step = 0
     if resume_path is not None:
         logger.info(f"resuming from {resume_path}")
         load_checkpoint(accelerator, resume_path, noise_generator)
         global_step = int(resume_path.name.split("-")[1])
-        first_epoch = global_step // updates_per_epoch
-        skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    batches = epoch_batches(dataloader, batch_sampler, accelerator, global_step // updates_per_epoch, num_epochs,
+                            (global_step % updates_per_epoch) * args.gradient_accumulation_steps)
 
     logger.info(f"{family.name}: {len(examples)} examples, {args.max_train_steps} steps, K={args.rollout_steps},"
                 f" teacher={family.teacher_context}, loss={args.loss_space}, lr={args.learning_rate}")
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     transformer.train()
-    images, bad_steps = {}, 0
-    stop = StopRequest()
+    images, bad_steps, stop = {}, 0, StopRequest()
     try:
-        for epoch in range(first_epoch, num_epochs):
-            batch_sampler.start_epoch(epoch)
-            epoch_batches = dataloader
-            if skip_batches:
-                epoch_batches = accelerator.skip_first_batches(dataloader, skip_batches)
-                skip_batches = 0
-            for batch in epoch_batches:
-                with accelerator.accumulate(transformer):
-                    loss, _ = dopsd_step(family, transformer, teacher_model, ema_teacher, batch, args, accelerator,
-                                         noise_generator,
-                                         backward_per_step=accelerator.distributed_type != DistributedType.DEEPSPEED)
-                    finite = True
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                        # fp16's gradient scaler skips overflowing steps itself; DeepSpeed returns no norm.
-                        if grad_norm is not None and accelerator.scaler is None:
-                            finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
-                    if finite:
-                        optimizer.step()
-                        lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if not accelerator.sync_gradients:
-                    continue
-                global_step += 1
-                progress.update(1)
-                if finite:
-                    ema_teacher.update()
-                    bad_steps = 0
-                    logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
-                    progress.set_postfix(**logs)
-                    accelerator.log(logs, step=global_step)
-                else:
-                    bad_steps += 1
-                    logger.warning(f"step {global_step}: non-finite loss or gradients (loss {loss.item()}); the update"
-                                   f" was skipped ({bad_steps} in a row)")
-                    if bad_steps >= args.max_bad_steps:
-                        save_checkpoint(accelerator, args, global_step, noise_generator)
-                        raise UserError(f"stopped at step {global_step} after {bad_steps} consecutive non-finite steps:"
-                                        " lower --learning_rate, or use --mixed_precision bf16 instead of fp16."
-                                        f" checkpoint-{global_step} holds the last good weights")
-                if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+        for batch in batches:
+            with accelerator.accumulate(transformer):
+                loss, _ = dopsd_step(family, transformer, teacher_model, ema_teacher, batch, args, accelerator,
+                                     noise_generator, backward_per_step)
+                applied = optimizer_step(accelerator, optimizer, lr_scheduler, trainable, args.max_grad_norm, loss)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            if applied:
+                ema_teacher.update()
+                bad_steps = 0
+                logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+                progress.set_postfix(**logs)
+                accelerator.log(logs, step=global_step)
+            else:
+                bad_steps += 1
+                logger.warning(f"step {global_step}: non-finite loss or gradients (loss {loss.item()}); the update"
+                               f" was skipped ({bad_steps} in a row)")
+            last = global_step >= args.max_train_steps
+            if global_step % args.checkpointing_steps == 0 or last or bad_steps >= args.max_bad_steps:
+                save_checkpoint(accelerator, args, global_step, noise_generator)
+            if bad_steps >= args.max_bad_steps:
+                raise UserError(f"stopped at step {global_step} after {bad_steps} consecutive non-finite steps:"
+                                " lower --learning_rate, or use --mixed_precision bf16 instead of fp16."
+                                f" checkpoint-{global_step} holds the last good weights")
+            if accelerator.is_main_process and (global_step % args.validation_steps == 0 or last):
+                images, _ = log_validation(family, teacher_model, ema_teacher, validation, args, accelerator,
+                                           global_step)
+            if last:
+                break
+            if stop.agreed(accelerator):
+                if global_step % args.checkpointing_steps:
                     save_checkpoint(accelerator, args, global_step, noise_generator)
-                if accelerator.is_main_process and (global_step % args.validation_steps == 0
-                                                    or global_step == args.max_train_steps):
-                    images, _ = log_validation(family, teacher_model, ema_teacher, validation, args, accelerator,
-                                               global_step)
-                if global_step < args.max_train_steps and stop.agreed(accelerator):
-                    if global_step % args.checkpointing_steps:
-                        save_checkpoint(accelerator, args, global_step, noise_generator)
-                    logger.warning(f"stopped at step {global_step}; checkpoint-{global_step} is saved. To continue:\n"
-                                   f"  {resume_command()}")
-                    accelerator.end_training()
-                    sys.exit(0)
-                if global_step >= args.max_train_steps:
-                    break
+                logger.warning(f"stopped at step {global_step}; checkpoint-{global_step} is saved. To continue:\n"
+                               f"  {resume_command()}")
+                accelerator.end_training()
+                sys.exit(0)
     finally:
         progress.close()
         stop.restore()
