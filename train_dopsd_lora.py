@@ -195,6 +195,10 @@ def add_common_arguments(parser):
     group.add_argument("--gradient_checkpointing", action="store_true")
     group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     group.add_argument("--allow_tf32", action="store_true")
+    group.add_argument("--attention_backend", type=str, default=None, help="diffusers attention backend, e.g."
+                       " flash, _flash_3, native (default: PyTorch SDPA).")
+    group.add_argument("--compile", action="store_true", help="torch.compile the transformer's repeated blocks"
+                       " (the teacher's weight swap does not cause recompiles).")
 
     group = parser.add_argument_group("checkpoints")
     group.add_argument("--checkpointing_steps", type=int, default=500)
@@ -355,7 +359,8 @@ class ModelFamily:
     teacher_contexts = ()
     resolution_multiple = 16
 
-    def __init__(self, args, weight_dtype, device):
+    def __init__(self, args, weight_dtype, device, pipeline=None):
+        """Load the pipeline named by the arguments, or wrap one built in code (the benchmark's random weights)."""
         self.args = args
         self.weight_dtype = weight_dtype
         self.device = device
@@ -363,23 +368,31 @@ class ModelFamily:
         if self.teacher_context not in self.teacher_contexts:
             raise UserError(f"--teacher_context {self.teacher_context} is not available for {self.name}"
                             f" (choose from {', '.join(self.teacher_contexts)})")
-        try:
-            self.pipeline = self.pipeline_class.from_pretrained(
-                args.pretrained_model_name_or_path,
-                revision=args.revision,
-                variant=args.variant,
-                dtype=weight_dtype,
-                cache_dir=args.cache_dir,
-            )
-        except Exception as error:
-            raise UserError(f"cannot load {args.pretrained_model_name_or_path} as {self.name}: {error}") from None
+        if pipeline is None:
+            try:
+                pipeline = self.pipeline_class.from_pretrained(
+                    args.pretrained_model_name_or_path,
+                    revision=args.revision,
+                    variant=args.variant,
+                    dtype=weight_dtype,
+                    cache_dir=args.cache_dir,
+                )
+            except Exception as error:
+                raise UserError(f"cannot load {args.pretrained_model_name_or_path} as {self.name}: {error}") from None
+        self.pipeline = pipeline
         self.pipeline.set_progress_bar_config(disable=True)
         self.transformer = self.pipeline.transformer
         self.scheduler = self.pipeline.scheduler
         self.vlm = None
-        self.pipeline.text_encoder.to(device).requires_grad_(False).eval()
-        self.pipeline.vae.to(device).requires_grad_(False).eval()
+        for module in (self.pipeline.text_encoder, self.pipeline.vae):
+            if module is not None:
+                module.to(device).requires_grad_(False).eval()
         self.transformer.requires_grad_(False)
+        if args.attention_backend is not None:
+            try:
+                self.transformer.set_attention_backend(args.attention_backend)
+            except Exception as error:
+                raise UserError(f"--attention_backend {args.attention_backend}: {error}") from None
 
     # -- loading -------------------------------------------------------------------------------------------------
     def load_teacher_vlm(self):
@@ -445,8 +458,8 @@ class ZImageTurbo(ModelFamily):
     teacher_contexts = ("vlm",)
     max_sequence_length = 512
 
-    def __init__(self, args, weight_dtype, device):
-        super().__init__(args, weight_dtype, device)
+    def __init__(self, args, weight_dtype, device, pipeline=None):
+        super().__init__(args, weight_dtype, device, pipeline)
         # Caption positions run 1..padded length and the image starts after them on the same RoPE axis, so the
         # teacher context is capped below the transformer's first axis length (1024 -> 992), and at 1024 (SPEC §3).
         axis_length = self.transformer.config.axes_lens[0]
@@ -1495,6 +1508,8 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
     transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader,
                                                                            lr_scheduler)
     teacher_model = accelerator.unwrap_model(transformer)
+    if args.compile:
+        teacher_model.compile_repeated_blocks()
     backward_per_step = accelerator.distributed_type != DistributedType.DEEPSPEED
 
     if accelerator.is_main_process and args.report_to != "none":
