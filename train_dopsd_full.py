@@ -141,7 +141,7 @@ def add_common_arguments(parser):
     group = parser.add_argument_group("data")
     group.add_argument("--instance_data_dir", type=str, default=None, help="Folder of images with same-name .txt"
                        " captions (one caption variant per line) or a metadata.jsonl with file_name/text.")
-    group.add_argument("--dataset_name", type=str, default=None, help="Hugging Face dataset id or local dataset folder.")
+    group.add_argument("--dataset_name", type=str, default=None, help="Hugging Face dataset id or local folder.")
     group.add_argument("--dataset_config_name", type=str, default=None)
     group.add_argument("--image_column", type=str, default="image")
     group.add_argument("--caption_column", type=str, default=None, help="Dataset column with captions.")
@@ -172,9 +172,10 @@ def add_common_arguments(parser):
     group.add_argument("--max_train_steps", type=int, default=2000)
     group.add_argument("--learning_rate", type=float, default=None, help="LoRA default: 1e-4 (Z-Image), 2e-5"
                        " (FLUX.2-klein); full fine-tuning: a tenth of that.")
-    group.add_argument("--scale_lr", action="store_true", help="Scale the learning rate by accumulation x batch x GPUs.")
-    group.add_argument("--lr_scheduler", type=str, default="constant", help='One of "linear", "cosine",'
-                       ' "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".')
+    group.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by accumulation x"
+                       " batch x GPUs.")
+    group.add_argument("--lr_scheduler", type=str, default="constant", help="linear, cosine, cosine_with_restarts,"
+                       " polynomial, constant or constant_with_warmup.")
     group.add_argument("--lr_warmup_steps", type=int, default=0)
     group.add_argument("--lr_num_cycles", type=int, default=1)
     group.add_argument("--lr_power", type=float, default=1.0)
@@ -1227,7 +1228,8 @@ import torch
 from diffusers import {pipeline_class}, {transformer_class}
 
 transformer = {transformer_class}.from_pretrained("{repo_id}", subfolder="transformer", torch_dtype=torch.bfloat16)
-pipe = {pipeline_class}.from_pretrained("{args.pretrained_model_name_or_path}", transformer=transformer, torch_dtype=torch.bfloat16).to("cuda")
+pipe = {pipeline_class}.from_pretrained("{args.pretrained_model_name_or_path}", transformer=transformer,
+                                     torch_dtype=torch.bfloat16).to("cuda")
 image = pipe("your prompt", num_inference_steps={args.validation_inference_steps}, guidance_scale={guidance}).images[0]
 ```
 {"The EMA teacher's weights are in `transformer_ema/`." if args.save_ema else ""}
@@ -1442,7 +1444,8 @@ def setup(args):
     set_seed(args.seed, device_specific=True)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    cuda = accelerator.device.type == "cuda"
+    if accelerator.mixed_precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise UserError("this GPU has no bf16: use --mixed_precision fp16 (trained with a gradient scaler)")
 
     if accelerator.distributed_type == DistributedType.FSDP:

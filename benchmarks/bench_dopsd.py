@@ -226,7 +226,8 @@ def bench_model(name, args, device, accelerator):
 
 
 def markdown(rows):
-    lines = ["| model | device | res | K | ckpt | SFT step s | iteration s | ratio (target ≤ 1.25K) | TFLOP/s | peak GiB |",
+    lines = ["| model | device | res | K | ckpt | SFT step s | iteration s | ratio (target ≤ 1.25K) | TFLOP/s"
+             " | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = "n/a" if r["peak_memory_GiB"] is None else r["peak_memory_GiB"]

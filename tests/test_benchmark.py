@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import ROOT, TINY_ZIMAGE, add_random_lora, load_family, lora_script as script
+from conftest import TINY_ZIMAGE, add_random_lora, load_family, lora_script as script
 
 import benchmarks.bench_dopsd as bench
 

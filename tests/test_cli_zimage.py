@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import CONCEPT, TINY_KLEIN, TINY_ZIMAGE, lora_script as script, run_script, script_args
+from conftest import CONCEPT, TINY_ZIMAGE, lora_script as script, run_script, script_args
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file

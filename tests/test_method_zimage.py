@@ -125,7 +125,8 @@ def test_ema_teacher_is_the_closed_form_ema():
     n = len(history) - 1
     for i, shadow in enumerate(ema.shadow):
         # theta_bar_n = d^n theta_0 + sum_{j=1..n} (1 - d) d^(n-j) theta_j
-        expected = decay**n * history[0][i] + sum((1 - decay) * decay ** (n - j) * history[j][i] for j in range(1, n + 1))
+        expected = decay**n * history[0][i] + sum((1 - decay) * decay ** (n - j) * history[j][i]
+                                                  for j in range(1, n + 1))
         torch.testing.assert_close(shadow, expected)
         torch.testing.assert_close(frozen.shadow[i], history[0][i])
 

@@ -15,11 +15,9 @@ Shapes follow the real models where the trainer depends on them (SPEC §7):
 """
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
