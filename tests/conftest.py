@@ -3,6 +3,7 @@
 Everything runs on the CPU in float32 on the tiny random models under examples/tiny (no network, no downloads).
 """
 
+import logging
 import os
 import subprocess
 import sys
@@ -63,6 +64,39 @@ def add_random_lora(transformer, args, script=lora_script, seed=0):
             if "lora_B" in name:
                 parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
     return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def load_lora_into_pipeline(pipe, folder):
+    """Load a trained LoRA the way users do; assert diffusers warned about nothing and every saved key was applied."""
+    from safetensors.torch import load_file
+
+    records = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        pipe.load_lora_weights(folder)
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
+    saved = load_file(Path(folder) / lora_script.LORA_WEIGHT_NAME)
+    loaded = lora_script.get_peft_model_state_dict(pipe.transformer, adapter_name=pipe.get_active_adapters()[0])
+    assert {k.removeprefix("transformer.") for k in saved} == set(loaded)
+    return saved
+
+
+def student_and_differing_teacher(family, args, accelerator):
+    """Cached contexts, a non-zero LoRA student and an EMA teacher nudged away from it (so the loss is not ~0)."""
+    examples = lora_script.collect_examples(args, family.resolution_multiple)
+    store = lora_script.ContextStore(family, args, examples, accelerator)
+    store.fill()
+    lora = add_random_lora(family.transformer, args)
+    ema = lora_script.EMATeacher([(n, p) for n, p in family.transformer.named_parameters() if p.requires_grad],
+                                 0.9999)
+    with torch.no_grad():
+        for shadow in ema.shadow:
+            shadow.add_(0.02 * torch.randn_like(shadow))
+    return store, lora, ema
 
 
 def train_in_process(family, args, examples, accelerator, steps, learning_rate, script=lora_script):

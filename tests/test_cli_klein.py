@@ -1,11 +1,9 @@
 """End to end on the tiny FLUX.2-klein with both teacher kinds: the LoRA loads in the stock pipeline and changes it."""
 
-import logging
 
 import pytest
 import torch
-from conftest import TINY_KLEIN, lora_script as script, run_script, script_args
-from safetensors.torch import load_file
+from conftest import load_lora_into_pipeline, TINY_KLEIN, run_script, script_args
 
 from diffusers import Flux2KleinPipeline
 
@@ -26,18 +24,7 @@ def test_klein_lora_trains_loads_and_changes_images(tmp_path, teacher):
                     output_type="np", generator=torch.Generator().manual_seed(0)).images
 
     before = generate()
-    records = []
-    handler = logging.Handler(level=logging.WARNING)
-    handler.emit = records.append
-    logging.getLogger("diffusers").addHandler(handler)
-    try:
-        pipe.load_lora_weights(tmp_path)
-    finally:
-        logging.getLogger("diffusers").removeHandler(handler)
-    assert [r.getMessage() for r in records] == []
-    saved = load_file(tmp_path / script.LORA_WEIGHT_NAME)
-    loaded = script.get_peft_model_state_dict(pipe.transformer, adapter_name=pipe.get_active_adapters()[0])
-    assert {k.removeprefix("transformer.") for k in saved} == set(loaded)
+    saved = load_lora_into_pipeline(pipe, tmp_path)
     assert any("single_transformer_blocks.0.attn.to_out" in k for k in saved)
     assert any("ff_context.linear_in" in k for k in saved)
     assert abs(generate() - before).max() > 1e-4

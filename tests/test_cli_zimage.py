@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import CONCEPT, TINY_ZIMAGE, lora_script as script, run_script, script_args
+from conftest import load_lora_into_pipeline, CONCEPT, TINY_ZIMAGE, lora_script as script, run_script, script_args
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -67,18 +67,7 @@ def test_lora_loads_in_the_stock_pipeline_and_changes_its_images(trained):
                     output_type="np", generator=torch.Generator().manual_seed(0)).images
 
     before = generate()
-    records = []
-    handler = logging.Handler(level=logging.WARNING)
-    handler.emit = records.append
-    logging.getLogger("diffusers").addHandler(handler)
-    try:
-        pipe.load_lora_weights(output_dir)
-    finally:
-        logging.getLogger("diffusers").removeHandler(handler)
-    assert [r.getMessage() for r in records] == []
-    saved = load_file(output_dir / script.LORA_WEIGHT_NAME)
-    loaded = script.get_peft_model_state_dict(pipe.transformer, adapter_name=pipe.get_active_adapters()[0])
-    assert {k.removeprefix("transformer.") for k in saved} == set(loaded)
+    load_lora_into_pipeline(pipe, output_dir)
     # rank 8, alpha 16 travel in the file's metadata: the pipeline scales the LoRA by 2, as in training
     with safe_open(output_dir / script.LORA_WEIGHT_NAME, "pt") as f:
         metadata = json.loads(f.metadata()["lora_adapter_metadata"])

@@ -3,7 +3,8 @@
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import TINY_RESOLUTION, TINY_ZIMAGE, add_random_lora, load_family, lora_script as script, train_in_process
+from conftest import (TINY_RESOLUTION, TINY_ZIMAGE, add_random_lora, load_family, lora_script as script,
+                      student_and_differing_teacher, train_in_process)
 
 
 @pytest.fixture(scope="module")
@@ -154,14 +155,7 @@ def test_x0_loss_is_sigma_squared_weighted_velocity_loss():
 
 def test_per_step_backward_gives_the_gradient_of_the_mean(tmp_path, accelerator):
     args, family = load_family(tmp_path)
-    examples = script.collect_examples(args, family.resolution_multiple)
-    store = script.ContextStore(family, args, examples, accelerator)
-    store.fill()
-    lora = add_random_lora(family.transformer, args)
-    ema = script.EMATeacher([(n, p) for n, p in family.transformer.named_parameters() if p.requires_grad], 0.9999)
-    with torch.no_grad():  # a teacher that differs from the student, so the loss is not ~0
-        for shadow in ema.shadow:
-            shadow.add_(0.02 * torch.randn_like(shadow))
+    store, lora, ema = student_and_differing_teacher(family, args, accelerator)
     batch = example_batch(family, store)
     loss, _ = script.dopsd_step(family, family.transformer, family.transformer, ema, batch, args, accelerator,
                                 torch.Generator().manual_seed(7))
@@ -226,14 +220,7 @@ def test_copy_swap_for_an_ema_of_another_dtype_restores_the_student_in_place():
 def test_single_backward_mode_gives_the_same_gradient(tmp_path, accelerator):
     """DeepSpeed's one-backward-per-micro-batch arrangement trains exactly what per-step backward trains."""
     args, family = load_family(tmp_path)
-    examples = script.collect_examples(args, family.resolution_multiple)
-    store = script.ContextStore(family, args, examples, accelerator)
-    store.fill()
-    lora = add_random_lora(family.transformer, args)
-    ema = script.EMATeacher([(n, p) for n, p in family.transformer.named_parameters() if p.requires_grad], 0.9999)
-    with torch.no_grad():
-        for shadow in ema.shadow:
-            shadow.add_(0.02 * torch.randn_like(shadow))
+    store, lora, ema = student_and_differing_teacher(family, args, accelerator)
     batch = example_batch(family, store, 2)
     grads, losses = [], []
     for per_step in (True, False):
