@@ -169,6 +169,7 @@ def test_every_bad_input_gets_one_clear_line(tmp_path, capsys, monkeypatch):
             script.run()
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and "Traceback" not in err
+        assert not (tmp_path / "out").exists()  # nothing is written before the input is checked
         return err.splitlines()[-1]
 
     def folder(name, files):
