@@ -313,34 +313,29 @@ class GraftedVLM:
         num_tokens = int(processed["image_grid_thw"].prod()) // (merge * merge)
         return processed, num_tokens
 
+    @staticmethod
+    def user_content(caption, num_image_tokens):
+        """[image, caption]: the image's placeholder tokens first, then the caption (SPEC §3)."""
+        return "<|vision_start|>" + "<|image_pad|>" * num_image_tokens + "<|vision_end|>" + caption
+
     @torch.no_grad()
-    def hidden_states(self, text, image=None, max_length=None):
-        """All hidden states for one chat text whose user turn holds `<|image_pad|>` placeholders for `image`."""
+    def hidden_states(self, text, vision=None, max_length=None):
+        """All hidden states for one chat text; `vision` (from vision_inputs) fills its `<|image_pad|>` tokens."""
         device = self.vlm.device
         padding = {"padding": "max_length", "max_length": max_length, "truncation": True} if max_length else {}
         tokens = self.tokenizer([text], return_tensors="pt", **padding)
         input_ids = tokens.input_ids.to(device)
         attention_mask = tokens.attention_mask.to(device)
-        vision = {}
-        if image is not None:
-            processed, num_tokens = self.vision_inputs(image)
-            if int((input_ids == self.image_token_id).sum()) != num_tokens:
-                raise UserError("the caption is too long for the teacher context: shorten it")
-            vision = {
-                "pixel_values": processed["pixel_values"].to(device, self.vlm.dtype),
-                "image_grid_thw": processed["image_grid_thw"].to(device),
+        image_inputs = {}
+        if vision is not None:
+            image_inputs = {
+                "pixel_values": vision["pixel_values"].to(device, self.vlm.dtype),
+                "image_grid_thw": vision["image_grid_thw"].to(device),
                 "mm_token_type_ids": (input_ids == self.image_token_id).int(),
             }
         output = self.vlm.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                                use_cache=False, **vision)
+                                use_cache=False, **image_inputs)
         return output.hidden_states, attention_mask[0].bool()
-
-    def user_content(self, caption, image):
-        """[image, caption]: image first (SPEC §3)."""
-        if image is None:
-            return caption
-        _, num_tokens = self.vision_inputs(image)
-        return "<|vision_start|>" + "<|image_pad|>" * num_tokens + "<|vision_end|>" + caption
 
 
 class ModelFamily:
@@ -471,13 +466,14 @@ class ZImageTurbo(ModelFamily):
         return {"prompt_embeds": embeds[0].to("cpu", self.weight_dtype)}
 
     def build_teacher_context(self, image, caption):
+        vision, num_image_tokens = self.vlm.vision_inputs(image)
         text = self.pipeline.tokenizer.apply_chat_template(
-            [{"role": "user", "content": self.vlm.user_content(caption, image)}],
+            [{"role": "user", "content": self.vlm.user_content(caption, num_image_tokens)}],
             tokenize=False,
             add_generation_prompt=True,
             enable_thinking=True,
         )
-        hidden_states, mask = self.vlm.hidden_states(text, image)
+        hidden_states, mask = self.vlm.hidden_states(text, vision)
         features = hidden_states[-2][0][mask][: self.max_teacher_tokens]
         return {"prompt_embeds": features.to("cpu", self.weight_dtype)}
 
@@ -568,13 +564,13 @@ class Flux2Klein(ModelFamily):
         }
 
     def vlm_teacher_context(self, image, caption):
+        vision, num_image_tokens = self.vlm.vision_inputs(image)
         text = self.pipeline.tokenizer.apply_chat_template(
-            [{"role": "user", "content": self.vlm.user_content(caption, image)}],
+            [{"role": "user", "content": self.vlm.user_content(caption, num_image_tokens)}],
             tokenize=False, add_generation_prompt=True, enable_thinking=False,
         )
-        # Padded like the student's prompt (the caption keeps its 512-token budget), so all image tokens fit.
-        _, num_image_tokens = self.vlm.vision_inputs(image)
-        hidden_states, _ = self.vlm.hidden_states(text, image, self.max_sequence_length + num_image_tokens)
+        # Padded like the student's prompt (the caption keeps its 512-token budget after the image tokens).
+        hidden_states, _ = self.vlm.hidden_states(text, vision, self.max_sequence_length + num_image_tokens)
         stacked = torch.stack([hidden_states[k] for k in self.args.text_encoder_out_layers], dim=1)[0]
         return {"prompt_embeds": stacked.permute(1, 0, 2).flatten(1).to("cpu", self.weight_dtype)}
 
