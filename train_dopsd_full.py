@@ -887,7 +887,7 @@ class ContextStore:
         return student, teacher
 
     def fill(self):
-        """Compute every missing context (each process takes its share), then free the encoders."""
+        """Compute every missing context; each process takes its share and writes each file atomically."""
         if not self.enabled:
             return
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -194,3 +194,17 @@ def test_local_dataset_folder_is_read_lazily_with_its_columns(tmp_path, capsys, 
         script.run()
     assert exit_info.value.code == 2
     assert "has no column 'caption' (columns: image, text)" in capsys.readouterr().err
+
+
+def test_uncached_contexts_train_exactly_like_cached_ones(tmp_path):
+    """--no-cache_contexts keeps the encoders and computes contexts per batch: same contexts, same LoRA."""
+    runs = {}
+    for flag in ("--cache_contexts", "--no-cache_contexts"):
+        output_dir = tmp_path / flag.strip("-")
+        run_script(script_args(output_dir, TINY_ZIMAGE, "--max_train_steps", 2, "--learning_rate", 1e-3, flag))
+        runs[flag] = load_file(output_dir / script.LORA_WEIGHT_NAME)
+        assert (output_dir / "context_cache").exists() == (flag == "--cache_contexts")
+    cached, uncached = runs.values()
+    assert cached.keys() == uncached.keys()
+    for key in cached:
+        assert torch.equal(cached[key], uncached[key]), key
