@@ -1297,7 +1297,8 @@ def list_checkpoints(output_dir):
 # Copied from train_dopsd_lora.prune_checkpoints
 def prune_checkpoints(output_dir, limit):
     """Keep the newest `limit` checkpoints."""
-    for old in list_checkpoints(output_dir)[: max(0, len(list_checkpoints(output_dir)) - limit)]:
+    checkpoints = list_checkpoints(output_dir)
+    for old in checkpoints[: max(0, len(checkpoints) - limit)]:
         logger.info(f"removing old checkpoint {old}")
         shutil.rmtree(old)
 

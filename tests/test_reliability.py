@@ -227,3 +227,10 @@ def test_weights_are_safetensors_and_nothing_unpickles_unsafely():
         source = (ROOT / name).read_text()
         assert "trust_remote_code" not in source and "torch.load(" not in source and "pickle" not in source
     assert "torch.load(" not in (ROOT / "examples" / "tiny" / "make_tiny_models.py").read_text()
+
+
+def test_checkpoints_total_limit_keeps_the_newest_complete_ones(tmp_path):
+    run_script(script_args(tmp_path, TINY_ZIMAGE, "--max_train_steps", 4, "--checkpointing_steps", 1,
+                           "--checkpoints_total_limit", 2, "--validation_steps", 100))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert all((tmp_path / name / "ema_teacher.safetensors").is_file() for name in ("checkpoint-3", "checkpoint-4"))
