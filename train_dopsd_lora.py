@@ -62,6 +62,7 @@ from diffusers.training_utils import (  # noqa: E402
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card  # noqa: E402
 from peft import LoraConfig, set_peft_model_state_dict  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoConfig, Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration  # noqa: E402
@@ -930,29 +931,49 @@ class EMATeacher:
     It holds a shadow copy of the student's trainable parameters and starts equal to them (zero-initialised LoRA B:
     the teacher starts as the base model). For a teacher pass the shadow is swapped into the student's parameters,
     so one network with one set of modules plays both roles.
+
+    A bf16 shadow is updated with stochastic rounding: at decay 0.9999 one update, (1 - d) * (theta - theta_bar), is
+    far below half a bf16 step, so round-to-nearest would leave the teacher frozen at its start. Rounding up with
+    probability (remainder / step) makes every update count in expectation, keeping bf16's halved memory; an fp32
+    accumulator would cost more memory than the fp32 shadow it replaces. The rounding noise is drawn from a
+    generator seeded by the update count (saved with the shadow), so a resumed run draws the same noise.
     """
 
     FILE_NAME = "ema_teacher.safetensors"
 
-    def __init__(self, named_parameters, decay, device=None, dtype=None):
+    def __init__(self, named_parameters, decay, device=None, dtype=None, seed=0):
         self.names, self.parameters = zip(*named_parameters)
         self.decay = decay
         self.shadow = [p.detach().to(device=device or p.device, dtype=dtype or p.dtype, copy=True)
                        for p in self.parameters]
         self.stash = None  # student copies for the copy-in/copy-out swap, allocated on first use
+        self.seed = seed
+        self.num_updates = 0
 
     @torch.no_grad()
     def update(self):
         students = [p.detach().to(s.device, s.dtype) for p, s in zip(self.parameters, self.shadow)]
-        torch._foreach_lerp_(self.shadow, students, 1.0 - self.decay)
+        weight = 1.0 - self.decay
+        self.num_updates += 1
+        if self.shadow[0].dtype != torch.bfloat16:
+            torch._foreach_lerp_(self.shadow, students, weight)
+            return
+        generator = torch.Generator(self.shadow[0].device).manual_seed(self.seed * 1_000_003 + self.num_updates)
+        for shadow, parameter in zip(self.shadow, self.parameters):  # one tensor at a time: fp32 scratch stays small
+            exact = shadow.float().lerp_(parameter.detach().to(shadow.device, torch.float32), weight)
+            shadow.copy_(stochastic_round_to_bf16(exact, generator))
 
     @contextmanager
     def swapped_in(self):
         """Inside the block the student's parameters hold the teacher's weights.
 
-        Where the shadow has the parameters' device and dtype, the storages are swapped (no copy). Otherwise (a CPU
-        or fp32 EMA) the student is copied out beside the shadow and the teacher copied in, in place, so the
-        accelerator never holds a second copy of the weights.
+        Where the shadow has the parameters' device and dtype, the storages are swapped (no copy). Otherwise (a CPU,
+        bf16 or fp32 EMA) the student is copied out beside the shadow and the teacher copied in, so the accelerator
+        never holds a second copy of the weights. The copies go through `.data`, which autograd does not version:
+        a student graph kept alive across the teacher pass (one backward after the K steps, DeepSpeed's
+        arrangement; or gradient checkpointing's recomputation) would otherwise fail its version check. That is
+        sound because the block runs no backward, and the student's values are restored bit for bit (the stash
+        has the parameters' dtype) before any backward reads them.
         """
         if all(p.device == s.device and p.dtype == s.dtype for p, s in zip(self.parameters, self.shadow)):
             stash = [p.data for p in self.parameters]
@@ -968,18 +989,18 @@ class EMATeacher:
             self.stash = [torch.empty_like(p, device=s.device) for p, s in zip(self.parameters, self.shadow)]
         with torch.no_grad():
             for parameter, shadow, stash in zip(self.parameters, self.shadow, self.stash):
-                stash.copy_(parameter)
-                parameter.copy_(shadow)
+                stash.copy_(parameter.data)
+                parameter.data.copy_(shadow)
         try:
             yield
         finally:
             with torch.no_grad():
                 for parameter, stash in zip(self.parameters, self.stash):
-                    parameter.copy_(stash)
+                    parameter.data.copy_(stash)
 
     def save(self, folder):
         save_file({name: s.detach().cpu().contiguous() for name, s in zip(self.names, self.shadow)},
-                  Path(folder) / self.FILE_NAME)
+                  Path(folder) / self.FILE_NAME, metadata={"num_updates": str(self.num_updates)})
 
     @torch.no_grad()
     def load(self, folder):
@@ -988,6 +1009,18 @@ class EMATeacher:
             raise UserError(f"the EMA teacher in {folder} does not fit this model/LoRA configuration")
         for name, shadow in zip(self.names, self.shadow):
             shadow.copy_(saved[name])
+        with safe_open(Path(folder) / self.FILE_NAME, "pt") as file:
+            self.num_updates = int((file.metadata() or {}).get("num_updates", 0))
+
+
+def stochastic_round_to_bf16(values, generator):
+    """fp32 -> bf16, rounding each value up (in magnitude) with probability equal to the dropped fraction: unbiased.
+
+    bf16 is the top half of fp32's bits; adding uniform random low bits before truncating carries into the kept
+    half exactly that often."""
+    bits = values.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, values.shape, generator=generator, device=values.device, dtype=torch.int32)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
 def to_x0(latents, velocity, sigma):
