@@ -17,6 +17,7 @@ small class per family; the rest of the file only calls its methods.
 """
 
 import argparse
+import fcntl
 import hashlib
 import json
 import logging
@@ -43,7 +44,14 @@ import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed  # noqa: E402
+from accelerate.utils import (  # noqa: E402
+    DistributedDataParallelKwargs,
+    DistributedType,
+    ProjectConfiguration,
+    is_tensorboard_available,
+    is_wandb_available,
+    set_seed,
+)
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, ZImagePipeline  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu  # noqa: E402
@@ -62,7 +70,7 @@ from diffusers.training_utils import (  # noqa: E402
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card  # noqa: E402
 from peft import LoraConfig, set_peft_model_state_dict  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
-from safetensors import safe_open  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoConfig, Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration  # noqa: E402
@@ -73,6 +81,7 @@ logger = get_logger(__name__)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 MIN_IMAGE_SIDE = 64  # smaller photos carry too little detail for a ~1 MP teacher context
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 
 
 class UserError(Exception):
@@ -100,6 +109,8 @@ def parse_args(input_args=None):
     check_args(parser, args)
     if args.rank < 1:
         parser.error(f"--rank must be at least 1 (got {args.rank})")
+    if args.lora_alpha < 1:
+        parser.error(f"--lora_alpha must be at least 1 (got {args.lora_alpha})")
     return args
 
 
@@ -180,8 +191,7 @@ def add_common_arguments(parser):
                        " (FLUX.2-klein); full fine-tuning: a tenth of that.")
     group.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by accumulation x"
                        " batch x GPUs.")
-    group.add_argument("--lr_scheduler", type=str, default="constant", help="linear, cosine, cosine_with_restarts,"
-                       " polynomial, constant or constant_with_warmup.")
+    group.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS)
     group.add_argument("--lr_warmup_steps", type=int, default=0)
     group.add_argument("--lr_num_cycles", type=int, default=1)
     group.add_argument("--lr_power", type=float, default=1.0)
@@ -203,8 +213,10 @@ def add_common_arguments(parser):
 
     group = parser.add_argument_group("checkpoints")
     group.add_argument("--checkpointing_steps", type=int, default=500)
-    group.add_argument("--checkpoints_total_limit", type=int, default=None)
+    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest this many.")
     group.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint folder.')
+    group.add_argument("--overwrite_output_dir", action="store_true", help="Start a new run in an --output_dir that"
+                       " holds another run's results: its checkpoints are deleted, its outputs replaced at the end.")
 
     group = parser.add_argument_group("validation and logging")
     group.add_argument("--validation_prompt", type=str, action="append", default=None, help="Repeatable.")
@@ -212,7 +224,7 @@ def add_common_arguments(parser):
     group.add_argument("--validation_inference_steps", type=int, default=None, help="Default: 8 (Z-Image-Turbo),"
                        " 4 (FLUX.2-klein).")
     group.add_argument("--num_validation_images", type=int, default=1)
-    group.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb" or "none".')
+    group.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "none"])
     group.add_argument("--logging_dir", type=str, default="logs")
 
     group = parser.add_argument_group("Hugging Face Hub")
@@ -238,6 +250,30 @@ def check_args(parser, args):
         parser.error(f"--resolution {args.resolution} is too small: use at least {MIN_IMAGE_SIDE}")
     if os.path.isfile(args.output_dir):
         parser.error(f"--output_dir {args.output_dir} is a file; give a folder")
+    # `not x > 0` also catches NaN. A zero learning rate would silently train at the default; a clipping norm <= 0
+    # zeroes or reverses every update.
+    for name in ("learning_rate", "max_grad_norm", "lr_power"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name} must be positive (got {value})")
+    for name in ("lr_warmup_steps", "adam_weight_decay", "adam_epsilon"):
+        if not getattr(args, name) >= 0:
+            parser.error(f"--{name} must not be negative (got {getattr(args, name)})")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            parser.error(f"--{name} must lie in [0, 1) (got {getattr(args, name)})")
+    if args.lr_num_cycles < 1:
+        parser.error(f"--lr_num_cycles must be at least 1 (got {args.lr_num_cycles})")
+    if not 0 <= args.seed < 2**31:
+        parser.error(f"--seed must lie in [0, 2^31) (got {args.seed})")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error(f"--checkpoints_total_limit must be at least 1 (got {args.checkpoints_total_limit}); leave it"
+                     " out to keep every checkpoint")
+    if args.report_to == "tensorboard" and not is_tensorboard_available():
+        parser.error("--report_to tensorboard needs the tensorboard package: pip install tensorboard, or pass"
+                     " --report_to none")
+    if args.report_to == "wandb" and not is_wandb_available():
+        parser.error("--report_to wandb needs the wandb package: pip install wandb, or pass --report_to none")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -884,8 +920,18 @@ class ContextStore:
             tensors = {f"student.{k}": v.contiguous() for k, v in student.items()}
             tensors.update({f"teacher.{k}": v.contiguous() for k, v in teacher.items()})
             path = self.path(example)
-            save_file(tensors, f"{path}.tmp")
-            os.replace(f"{path}.tmp", path)
+            temporary = Path(f"{path}.tmp")
+            try:
+                save_file(tensors, temporary)
+            except Exception as error:
+                reason = write_failure(error, temporary)
+                remove_path(temporary)
+                if reason is None:
+                    raise
+                raise UserError(f"could not write the context cache in {self.folder} ({reason}): free disk space and"
+                                " rerun the same command (contexts cached so far are kept)") from None
+            follow_umask(temporary)
+            os.replace(temporary, path)
         accelerator.wait_for_everyone()
         logger.info(f"contexts cached for {len(self.examples)} examples ({len(todo)} new, computed by"
                     f" {accelerator.num_processes} process(es)) in {self.folder}")
@@ -1235,7 +1281,7 @@ image = pipe(prompt, num_inference_steps={args.validation_inference_steps}, guid
         populate_model_card(card, tags=tags).save(temporary)
 
 
-HUB_IGNORE = ["checkpoint-*", "checkpoint-*/*", "context_cache/*", "logs/*", "*.tmp"]
+HUB_IGNORE = ["checkpoint-*", "checkpoint-*/*", "context_cache/*", "logs/*", "*.tmp", ".dopsd.lock"]
 
 
 def push_to_hub(args, repo_id):
@@ -1274,6 +1320,52 @@ def remove_path(path):
         path.unlink()
 
 
+LOW_DISK_SPACE = 1 << 20  # bytes; less than this left after a failed write means the disk is full
+
+
+def write_failure(error, path):
+    """Why a write under `path` failed, if `error` is a failed write (full disk, quota, I/O error); None if it is
+    any other error. torch.save raises RuntimeError and safetensors SafetensorError, neither with an errno, so a
+    full disk is recognised by the free space left (the partial file has just used it up)."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    if not isinstance(error, (RuntimeError, SafetensorError)):
+        return None
+    folder = Path(path).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    if shutil.disk_usage(folder).free < LOW_DISK_SPACE:
+        return "No space left on device"
+    message = str(error)
+    if "os error" in message:  # safetensors: "Error while serializing: I/O error: <reason> (os error N)"
+        return message.rsplit("I/O error: ", 1)[-1]
+    return None
+
+
+def current_umask():
+    """The process's umask, read without changing it (os.umask can only set it, which races with other threads)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path):
+    """safetensors creates its files with mode 0600; give every file we wrote the mode the user's umask gives new
+    files, as torch.save and open() do."""
+    mode = 0o666 & ~current_umask()
+    path = Path(path)
+    for file in [path] if not path.is_dir() else path.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, mode)
+
+
 @contextmanager
 def atomic_output(path):
     """Write a file or folder under a temporary name and rename it into place once complete: a crash or a full disk
@@ -1283,9 +1375,15 @@ def atomic_output(path):
     remove_path(temporary)
     try:
         yield temporary
-    except BaseException:
+    except BaseException as error:
+        reason = write_failure(error, temporary) if isinstance(error, Exception) else None
         remove_path(temporary)
-        raise
+        if reason is None:
+            raise
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no partial {path.name} is left"
+        raise UserError(f"could not write {path} ({reason}); {kept}. Free disk space and rerun with"
+                        " --resume_from_checkpoint latest: the last checkpoint holds the trained weights") from None
+    follow_umask(temporary)
     if path.is_dir() and not path.is_symlink():
         previous = path.with_name(path.name + ".old")
         remove_path(previous)
@@ -1318,23 +1416,25 @@ def save_checkpoint(accelerator, args, global_step, noise_generator):
     if accelerator.is_main_process:
         remove_path(temporary)
     accelerator.wait_for_everyone()
-    error = None
+    reason = None
     try:
         accelerator.save_state(str(temporary))
         save_file({"state": noise_generator.get_state()},
                   temporary / f"rollout_noise_{accelerator.process_index}.safetensors")
-    except OSError as caught:
-        error = caught
-    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "max")
+    except Exception as error:
+        reason = write_failure(error, temporary)
+        if reason is None:
+            raise
+    failed = accelerator.reduce(torch.tensor(float(reason is not None), device=accelerator.device), "max")
     if failed.item() > 0:
         if accelerator.is_main_process:
             shutil.rmtree(temporary, ignore_errors=True)
         previous = list_checkpoints(args.output_dir)
         kept = f"{previous[-1].name} is intact" if previous else "no earlier checkpoint exists"
-        reason = error.strerror if error is not None and error.strerror else "on another process"
-        raise UserError(f"could not write {final.name} ({reason}); {kept}. Free disk space and resume with"
-                        " --resume_from_checkpoint latest")
+        raise UserError(f"could not write {final.name} ({reason or 'on another process'}); {kept}. Free disk space"
+                        " and resume with --resume_from_checkpoint latest")
     if accelerator.is_main_process:
+        follow_umask(temporary)
         remove_path(final)
         os.replace(temporary, final)
         if args.checkpoints_total_limit is not None:
@@ -1407,10 +1507,98 @@ def find_resume_checkpoint(args):
             raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist")
         return path
     checkpoints = list_checkpoints(args.output_dir)
-    if not checkpoints:
-        logger.info("no checkpoint to resume from: starting a new run")
-        return None
-    return checkpoints[-1]
+    return checkpoints[-1] if checkpoints else None
+
+
+RUN_RESULTS = ("pytorch_lora_weights.safetensors", "transformer", "transformer_ema")  # either script's final outputs
+LOCK_FILE = ".dopsd.lock"
+output_dir_locks = {}  # resolved output_dir -> the open lock file this process holds
+
+
+def check_output_dir_is_free(args):
+    """A new run must not mix with another run's results: its final outputs would be overwritten and its newer
+    checkpoints would be taken as this run's `latest`."""
+    if args.resume_from_checkpoint is not None:
+        return
+    output_dir = Path(args.output_dir)
+    found = [name for name in RUN_RESULTS if (output_dir / name).exists()] + [p.name for p in
+                                                                             list_checkpoints(output_dir)]
+    if found and not args.overwrite_output_dir:
+        raise UserError(f"--output_dir {output_dir} holds another run's results ({', '.join(found[:3])}): continue it"
+                        " with --resume_from_checkpoint latest, start over with --overwrite_output_dir, or choose"
+                        " another --output_dir")
+
+
+def lock_output_dir(output_dir):
+    """Hold an exclusive lock on output_dir for the rest of the run (the OS releases it when the process ends), so
+    two runs never write into one folder at once. A process that already holds it (an earlier in-process run that
+    stopped with an error) takes it again."""
+    key = Path(output_dir).resolve()
+    release_output_dir(output_dir)
+    lock = open(key / LOCK_FILE, "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UserError(f"another run is using --output_dir {output_dir}: wait for it to end, or choose another"
+                        " --output_dir") from None
+    output_dir_locks[key] = lock
+
+
+def release_output_dir(output_dir):
+    lock = output_dir_locks.pop(Path(output_dir).resolve(), None)
+    if lock is not None:
+        lock.close()
+
+
+RUN_DEFINING_SETTINGS = (
+    "pretrained_model_name_or_path", "revision", "variant", "teacher_context", "teacher_vlm_name_or_path",
+    "teacher_prompt_suffix", "text_encoder_out_layers", "rollout_steps", "loss_space", "ema_decay", "ema_dtype",
+    "rank", "lora_alpha", "lora_layers", "train_layers", "use_8bit_adam", "seed", "train_batch_size",
+    "gradient_accumulation_steps", "num_processes",
+)
+SETTINGS_FILE = "run_settings.json"
+NOT_SETTINGS = ("resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "hub_model_id")
+
+
+def run_settings(args, family, accelerator):
+    """The run's flags as given (family defaults resolved, local paths absolute), for checkpoints and resume."""
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+    settings["teacher_context"] = family.teacher_context
+    settings["num_processes"] = accelerator.num_processes
+    if "lora_layers" in settings:
+        settings["lora_layers"] = settings["lora_layers"] or family.default_lora_layers
+    for name in ("pretrained_model_name_or_path", "teacher_vlm_name_or_path", "instance_data_dir", "dataset_name"):
+        if settings.get(name) and os.path.exists(settings[name]):
+            settings[name] = os.path.abspath(settings[name])
+    return json.loads(json.dumps(settings))
+
+
+def check_resume_settings(resume_path, settings):
+    """Refuse a resume that changes what the checkpoint means (all such flags in one line); log the other changes.
+
+    RUN_DEFINING_SETTINGS are refused: the saved weights, teacher or optimizer state would be read as something they
+    are not (another model, LoRA shape or scale, other trained layers, another teacher or objective, another EMA
+    horizon or precision, another optimizer), or the step count would no longer say where the run is in its data
+    order, roll-out noise and lr schedule (seed, batch size, accumulation, number of processes). Everything else
+    may change: the learning rate, Adam's settings and the lr schedule are applied to the restored optimizer;
+    --max_train_steps extends (or ends) the run; data, precision, validation, checkpointing and logging flags take
+    effect from the resumed step on.
+    """
+    saved_file = Path(resume_path) / SETTINGS_FILE
+    if not saved_file.is_file():
+        logger.warning(f"{resume_path} records no settings (an older checkpoint): resuming without checking them")
+        return
+    saved = json.loads(saved_file.read_text())
+    changed = [name for name in settings if name in saved and saved[name] != settings[name]]
+    refused = [name for name in changed if name in RUN_DEFINING_SETTINGS]
+    if refused:
+        listing = ", ".join(f"--{name} {saved[name]} (now {settings[name]})" for name in refused)
+        raise UserError(f"cannot resume from {resume_path}: it was trained with {listing}; resume with the"
+                        " checkpoint's values, or start a new run in another --output_dir")
+    if changed:
+        listing = ", ".join(f"--{name} {saved[name]} -> {settings[name]}" for name in changed)
+        logger.info(f"resuming with changed settings: {listing}")
 
 
 def setup(args):
@@ -1423,6 +1611,7 @@ def setup(args):
     family_class = detect_family(args)
     examples = collect_examples(args, family_class.resolution_multiple)
     resume_path = find_resume_checkpoint(args)
+    check_output_dir_is_free(args)
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -1439,6 +1628,8 @@ def setup(args):
     else:
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
+    if args.resume_from_checkpoint == "latest" and resume_path is None:
+        logger.info(f"no checkpoint in {args.output_dir} to resume from: starting a new run")
     set_seed(args.seed, device_specific=True)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -1454,6 +1645,9 @@ def setup(args):
     args.validation_inference_steps = args.validation_inference_steps or family.default_validation_steps
     if args.resolution % family.resolution_multiple:
         raise UserError(f"--resolution must be a multiple of {family.resolution_multiple} for {family.name}")
+    settings = run_settings(args, family, accelerator)
+    if resume_path is not None:
+        check_resume_settings(resume_path, settings)
     if accelerator.is_main_process:
         try:
             os.makedirs(args.output_dir, exist_ok=True)
@@ -1462,7 +1656,18 @@ def setup(args):
             os.remove(Path(args.output_dir) / ".write-test")
         except OSError as error:
             raise UserError(f"cannot write to --output_dir {args.output_dir}: {error.strerror}") from None
+        lock_output_dir(args.output_dir)
+        if args.overwrite_output_dir and args.resume_from_checkpoint is None:
+            for checkpoint in list_checkpoints(args.output_dir):
+                logger.info(f"removing the previous run's {checkpoint.name} (--overwrite_output_dir)")
+                shutil.rmtree(checkpoint)
     accelerator.wait_for_everyone()
+
+    def save_settings_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            (Path(output_dir) / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+
+    accelerator.register_save_state_pre_hook(save_settings_hook)
     return accelerator, family, examples, resume_path
 
 
@@ -1524,6 +1729,23 @@ def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, max_grad_no
     return True
 
 
+def apply_optimizer_settings(optimizer, lr_scheduler, args):
+    """A restored optimizer keeps the checkpoint's learning rate and Adam settings; replace them with this run's,
+    and continue the lr schedule (possibly a new one) from the restored step."""
+    schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    if not hasattr(schedule, "lr_lambdas"):  # DeepSpeed's own scheduler
+        return
+    previous = schedule.base_lrs[0]
+    schedule.base_lrs = [args.learning_rate for _ in schedule.base_lrs]
+    for group, lr_lambda in zip(optimizer.param_groups, schedule.lr_lambdas):
+        group.update(initial_lr=args.learning_rate, lr=args.learning_rate * lr_lambda(schedule.last_epoch),
+                     betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                     weight_decay=args.adam_weight_decay)
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if previous != args.learning_rate:
+        logger.info(f"learning rate {previous} -> {args.learning_rate} from the resumed step on")
+
+
 def train(args, accelerator, family, transformer, optimizer, ema_teacher, examples, store, validation, resume_path,
           project_name):
     """The D-OPSD loop: step, clip, optimizer step, EMA update; checkpoints and validation on schedule.
@@ -1558,7 +1780,12 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
     if resume_path is not None:
         logger.info(f"resuming from {resume_path}")
         load_checkpoint(accelerator, resume_path, noise_generator)
+        apply_optimizer_settings(optimizer, lr_scheduler, args)
         global_step = int(resume_path.name.split("-")[1])
+        if global_step >= args.max_train_steps:
+            logger.info(f"{resume_path.name} is at step {global_step} of --max_train_steps {args.max_train_steps}:"
+                        " nothing left to train; writing the outputs from it")
+            return transformer, {}
     batches = epoch_batches(dataloader, batch_sampler, accelerator, global_step // updates_per_epoch, num_epochs,
                             (global_step % updates_per_epoch) * args.gradient_accumulation_steps)
 
@@ -1621,6 +1848,7 @@ def finish(args, accelerator, save_outputs):
         repo_id = save_outputs()
         if args.push_to_hub:
             uploaded = push_to_hub(args, repo_id)
+        release_output_dir(args.output_dir)
     accelerator.end_training()
     if not uploaded:
         sys.exit(1)
@@ -1629,7 +1857,8 @@ def finish(args, accelerator, save_outputs):
 def main(args):
     """Train a LoRA with D-OPSD; returns the trained transformer (with its LoRA)."""
     accelerator, family, examples, resume_path = setup(args)
-    args.learning_rate = args.learning_rate or family.default_learning_rate
+    if args.learning_rate is None:
+        args.learning_rate = family.default_learning_rate
     args.lora_layers = args.lora_layers or family.default_lora_layers
     lora_targets = resolve_lora_targets(family.transformer, args.lora_layers)
     store, validation = cache_contexts(args, family, examples, accelerator)
@@ -1692,6 +1921,10 @@ def run():
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before training (during loading or caching); the loop itself stops with a checkpoint
+        print("error: interrupted before training started; rerun the same command (contexts cached so far are kept)",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
