@@ -1,10 +1,20 @@
 """Run safety (both scripts): a copy-swapped or bf16 EMA teacher, resume, full disks, used output folders,
 numeric flags and file modes."""
 
+import fcntl
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import TINY_ZIMAGE, add_random_lora, script_args
+from conftest import CONCEPT, TINY_ZIMAGE, add_random_lora, script_args
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import train_dopsd_full as full_script
 import train_dopsd_lora as lora_script
@@ -92,3 +102,246 @@ def test_a_bf16_teacher_tracks_the_fp32_teacher():
 def bf16_step(values):
     """The spacing of bf16 numbers around each value."""
     return torch.finfo(torch.bfloat16).eps * 2.0 ** torch.floor(torch.log2(values.abs().clamp_min(1e-30)))
+
+
+# -- arguments -------------------------------------------------------------------------------------------------------
+
+BAD_FLAGS = [
+    (("--learning_rate", 0), "--learning_rate must be positive"),
+    (("--learning_rate", -1e-4), "--learning_rate must be positive"),
+    (("--learning_rate", "nan"), "--learning_rate must be positive"),
+    (("--max_grad_norm", -1), "--max_grad_norm must be positive"),
+    (("--max_grad_norm", 0), "--max_grad_norm must be positive"),
+    (("--seed", -1), "--seed must lie in [0, 2^31)"),
+    (("--lr_scheduler", "cosine_annealing"), "argument --lr_scheduler: invalid choice"),
+    (("--report_to", "tensorbord"), "argument --report_to: invalid choice"),
+    (("--lr_warmup_steps", -5), "--lr_warmup_steps must not be negative"),
+    (("--lr_num_cycles", 0), "--lr_num_cycles must be at least 1"),
+    (("--adam_beta2", 1.0), "--adam_beta2 must lie in [0, 1)"),
+    (("--adam_epsilon=-1e-8",), "--adam_epsilon must not be negative"),
+    (("--checkpoints_total_limit", 0), "--checkpoints_total_limit must be at least 1"),
+    (("--lora_alpha", 0), "--lora_alpha must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("script", [lora_script, full_script], ids=["lora", "full"])
+def test_every_bad_number_is_one_line_before_anything_is_loaded(tmp_path, capsys, script, monkeypatch):
+    monkeypatch.setattr(script, "detect_family", lambda args: pytest.fail("loaded a model"))
+    for extra, expected in BAD_FLAGS:
+        if script is full_script and extra[0] == "--lora_alpha":  # a LoRA flag
+            continue
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(script.parse_args(script_args(tmp_path / "out", TINY_ZIMAGE, *extra)))
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and expected in lines[-1], (extra, lines)
+    assert not (tmp_path / "out").exists()
+    args = script.parse_args(script_args(tmp_path / "out", TINY_ZIMAGE, "--learning_rate", 3e-6))
+    assert args.learning_rate == 3e-6
+
+
+# -- one short run, then what may and may not follow it --------------------------------------------------------------
+
+UMASK = 0o027
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """Two LoRA steps started with the README's recovery command (`--resume_from_checkpoint latest`) in an empty
+    folder, under a umask that differs from the usual 022."""
+    output_dir, data = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("one-image")
+    for name in ("chelsea-1.jpg", "chelsea-1.txt"):
+        shutil.copy(CONCEPT / name, data / name)
+    argv = script_args(output_dir, TINY_ZIMAGE, "--max_train_steps", 2, "--checkpointing_steps", 1,
+                       "--gradient_accumulation_steps", 1, "--rollout_steps", 1, "--validation_steps", 100,
+                       "--validation_inference_steps", 1, data=data)
+    previous = os.umask(UMASK)
+    try:
+        lora_script.main(lora_script.parse_args([*argv, "--resume_from_checkpoint", "latest"]))
+    finally:
+        os.umask(previous)
+    return output_dir, argv
+
+
+def test_resume_latest_without_a_checkpoint_starts_a_new_run(finished_run, tmp_path):
+    output_dir, _ = finished_run
+    assert (output_dir / lora_script.LORA_WEIGHT_NAME).is_file()
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    # the full script shares the code path: its setup finds nothing to resume and says so without a traceback
+    args = full_script.parse_args(script_args(tmp_path, TINY_ZIMAGE, "--resume_from_checkpoint", "latest"))
+    assert full_script.setup(args)[3] is None
+    full_script.release_output_dir(tmp_path)
+
+
+def test_outputs_follow_the_umask(finished_run):
+    output_dir, _ = finished_run
+    expected = 0o666 & ~UMASK
+    for file in (output_dir / lora_script.LORA_WEIGHT_NAME, output_dir / "checkpoint-2" / "ema_teacher.safetensors",
+                 output_dir / "checkpoint-2" / lora_script.LORA_WEIGHT_NAME,
+                 output_dir / "checkpoint-2" / "rollout_noise_0.safetensors",
+                 *(output_dir / "context_cache").iterdir()):
+        assert file.stat().st_mode & 0o777 == expected, file
+
+
+def test_a_used_output_dir_is_refused_unless_resumed_or_overwritten(finished_run, capsys, monkeypatch):
+    output_dir, argv = finished_run
+    monkeypatch.setattr(sys, "argv", ["train_dopsd_lora.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        lora_script.run()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2
+    assert f"--output_dir {output_dir} holds another run's results" in last and "--overwrite_output_dir" in last
+    # --overwrite_output_dir removes the previous run's checkpoints, so `latest` can never pick one of them
+    args = lora_script.parse_args([*argv, "--overwrite_output_dir"])
+    lora_script.check_output_dir_is_free(args)
+
+
+def test_a_second_run_on_a_locked_output_dir_gets_one_line(finished_run):
+    output_dir, argv = finished_run
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; lock = open(sys.argv[1], 'a');"
+                               " fcntl.flock(lock, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+                               str(output_dir / lora_script.LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(lora_script.UserError, match="another run is using --output_dir"):
+            lora_script.lock_output_dir(output_dir)
+    finally:
+        holder.kill()
+        holder.wait()
+    lora_script.lock_output_dir(output_dir)  # free again once the other run has ended
+    with open(output_dir / lora_script.LOCK_FILE) as other:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lora_script.release_output_dir(output_dir)
+
+
+def test_resume_refuses_every_setting_that_changes_the_checkpoints_meaning_in_one_line(finished_run):
+    output_dir, argv = finished_run
+    args = lora_script.parse_args([*argv, "--resume_from_checkpoint", "latest", "--lora_alpha", "8", "--rank", "4",
+                                   "--loss_space", "v", "--learning_rate", "5e-5", "--max_train_steps", "3"])
+    with pytest.raises(lora_script.UserError) as error:
+        lora_script.setup(args)
+    message = str(error.value)
+    assert message.startswith(f"cannot resume from {output_dir / 'checkpoint-2'}: it was trained with")
+    assert "--rank 64 (now 4)" in message and "--lora_alpha 128 (now 8)" in message
+    assert "--loss_space x0 (now v)" in message
+    assert "learning_rate" not in message and "max_train_steps" not in message  # these may change
+    assert "\n" not in message
+
+
+def test_resuming_a_finished_run_only_writes_its_outputs(finished_run, caplog):
+    output_dir, argv = finished_run
+    lora_file = output_dir / lora_script.LORA_WEIGHT_NAME
+    trained = load_file(lora_file)
+    lora_file.unlink()
+    with caplog.at_level(logging.INFO):
+        lora_script.main(lora_script.parse_args([*argv, "--resume_from_checkpoint", "latest"]))
+    assert "checkpoint-2 is at step 2 of --max_train_steps 2: nothing left to train" in caplog.text
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    again = load_file(lora_file)
+    assert again.keys() == trained.keys() and all(torch.equal(again[k], trained[k]) for k in trained)
+
+
+def test_a_new_learning_rate_is_applied_on_resume():
+    """The restored optimizer and schedule take the command line's learning rate (and Adam settings)."""
+    from diffusers.optimization import get_scheduler
+
+    def optimizer_and_schedule(learning_rate, beta2=0.999):
+        parameter = torch.nn.Parameter(torch.zeros(3))
+        optimizer = torch.optim.AdamW([parameter], lr=learning_rate, betas=(0.9, beta2))
+        schedule = get_scheduler("linear", optimizer=optimizer, num_warmup_steps=0, num_training_steps=10)
+        return optimizer, schedule
+
+    optimizer, schedule = optimizer_and_schedule(1e-3)
+    for _ in range(4):
+        optimizer.step()
+        schedule.step()
+    saved = optimizer.state_dict(), schedule.state_dict()
+    resumed_optimizer, resumed_schedule = optimizer_and_schedule(1e-4, beta2=0.99)
+    resumed_optimizer.load_state_dict(saved[0])
+    resumed_schedule.load_state_dict(saved[1])
+    assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.6)  # what a plain resume keeps
+    args = SimpleNamespace(learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-8,
+                           adam_weight_decay=0.0)
+    lora_script.apply_optimizer_settings(resumed_optimizer, resumed_schedule, args)
+    assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.6)
+    assert resumed_optimizer.param_groups[0]["betas"] == (0.9, 0.99)
+    resumed_optimizer.step()
+    resumed_schedule.step()
+    assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.5)
+
+
+# -- a really full disk ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (a real filesystem that fills up); skipped where this user may not mount one."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip() or 'not root'})")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(disk, leave):
+    """Use up the disk but `leave` bytes."""
+    free = shutil.disk_usage(disk).free
+    with open(disk / f"filler-{len(list(disk.glob('filler-*')))}", "wb") as filler:
+        filler.write(b"\0" * max(0, free - leave))
+
+
+def test_a_really_full_disk_keeps_the_previous_checkpoint_and_leaves_no_partial_one(small_disk):
+    """torch.save (RuntimeError) and safetensors (SafetensorError) fail on a full disk; each ends in one line."""
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(256, 256)  # 256 KiB of weights, 512 KiB of Adam state
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model(torch.ones(1, 256)).sum().backward()
+    optimizer.step()
+    args = lora_script.parse_args(script_args(small_disk, TINY_ZIMAGE, "--checkpoints_total_limit", 1))
+    lora_script.save_checkpoint(accelerator, args, 2, torch.Generator())
+    previous = {p.name: p.read_bytes() for p in (small_disk / "checkpoint-2").iterdir()}
+    for step, leave in ((4, 400 << 10), (6, 0)):  # the weights fit but not the optimizer (torch.save); nothing fits
+        fill(small_disk, leave)
+        with pytest.raises(lora_script.UserError) as error:
+            lora_script.save_checkpoint(accelerator, args, step, torch.Generator())
+        assert str(error.value).startswith(f"could not write checkpoint-{step} (No space left on device);"
+                                           " checkpoint-2 is intact")
+        assert sorted(p.name for p in small_disk.iterdir() if not p.name.startswith("filler")) == ["checkpoint-2"]
+    assert {p.name: p.read_bytes() for p in (small_disk / "checkpoint-2").iterdir()} == previous
+
+
+def test_a_really_full_disk_keeps_the_previous_output_and_the_context_cache(small_disk):
+    output = small_disk / lora_script.LORA_WEIGHT_NAME
+    output.write_bytes(b"previous lora")
+    fill(small_disk, 64 << 10)
+    with pytest.raises(lora_script.UserError) as error:
+        with lora_script.atomic_output(output) as temporary:
+            save_file({"weight": torch.zeros(256, 256)}, temporary)
+    assert str(error.value).startswith(f"could not write {output} (No space left on device); the previous"
+                                       f" {output.name} is intact")
+    assert output.read_bytes() == b"previous lora" and not temporary.exists()
+
+    args = lora_script.parse_args(script_args(small_disk, TINY_ZIMAGE))
+    family = SimpleNamespace(teacher_context="vlm", weight_dtype=torch.float32,
+                             encode_student_context=lambda caption: {"prompt_embeds": torch.zeros(256, 256)},
+                             build_teacher_context=lambda image, caption: {"prompt_embeds": torch.zeros(256, 256)})
+    example = lora_script.Example("a.png", "a cat", (64, 64), "a", load=lambda: Image.new("RGB", (64, 64)))
+    store = lora_script.ContextStore(family, args, [example], Accelerator(cpu=True))
+    with pytest.raises(lora_script.UserError, match=r"could not write the context cache .* \(No space left on"):
+        store.fill()
+    assert list((small_disk / "context_cache").iterdir()) == []
+
+
+def test_a_programming_error_while_saving_is_not_taken_for_a_full_disk(tmp_path):
+    with pytest.raises(RuntimeError, match="a bug"):
+        with lora_script.atomic_output(tmp_path / "out.safetensors"):
+            raise RuntimeError("a bug")
+    assert list(tmp_path.iterdir()) == []
+    assert lora_script.write_failure(RuntimeError("a bug"), tmp_path) is None
+    assert lora_script.write_failure(OSError(28, "No space left on device"), tmp_path) == "No space left on device"
