@@ -135,6 +135,14 @@ def add_common_arguments(parser):
         " Qwen3-VL-8B-Instruct for FLUX.2-klein-9B).",
     )
     group.add_argument(
+        "--teacher_vlm_rope_theta",
+        type=str,
+        default="text_encoder",
+        choices=["text_encoder", "vlm"],
+        help="RoPE base of the grafted VLM's language model. text_encoder: the text encoder's (1e6), so that text-only"
+        " teacher features equal the student's. vlm: Qwen3-VL's own (5e6), as the authors' graft kept it.",
+    )
+    group.add_argument(
         "--teacher_prompt_suffix",
         type=str,
         default="Make the main subject (facial/ip details), background, and overall composition consistent with the"
@@ -294,16 +302,19 @@ class GraftedVLM:
 
     MIN_PIXELS, MAX_PIXELS = 512 * 512, 768 * 768
 
-    def __init__(self, vlm_path, text_encoder, tokenizer, dtype, device, cache_dir=None):
+    def __init__(self, vlm_path, text_encoder, tokenizer, dtype, device, cache_dir=None, rope_theta="text_encoder"):
         try:
             config = AutoConfig.from_pretrained(vlm_path, cache_dir=cache_dir)
         except Exception as error:
             raise UserError(f"cannot load the teacher VLM from {vlm_path}: {error}") from None
         if config.model_type != "qwen3_vl":
             raise UserError(f"--teacher_vlm_name_or_path {vlm_path} is a {config.model_type}, not a Qwen3-VL model")
-        # The language model becomes the text encoder, positional base included.
+        # The language model becomes the text encoder, positional base included: its weights were trained with the
+        # text encoder's base (1e6 for Qwen3), and only with it do text-only teacher features equal the student's,
+        # so that the teacher's context differs from the student's by the image alone. The authors' graft kept
+        # Qwen3-VL's base (5e6), which also moves the caption's features; rope_theta="vlm" reproduces that.
         text_rope = getattr(text_encoder.config, "rope_parameters", None) or {}
-        if "rope_theta" in text_rope:
+        if rope_theta == "text_encoder" and "rope_theta" in text_rope:
             config.text_config.rope_parameters["rope_theta"] = text_rope["rope_theta"]
         self.vlm = Qwen3VLForConditionalGeneration.from_pretrained(
             vlm_path, config=config, dtype=dtype, cache_dir=cache_dir
@@ -429,7 +440,7 @@ class ModelFamily:
     def load_teacher_vlm(self):
         vlm_path = self.args.teacher_vlm_name_or_path or self.default_teacher_vlm()
         self.vlm = GraftedVLM(vlm_path, self.pipeline.text_encoder, self.pipeline.tokenizer, self.weight_dtype,
-                              self.device, cache_dir=self.args.cache_dir)
+                              self.device, cache_dir=self.args.cache_dir, rope_theta=self.args.teacher_vlm_rope_theta)
 
     def default_teacher_vlm(self):
         return "Qwen/Qwen3-VL-4B-Instruct"
@@ -704,12 +715,14 @@ def detect_family(args):
 # Copied from train_dopsd_lora.Example
 @dataclass
 class Example:
-    """One training pair. Caption variants of one image are separate examples sharing the image."""
+    """One (image, caption variant) pair, with its own cached contexts. The variants of one image share its
+    image_index: the sampler visits each image equally often and draws one of its variants per visit."""
 
     source: str  # a file path, or "dataset:<row>"
     caption: str
     bucket: tuple  # (height, width)
-    image_key: str = ""
+    image_key: str  # hash of the decoded image
+    image_index: int  # which training image (0, 1, ...)
     load: object = field(default=None, repr=False)  # () -> PIL RGB image at its original size
 
 
@@ -842,7 +855,8 @@ def collect_examples(args, resolution_multiple):
             captions = [args.instance_prompt]
         bucket = buckets[find_nearest_bucket(image.height, image.width, buckets)]
         image_key = hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
-        examples += [Example(source, caption, bucket, image_key, load) for caption in captions]
+        image_index = examples[-1].image_index + 1 if examples else 0
+        examples += [Example(source, caption, bucket, image_key, image_index, load) for caption in captions]
     if not examples:
         raise UserError("no usable training images left after skipping bad ones")
     return examples
@@ -850,15 +864,22 @@ def collect_examples(args, resolution_multiple):
 
 # Copied from train_dopsd_lora.BucketBatchSampler
 class BucketBatchSampler(torch.utils.data.Sampler):
-    """Batches of example indices from one bucket each, reshuffled every epoch from (seed, epoch)."""
+    """Batches of example indices from one bucket each, reshuffled every epoch from (seed, epoch).
+
+    Each image is visited `repeats` times per epoch however many caption variants it has (so every image weighs the
+    same, as in the authors' code); each visit uses one of its variants, drawn from (seed, epoch, position).
+    """
 
     def __init__(self, examples, batch_size, repeats, seed):
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
-        self.groups = {}
+        self.variants = {}  # image_index -> indices of its examples
+        self.groups = {}  # bucket -> image indices, each `repeats` times
         for index, example in enumerate(examples):
-            self.groups.setdefault(example.bucket, []).extend([index] * repeats)
+            if example.image_index not in self.variants:
+                self.groups.setdefault(example.bucket, []).extend([example.image_index] * repeats)
+            self.variants.setdefault(example.image_index, []).append(index)
 
     def start_epoch(self, epoch):
         # Not named set_epoch: accelerate would call that with its own per-loader iteration count, which restarts
@@ -869,11 +890,13 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         rng = random.Random(self.seed * 100003 + self.epoch)
         batches = []
         for bucket in sorted(self.groups):
-            indices = self.groups[bucket][:]
-            rng.shuffle(indices)
-            batches += [indices[i: i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+            images = self.groups[bucket][:]
+            rng.shuffle(images)
+            batches += [images[i: i + self.batch_size] for i in range(0, len(images), self.batch_size)]
         rng.shuffle(batches)
-        return batches
+        # Variants come from a stream of their own: the visit order does not depend on how many variants there are.
+        variant_rng = random.Random(f"variants {self.seed} {self.epoch}")
+        return [[variant_rng.choice(self.variants[image]) for image in batch] for batch in batches]
 
     def __iter__(self):
         yield from self.batches()
@@ -888,13 +911,41 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Copied from train_dopsd_lora.CONTEXT_FORMAT_VERSION
+CONTEXT_FORMAT_VERSION = 2  # raise it whenever the code computes a context differently
+
+
+# Copied from train_dopsd_lora.model_fingerprint
+def model_fingerprint(name_or_path, revision=None, cache_dir=None):
+    """What identifies a model's contents without reading its weights: the names, sizes and modification times of
+    its files. A Hub id is resolved to its snapshot in the local cache (the folder is named by the commit; its files
+    are content-addressed blobs). Anything else (a pipeline built in code) is identified by its name."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(name_or_path, revision=revision, cache_dir=cache_dir,
+                                            local_files_only=True))
+        except Exception:
+            return f"{name_or_path}@{revision}"
+    files = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            stat = path.stat()
+            files.append((relative.as_posix(), stat.st_size, stat.st_mtime_ns))
+    return hashlib.sha1(json.dumps(files).encode()).hexdigest()
+
+
 # Copied from train_dopsd_lora.ContextStore
 class ContextStore:
     """Per-example student and teacher contexts, as safetensors files under output_dir/context_cache.
 
-    The file name hashes everything the contexts depend on, so a resumed or repeated run reuses them and a change
-    of model, teacher, caption or bucket computes new ones. With --no-cache_contexts nothing is stored and the
-    encoders stay on the accelerator to compute contexts for every batch.
+    The file name hashes everything the contexts depend on (the models' files, the settings that shape contexts,
+    the code's context format, the image, caption and bucket), so a resumed or repeated run reuses them and any
+    change computes new ones. With --no-cache_contexts nothing is stored and the encoders stay on the accelerator to
+    compute contexts for every batch.
     """
 
     def __init__(self, family, args, examples, accelerator):
@@ -902,9 +953,14 @@ class ContextStore:
         self.examples = examples
         self.enabled = args.cache_contexts
         self.folder = Path(args.output_dir) / "context_cache"
+        uses_vlm = family.teacher_context == "vlm"
         fingerprint = {
-            "model": args.pretrained_model_name_or_path, "revision": args.revision, "variant": args.variant,
-            "teacher": family.teacher_context, "vlm": args.teacher_vlm_name_or_path,
+            "format": CONTEXT_FORMAT_VERSION,
+            "model": model_fingerprint(args.pretrained_model_name_or_path, args.revision, args.cache_dir),
+            "variant": args.variant, "teacher": family.teacher_context,
+            "vlm": model_fingerprint(args.teacher_vlm_name_or_path or family.default_teacher_vlm(),
+                                     cache_dir=args.cache_dir) if uses_vlm else None,
+            "vlm_rope_theta": args.teacher_vlm_rope_theta if uses_vlm else None,
             "suffix": args.teacher_prompt_suffix if family.teacher_context == "edit" else None,
             "layers": args.text_encoder_out_layers, "dtype": str(family.weight_dtype),
         }
@@ -928,7 +984,8 @@ class ContextStore:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         accelerator = self.accelerator
-        todo = [e for e in self.examples if not self.path(e).exists()]
+        todo = [e for e in self.examples if not self.readable(self.path(e))]
+        accelerator.wait_for_everyone()  # every process splits the same list before any of them writes
         mine = todo[accelerator.process_index:: accelerator.num_processes]
         for example in tqdm(mine, desc="caching contexts", disable=not accelerator.is_local_main_process):
             student, teacher = self.compute(example)
@@ -951,10 +1008,31 @@ class ContextStore:
         logger.info(f"contexts cached for {len(self.examples)} examples ({len(todo)} new, computed by"
                     f" {accelerator.num_processes} process(es)) in {self.folder}")
 
+    @staticmethod
+    def readable(path):
+        """Whether a cached file holds a whole context. An empty or truncated one (a full disk, a copy cut short)
+        is named in one warning and computed again."""
+        if not path.exists():
+            return False
+        try:
+            with safe_open(path, "pt") as cached:
+                if {key.split(".", 1)[0] for key in cached.keys()} == {"student", "teacher"}:
+                    return True
+                reason = "it lacks the student or the teacher context"
+        except Exception as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        logger.warning(f"context cache file {path} is unreadable ({reason}); computing it again")
+        return False
+
     def get(self, example):
         if not self.enabled:
             return self.compute(example)
-        tensors = load_file(self.path(example))
+        path = self.path(example)
+        try:
+            tensors = load_file(path)
+        except Exception as error:  # damaged during the run (the encoders are gone by now)
+            raise UserError(f"context cache file {path} cannot be read ({error}): delete it and resume with"
+                            " --resume_from_checkpoint latest") from None
         split = ({}, {})
         for key, value in tensors.items():
             role, name = key.split(".", 1)

@@ -197,9 +197,9 @@ def make_qwen3_vl(tokenizer, out):
     text = text_config(tokenizer).to_dict()
     for key in ("architectures", "model_type", "transformers_version", "tie_word_embeddings", "dtype"):
         text.pop(key, None)
-    text["rope_parameters"] = {
+    text["rope_parameters"] = {  # Qwen3-VL's own base, 5x the text encoder's (as in the real models)
         "rope_type": "default",
-        "rope_theta": 1000000.0,
+        "rope_theta": 5000000.0,
         "mrope_section": [4, 2, 2],
         "mrope_interleaved": True,
     }
