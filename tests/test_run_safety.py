@@ -331,7 +331,7 @@ def test_a_really_full_disk_keeps_the_previous_output_and_the_context_cache(smal
     family = SimpleNamespace(teacher_context="vlm", weight_dtype=torch.float32,
                              encode_student_context=lambda caption: {"prompt_embeds": torch.zeros(256, 256)},
                              build_teacher_context=lambda image, caption: {"prompt_embeds": torch.zeros(256, 256)})
-    example = lora_script.Example("a.png", "a cat", (64, 64), "a", load=lambda: Image.new("RGB", (64, 64)))
+    example = lora_script.Example("a.png", "a cat", (64, 64), "a", 0, load=lambda: Image.new("RGB", (64, 64)))
     store = lora_script.ContextStore(family, args, [example], Accelerator(cpu=True))
     with pytest.raises(lora_script.UserError, match=r"could not write the context cache .* \(No space left on"):
         store.fill()
