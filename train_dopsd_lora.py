@@ -700,7 +700,7 @@ class BadData(ValueError):
 def warn_early(message):
     """A warning from the main process, also during the data scan, which runs before the Accelerator exists (and
     accelerate's logger with it): then the launcher's RANK tells the main process."""
-    if PartialState._shared_state:
+    if PartialState._shared_state != {}:
         logger.warning(message)
     elif os.environ.get("RANK", "0") == "0":
         logger.logger.warning(message)
@@ -784,7 +784,7 @@ def caption_variants(value, source):
     if isinstance(value, str):
         value = value.splitlines()
     if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-        raise UserError(f"{source}: a caption must be a text or a list of texts, not {json.dumps(value)[:60]}")
+        raise UserError(f"{source}: a caption must be a text or a list of texts, not {value!r:.60}")
     captions = [line.strip() for line in value or [] if line.strip()]
     return captions or None
 

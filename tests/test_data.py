@@ -222,7 +222,7 @@ def test_images_and_captions_of_every_kind_are_read_correctly(tmp_path, caplog):
     assert [e.caption for e in script.collect_examples(args, 16)] == ["sks one", "sks two"]
 
 
-def test_bad_data_gets_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+def test_bad_data_gets_one_line_naming_the_file(tmp_path, capsys, monkeypatch, caplog):
     jpeg = (CONCEPT / "chelsea-1.jpg").read_bytes()
 
     def folder(files):
@@ -249,7 +249,7 @@ def test_bad_data_gets_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
         (folder({"a.jpg": jpeg, "metadata.jsonl": b'{"file_name": "a.jpg", "text": 42}'}), [],
          "metadata.jsonl:1 text: a caption must be a text or a list of texts, not 42"),
         (folder({"a.jpg": jpeg, "metadata.jsonl": b'{"file_name": "a.jpg", "text": ["sks", 7]}'}), [],
-         'metadata.jsonl:1 text: a caption must be a text or a list of texts, not ["sks", 7]'),
+         "metadata.jsonl:1 text: a caption must be a text or a list of texts, not ['sks', 7]"),
         (folder({"a.jpg": jpeg, "metadata.jsonl": b'{"file_name": "a.jpg", "text": "caf\xe9"}'}), [],
          "metadata.jsonl ('utf-8' codec can't decode"),
         (None, dataset(), "cannot read the image of dataset row 1"),
@@ -268,7 +268,11 @@ def test_bad_data_gets_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
         assert exit_info.value.code == 2 and "Traceback" not in err, (expected, err)
         assert err.splitlines()[-1].startswith("error: ") and expected in err.splitlines()[-1], (expected, err)
         assert not (tmp_path / "out").exists()
-    # with --skip_bad_images the truncated dataset image is skipped, not a crash
+    # with --skip_bad_images the truncated dataset image is skipped with a warning, also before accelerate's state
+    # exists (as in a command-line run, where the data scan comes first)
     args = script.parse_args(script_args(tmp_path / "out", TINY_ZIMAGE, "--skip_bad_images")[:4] + dataset(
         "--skip_bad_images", "--resolution", "64", "--output_dir", str(tmp_path / "out")))
-    assert [e.source for e in script.collect_examples(args, 16)] == ["dataset:0"]
+    monkeypatch.setattr(script.PartialState, "_shared_state", {})
+    with caplog.at_level(logging.WARNING):
+        assert [e.source for e in script.collect_examples(args, 16)] == ["dataset:0"]
+    assert "skipping dataset:1: cannot read the image of dataset row 1" in caplog.text
