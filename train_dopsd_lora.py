@@ -42,7 +42,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import diffusers  # noqa: E402
 import transformers  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
+from accelerate import Accelerator, PartialState  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
 from accelerate.utils import (  # noqa: E402
     DistributedDataParallelKwargs,
@@ -165,7 +165,8 @@ def add_common_arguments(parser):
 
     group = parser.add_argument_group("data")
     group.add_argument("--instance_data_dir", type=str, default=None, help="Folder of images with same-name .txt"
-                       " captions (one caption variant per line) or a metadata.jsonl with file_name/text.")
+                       " captions (UTF-8, one caption variant per line) or a metadata.jsonl with file_name/text (text:"
+                       " a string, one variant per line, or a list of variants).")
     group.add_argument("--dataset_name", type=str, default=None, help="Hugging Face dataset id or local folder.")
     group.add_argument("--dataset_config_name", type=str, default=None)
     group.add_argument("--image_column", type=str, default="image")
@@ -175,8 +176,14 @@ def add_common_arguments(parser):
     group.add_argument("--resolution", type=int, default=1024, help="Training area is resolution^2 pixels, in"
                        " aspect-ratio buckets.")
     group.add_argument("--repeats", type=int, default=1, help="How many times each image is repeated per epoch.")
-    group.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable or too-small images with a"
-                       " warning instead of stopping.")
+    group.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable or too-small images (and"
+                       " images whose caption file cannot be read) with a warning instead of stopping.")
+    group.add_argument("--random_flip", action="store_true", help="On a random half of the visits (seeded), the"
+                       " teacher sees the image mirrored left-right; both teacher contexts are cached. The student's"
+                       " context (the caption) is the same.")
+    group.add_argument("--bucket_no_upscale", action="store_true", help="Do not enlarge images smaller than their"
+                       " aspect-ratio bucket: such an image trains at its own size, cropped to a multiple of 16"
+                       " (kohya's bucket_no_upscale).")
 
     group = parser.add_argument_group("D-OPSD")
     group.add_argument("--rollout_steps", type=int, default=4, help="K: steps of the student's on-policy roll-out,"
@@ -710,23 +717,40 @@ def detect_family(args):
 
 @dataclass
 class Example:
-    """One (image, caption variant) pair, with its own cached contexts. The variants of one image share its
-    image_index: the sampler visits each image equally often and draws one of its variants per visit."""
+    """One (image, caption variant, mirrored or not) triple, with its own cached contexts. The variants of one image
+    share its image_index: the sampler visits each image equally often and draws one of its variants per visit."""
 
     source: str  # a file path, or "dataset:<row>"
     caption: str
     bucket: tuple  # (height, width)
     image_key: str  # hash of the decoded image
     image_index: int  # which training image (0, 1, ...)
+    flip: bool = False  # the teacher sees the image mirrored left-right (--random_flip)
     load: object = field(default=None, repr=False)  # () -> PIL RGB image at its original size
 
 
+class BadData(ValueError):
+    """An unreadable image or caption, named in the message; --skip_bad_images skips it with a warning."""
+
+
+def warn_early(message):
+    """A warning from the main process, also during the data scan, which runs before the Accelerator exists (and
+    accelerate's logger with it): then the launcher's RANK tells the main process."""
+    if PartialState._shared_state != {}:
+        logger.warning(message)
+    elif os.environ.get("RANK", "0") == "0":
+        logger.logger.warning(message)
+
+
 def load_rgb(image, name):
-    """Any PIL image (grayscale, palette, RGBA, 16-bit) as 8-bit RGB; transparency composited on white."""
+    """Any PIL image (grayscale, palette, RGBA, CMYK, 16-bit, 32-bit integer or float) as 8-bit RGB, turned upright
+    as its EXIF orientation says; transparency composited on white."""
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / max(array.max(), 1.0) if image.mode == "I" else 1 / 257
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if image.mode == "F" and (array.min() < 0 or array.max() > 1):  # float images are in [0, 1] by convention
+            array = (array - array.min()) / max(array.max() - array.min(), 1e-12)
+        scale = {"F": 255.0, "I": 255.0 / max(array.max(), 1.0)}.get(image.mode, 1 / 257)
         image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), mode="L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -734,7 +758,7 @@ def load_rgb(image, name):
         image = Image.alpha_composite(background, rgba)
     image = image.convert("RGB")
     if min(image.size) < MIN_IMAGE_SIDE:
-        raise ValueError(f"{name} is only {image.size[0]}x{image.size[1]} pixels (need at least {MIN_IMAGE_SIDE})")
+        raise BadData(f"{name} is only {image.size[0]}x{image.size[1]} pixels (need at least {MIN_IMAGE_SIDE})")
     return image
 
 
@@ -743,10 +767,22 @@ def read_image_file(path):
         with Image.open(path) as image:
             image.load()
             return load_rgb(image, path)
-    except ValueError:
+    except BadData:
         raise
     except Exception as error:
-        raise ValueError(f"cannot read image {path}: {error}") from None
+        raise BadData(f"cannot read image {path}: {error}") from None
+
+
+def read_dataset_image(images, row, column):
+    name = f"dataset row {row}"
+    try:
+        image = images[row][column]
+        image.load()
+        return load_rgb(image, name)
+    except BadData:
+        raise
+    except Exception as error:
+        raise BadData(f"cannot read the image of {name}: {error}") from None
 
 
 def resize_to_bucket(image, bucket):
@@ -759,45 +795,89 @@ def resize_to_bucket(image, bucket):
     return resized.crop((left, top, left + width, top + height))
 
 
-def read_captions(text, source):
-    captions = [line.strip() for line in text.splitlines() if line.strip()]
-    if not captions:
-        raise UserError(f"caption file for {source} is empty")
+def training_image(example):
+    """The image exactly as the teacher sees it: in its bucket, mirrored for a flipped example."""
+    image = resize_to_bucket(example.load(), example.bucket)
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if example.flip else image
+
+
+def choose_bucket(image, buckets, multiple, no_upscale):
+    """The aspect-ratio bucket nearest to the image's. With no_upscale (kohya's bucket_no_upscale), an image that
+    would have to be enlarged to cover that bucket gets a bucket of its own size, rounded down to the multiple: it
+    trains at its own resolution, its border center-cropped, nothing enlarged."""
+    height, width = buckets[find_nearest_bucket(image.height, image.width, buckets)]
+    if no_upscale and (height > image.height or width > image.width):
+        return image.height // multiple * multiple, image.width // multiple * multiple
+    return height, width
+
+
+MAX_CAPTION_CHARS = 8192  # ~2000 English tokens: far above what is encoded (512 tokens; 1024 for the Z-Image teacher)
+
+
+def caption_variants(value, source):
+    """Caption variants from a caption file's text or a metadata/dataset value: a string holds one variant per line,
+    a list of strings one per item. None when there is no caption (the image takes --instance_prompt)."""
+    if isinstance(value, str):
+        value = value.splitlines()
+    if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise UserError(f"{source}: a caption must be a text or a list of texts, not {value!r:.60}")
+    captions = [line.strip() for line in value or [] if line.strip()]
+    return captions or None
+
+
+def read_caption_file(path, image_path):
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not caption text
+    except UnicodeDecodeError as error:
+        raise BadData(f"caption file {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset"
+                      f" {error.start}): save it as UTF-8") from None
+    except OSError as error:
+        raise BadData(f"cannot read caption file {path}: {error.strerror or error}") from None
+    captions = caption_variants(text, path)
+    if captions is None:
+        raise BadData(f"caption file for {image_path} is empty")
     return captions
 
 
 def scan_instance_data_dir(args):
-    """(path, captions) for every image in --instance_data_dir, from .txt files or metadata.jsonl."""
+    """(path, captions reader, image loader) for every image in --instance_data_dir, captioned by same-name .txt
+    files or by metadata.jsonl. Folders and hidden files (such as macOS's "._photo.jpg") are not images."""
     root = Path(args.instance_data_dir)
     if not root.is_dir():
         raise UserError(f"--instance_data_dir {root} does not exist or is not a folder")
     metadata = root / "metadata.jsonl"
     entries = []
     if metadata.exists():
-        for line_number, line in enumerate(metadata.read_text().splitlines(), 1):
+        try:
+            lines = metadata.read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"cannot read {metadata} ({error}); it must be UTF-8, one JSON object a line") from None
+        for line_number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
                 path, text = root / record["file_name"], record.get("text")
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise UserError(f"{metadata}:{line_number} is not a JSON object with file_name (and text)") from None
             if not path.is_file():
                 raise UserError(f"{metadata}:{line_number} names {record['file_name']}, which does not exist")
-            entries.append((path, read_captions(text, path) if text else None))
+            captions = caption_variants(text, f"{metadata}:{line_number} text")
+            entries.append((path, lambda captions=captions: captions))
     else:
         for path in sorted(root.iterdir()):
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS or path.is_dir():
                 continue
             caption_file = path.with_suffix(".txt")
-            entries.append((path, read_captions(caption_file.read_text(), path) if caption_file.exists() else None))
+            entries.append((path, lambda path=path, caption_file=caption_file: (
+                read_caption_file(caption_file, path) if caption_file.exists() else None)))
     if not entries:
         raise UserError(f"--instance_data_dir {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return [(str(path), captions) for path, captions in entries]
+    return [(str(path), captions, lambda path=path: read_image_file(path)) for path, captions in entries]
 
 
 def scan_dataset(args):
-    """(row, captions, loader) for every row of a Hugging Face dataset (hub id or local folder)."""
+    """(row, captions reader, image loader) for every row of a Hugging Face dataset (hub id or local folder)."""
     import datasets
 
     try:
@@ -809,42 +889,50 @@ def scan_dataset(args):
         if column is not None and column not in dataset.column_names:
             raise UserError(f"dataset {args.dataset_name} has no column '{column}' (columns: "
                             f"{', '.join(dataset.column_names)}); set --image_column/--caption_column")
-    entries = []
-    for row in range(len(dataset)):
-        captions = None
-        if args.caption_column is not None:
-            value = dataset[row][args.caption_column]
-            captions = read_captions(value, f"dataset row {row}") if isinstance(value, str) and value.strip() else None
-        entries.append((f"dataset:{row}", captions,
-                        lambda row=row: load_rgb(dataset[row][args.image_column], f"dataset row {row}")))
-    return entries
+    if not isinstance(dataset.features[args.image_column], datasets.Image):
+        image_columns = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
+        raise UserError(f"dataset column '{args.image_column}' holds no images; set --image_column to"
+                        f" {' or '.join(image_columns) if image_columns else 'a column of images'}")
+    captions = [None] * len(dataset)
+    if args.caption_column is not None:
+        for row, value in enumerate(dataset[args.caption_column]):
+            captions[row] = caption_variants(value, f"dataset row {row}, column '{args.caption_column}'")
+    images = dataset.select_columns([args.image_column])  # reading an image decodes no other column
+    return [(f"dataset:{row}", lambda row=row: captions[row],
+             lambda row=row: read_dataset_image(images, row, args.image_column)) for row in range(len(dataset))]
 
 
 def collect_examples(args, resolution_multiple):
     """Scan and check the whole dataset up front: bad input stops here, before any model is loaded."""
-    if args.instance_data_dir is not None:
-        entries = [(path, captions, lambda path=path: read_image_file(path))
-                   for path, captions in scan_instance_data_dir(args)]
-    else:
-        entries = scan_dataset(args)
+    entries = scan_instance_data_dir(args) if args.instance_data_dir is not None else scan_dataset(args)
     buckets = generate_aspect_ratio_buckets(args.resolution, divisibility=resolution_multiple)
-    examples = []
-    for source, captions, load in entries:
+    flips = (False, True) if args.random_flip else (False,)
+    examples, long_captions = [], []
+    for source, read_captions, load in entries:
         try:
+            captions = read_captions()
             image = load()
-        except ValueError as error:
+        except BadData as error:
             if not args.skip_bad_images:
                 raise UserError(f"{error} (pass --skip_bad_images to skip such images)") from None
-            logger.warning(f"skipping {source}: {error}")
+            warn_early(f"skipping {source}: {error}")
             continue
         if captions is None:
             if args.instance_prompt is None:
                 raise UserError(f"{source} has no caption: add a .txt caption or pass --instance_prompt")
             captions = [args.instance_prompt]
-        bucket = buckets[find_nearest_bucket(image.height, image.width, buckets)]
+        if any(len(caption) > MAX_CAPTION_CHARS for caption in captions):
+            long_captions.append(source)
+            captions = [caption[:MAX_CAPTION_CHARS] for caption in captions]
+        bucket = choose_bucket(image, buckets, resolution_multiple, args.bucket_no_upscale)
         image_key = hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
         image_index = examples[-1].image_index + 1 if examples else 0
-        examples += [Example(source, caption, bucket, image_key, image_index, load) for caption in captions]
+        examples += [Example(source, caption, bucket, image_key, image_index, flip, load)
+                     for caption in captions for flip in flips]
+    if long_captions:
+        warn_early(f"the captions of {len(long_captions)} image(s) (first: {long_captions[0]}) are longer than"
+                   f" {MAX_CAPTION_CHARS} characters and were cut to that length: only their first 512 tokens"
+                   " are encoded (1024 for the Z-Image teacher)")
     if not examples:
         raise UserError("no usable training images left after skipping bad ones")
     return examples
@@ -951,12 +1039,13 @@ class ContextStore:
         self.accelerator = accelerator
 
     def path(self, example):
-        key = hashlib.sha1(f"{self.fingerprint}|{example.image_key}|{example.caption}|{example.bucket}".encode())
+        key = hashlib.sha1(f"{self.fingerprint}|{example.image_key}|{example.caption}|{example.bucket}"
+                           f"|{'flipped' if example.flip else ''}".encode())
         return self.folder / f"{key.hexdigest()}.safetensors"
 
     @torch.no_grad()
     def compute(self, example):
-        image = resize_to_bucket(example.load(), example.bucket)
+        image = training_image(example)
         student = self.family.encode_student_context(example.caption)
         teacher = self.family.build_teacher_context(image, example.caption)
         return student, teacher

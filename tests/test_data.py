@@ -3,13 +3,17 @@ buckets as diffusers/kohya users expect, the context cache keyed on what determi
 line naming the file."""
 
 import collections
+import json
 import logging
 import shutil
+import sys
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
 from conftest import CONCEPT, TINY_KLEIN, TINY_ZIMAGE, load_family, lora_script as script, script_args
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 
@@ -53,6 +57,12 @@ def accelerator():
     return Accelerator(cpu=True)
 
 
+@pytest.fixture(scope="module")
+def klein(tmp_path_factory):
+    """The tiny FLUX.2-klein with its edit teacher: contexts without a VLM, the cheapest to compute."""
+    return load_family(tmp_path_factory.mktemp("klein"), TINY_KLEIN)[1]
+
+
 def test_a_model_replaced_at_the_same_path_gets_new_contexts(tmp_path, accelerator):
     model = tmp_path / "model"
     shutil.copytree(TINY_KLEIN, model)
@@ -93,8 +103,8 @@ def test_a_hub_model_is_keyed_on_its_cached_commit(tmp_path):
     assert script.model_fingerprint("user/model", revision="a" * 40, cache_dir=cache) == first
 
 
-def test_an_unreadable_cache_file_is_computed_again_with_one_warning(tmp_path, accelerator, caplog):
-    args, family = load_family(tmp_path, TINY_KLEIN)
+def test_an_unreadable_cache_file_is_computed_again_with_one_warning(tmp_path, accelerator, klein, caplog):
+    args, family = script.parse_args(script_args(tmp_path, TINY_KLEIN)), klein
     examples = script.collect_examples(args, family.resolution_multiple)[:2]
     store = script.ContextStore(family, args, examples, accelerator)
     store.fill()
@@ -137,3 +147,132 @@ def test_teacher_vlm_rope_theta_option(tmp_path):
     hidden_states, mask = authors.vlm.hidden_states(text)
     assert (hidden_states[-2][0][mask] - student).abs().max() > 1e-3
     assert (authors.build_teacher_context(image, caption)["prompt_embeds"] - teacher).abs().max() > 1e-3
+
+
+def test_random_flip_shows_the_teacher_the_mirrored_image(tmp_path, accelerator, klein):
+    data = data_folder(tmp_path / "data", {"a.jpg": "sks cat", "b.jpg": "sks cat, again"})
+    args = script.parse_args(script_args(tmp_path / "out", TINY_KLEIN, "--random_flip", data=data))
+    examples = script.collect_examples(args, klein.resolution_multiple)
+    assert [(e.source[-5:], e.flip) for e in examples] == [("a.jpg", False), ("a.jpg", True), ("b.jpg", False),
+                                                            ("b.jpg", True)]
+    sampler = script.BucketBatchSampler(examples, batch_size=1, repeats=1, seed=0)
+    flips = collections.Counter()
+    for epoch in range(40):
+        sampler.start_epoch(epoch)
+        visits = [examples[i] for batch in sampler for i in batch]
+        assert sorted(e.image_index for e in visits) == [0, 1]  # each image once per epoch, flipped or not
+        flips.update(e.flip for e in visits)
+    assert 25 <= flips[True] <= 55  # about half of 80 visits
+    plain, flipped = examples[:2]
+    mirrored = script.training_image(plain).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    assert np.array_equal(np.asarray(script.training_image(flipped)), np.asarray(mirrored))
+    store = script.ContextStore(klein, args, examples[:2], accelerator)
+    assert store.path(plain) != store.path(flipped)
+    (plain_student, plain_teacher), (student, teacher) = store.compute(plain), store.compute(flipped)
+    torch.testing.assert_close(student["prompt_embeds"], plain_student["prompt_embeds"])  # the caption's, unchanged
+    expected = klein.build_teacher_context(mirrored, flipped.caption)
+    torch.testing.assert_close(teacher["image_latents"], expected["image_latents"])
+    assert (teacher["image_latents"] - plain_teacher["image_latents"]).abs().max() > 1e-3
+
+
+def test_bucket_no_upscale_trains_small_images_at_their_own_size(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (100, 84), (200, 10, 10)).save(data / "small.png")
+    Image.new("RGB", (400, 300), (10, 200, 10)).save(data / "large.png")
+    buckets = {}
+    for flag in ((), ("--bucket_no_upscale",)):
+        args = script.parse_args(script_args(tmp_path / "out", TINY_ZIMAGE, "--resolution", 128, "--instance_prompt",
+                                             "sks", *flag, data=data))
+        buckets[flag] = {e.source.rsplit("/", 1)[1]: e.bucket for e in script.collect_examples(args, 16)}
+    upscaled, kept = buckets[()], buckets[("--bucket_no_upscale",)]
+    assert upscaled["small.png"][0] > 84 and kept["small.png"] == (80, 96)  # (height, width), multiples of 16
+    assert kept["large.png"] == upscaled["large.png"]  # larger images are only ever scaled down
+    small = script.read_image_file(data / "small.png")
+    assert script.resize_to_bucket(small, kept["small.png"]).size == (96, 80)  # a center crop, no resize
+
+
+def test_images_and_captions_of_every_kind_are_read_correctly(tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(np.full((80, 96), 0.5, np.float32), mode="F").save(data / "float.tif")
+    Image.new("CMYK", (96, 80), (0, 255, 255, 0)).save(data / "cmyk.jpg")
+    rotated = Image.new("RGB", (96, 80), (0, 0, 255))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # stored sideways: display rotated by 90 degrees
+    rotated.save(data / "rotated.jpg", exif=exif)
+    (data / "._float.tif").write_bytes(b"macOS resource fork")  # hidden: not an image
+    (data / "folder.jpg").mkdir()  # a folder: not an image
+    (data / "float.txt").write_bytes("\ufeffsks float\r\nsks again\r\n".encode())  # BOM and CRLF
+    (data / "cmyk.txt").write_text("sks " + "very " * 20_000 + "long")
+    (data / "rotated.txt").write_text("sks rotated")
+    args = script.parse_args(script_args(tmp_path / "out", TINY_ZIMAGE, data=data))
+    with caplog.at_level(logging.WARNING):
+        examples = {(e.source.rsplit("/", 1)[1], e.caption[:9]): e for e in script.collect_examples(args, 16)}
+    assert sorted(examples) == [("cmyk.jpg", "sks very "), ("float.tif", "sks again"), ("float.tif", "sks float"),
+                                ("rotated.jpg", "sks rotat")]
+    assert np.asarray(examples["float.tif", "sks float"].load())[0, 0].tolist() == [127, 127, 127]  # not black
+    assert np.asarray(examples["cmyk.jpg", "sks very "].load())[0, 0].tolist() == pytest.approx([255, 0, 0], abs=8)
+    assert examples["rotated.jpg", "sks rotat"].load().size == (80, 96)  # upright
+    assert len(examples["cmyk.jpg", "sks very "].caption) == script.MAX_CAPTION_CHARS
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "cmyk.jpg" in warnings[0] and "cut" in warnings[0]
+    # metadata.jsonl: text may be a list of caption variants
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "rotated.jpg", "text": ["sks one", "sks two"]}))
+    assert [e.caption for e in script.collect_examples(args, 16)] == ["sks one", "sks two"]
+
+
+def test_bad_data_gets_one_line_naming_the_file(tmp_path, capsys, monkeypatch, caplog):
+    jpeg = (CONCEPT / "chelsea-1.jpg").read_bytes()
+
+    def folder(files):
+        path = tmp_path / f"data{len(list(tmp_path.iterdir()))}"
+        path.mkdir()
+        for name, content in files.items():
+            if content is None:
+                (path / name).mkdir()
+            else:
+                (path / name).write_bytes(content)
+        return path
+
+    def dataset(*extra):
+        path = folder({"a.jpg": jpeg, "b.jpg": jpeg[:3000], "metadata.jsonl": b'{"file_name": "a.jpg", "text": "x"}\n'
+                       b'{"file_name": "b.jpg", "text": "y"}\n'})
+        return ["--dataset_name", str(path), "--caption_column", "text", *extra]
+
+    loop = tmp_path / "loop"
+    loop.mkdir()
+    (loop / "a.jpg").symlink_to(loop / "a.jpg")
+    cases = [
+        (folder({"a.jpg": jpeg, "a.txt": "sks caf\xe9".encode("latin-1")}), [], "a.txt is not UTF-8 text (byte 0xe9"),
+        (folder({"a.jpg": jpeg, "a.txt": None}), [], "cannot read caption file"),
+        (folder({"a.jpg": jpeg, "metadata.jsonl": b'{"file_name": "a.jpg", "text": 42}'}), [],
+         "metadata.jsonl:1 text: a caption must be a text or a list of texts, not 42"),
+        (folder({"a.jpg": jpeg, "metadata.jsonl": b'{"file_name": "a.jpg", "text": ["sks", 7]}'}), [],
+         "metadata.jsonl:1 text: a caption must be a text or a list of texts, not ['sks', 7]"),
+        (folder({"a.jpg": jpeg, "metadata.jsonl": b'{"file_name": "a.jpg", "text": "caf\xe9"}'}), [],
+         "metadata.jsonl ('utf-8' codec can't decode"),
+        (None, dataset(), "cannot read the image of dataset row 1"),
+        (None, dataset("--image_column", "text"), "dataset column 'text' holds no images; set --image_column to image"),
+        (loop, ["--instance_prompt", "sks"], "cannot read image"),
+    ]
+    for data, extra, expected in cases:
+        argv = script_args(tmp_path / "out", TINY_ZIMAGE, *extra, data=data or CONCEPT)
+        if data is None:
+            index = argv.index("--instance_data_dir")
+            argv = argv[:index] + argv[index + 2:]
+        monkeypatch.setattr(sys, "argv", ["train_dopsd_lora.py", *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            script.run()
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and "Traceback" not in err, (expected, err)
+        assert err.splitlines()[-1].startswith("error: ") and expected in err.splitlines()[-1], (expected, err)
+        assert not (tmp_path / "out").exists()
+    # with --skip_bad_images the truncated dataset image is skipped with a warning, also before accelerate's state
+    # exists (as in a command-line run, where the data scan comes first)
+    args = script.parse_args(script_args(tmp_path / "out", TINY_ZIMAGE, "--skip_bad_images")[:4] + dataset(
+        "--skip_bad_images", "--resolution", "64", "--output_dir", str(tmp_path / "out")))
+    monkeypatch.setattr(script.PartialState, "_shared_state", {})
+    with caplog.at_level(logging.WARNING):
+        assert [e.source for e in script.collect_examples(args, 16)] == ["dataset:0"]
+    assert "skipping dataset:1: cannot read the image of dataset row 1" in caplog.text
