@@ -24,10 +24,12 @@ import logging
 import math
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
 import sys
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +62,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import (  # noqa: E402
     get_default_z_image_sigmas,
     retrieve_timesteps,
 )
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, _pack_dict_with_prefix  # noqa: E402
 from diffusers.training_utils import (  # noqa: E402
     _collate_lora_metadata,
     cast_training_params,
@@ -67,7 +70,7 @@ from diffusers.training_utils import (  # noqa: E402
     free_memory,
     generate_aspect_ratio_buckets,
 )
-from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card  # noqa: E402
+from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card  # noqa: E402
 from peft import LoraConfig, set_peft_model_state_dict  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
@@ -82,6 +85,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 MIN_IMAGE_SIDE = 64  # smaller photos carry too little detail for a ~1 MP teacher context
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class UserError(Exception):
@@ -93,13 +97,26 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every flag's default, except where there is none to show or the help text already says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default:" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="D-OPSD LoRA training for Z-Image-Turbo and FLUX.2-klein.")
+    parser = argparse.ArgumentParser(description="D-OPSD LoRA training for Z-Image-Turbo and FLUX.2-klein.",
+                                     formatter_class=HelpFormatter)
     add_common_arguments(parser)
 
     group = parser.add_argument_group("LoRA")
-    group.add_argument("--rank", type=int, default=64)
-    group.add_argument("--lora_alpha", type=int, default=128)
+    group.add_argument("--rank", type=int, default=64, help="LoRA rank r.")
+    group.add_argument("--lora_alpha", type=int, default=128, help="LoRA alpha: training scales the LoRA by alpha/r"
+                       " (the exported file has it folded in).")
+    group.add_argument("--save_dtype", type=str, default="bf16", choices=sorted(SAVE_DTYPES), help="Precision of the"
+                       " exported LoRA file (checkpoints keep full precision).")
     group.add_argument("--lora_layers", type=str, default=None, help="Comma-separated module-name suffixes to adapt"
                        " (default: the family's attention and feed-forward projections).")
 
@@ -168,8 +185,8 @@ def add_common_arguments(parser):
                        " captions (UTF-8, one caption variant per line) or a metadata.jsonl with file_name/text (text:"
                        " a string, one variant per line, or a list of variants).")
     group.add_argument("--dataset_name", type=str, default=None, help="Hugging Face dataset id or local folder.")
-    group.add_argument("--dataset_config_name", type=str, default=None)
-    group.add_argument("--image_column", type=str, default="image")
+    group.add_argument("--dataset_config_name", type=str, default=None, help="Configuration of --dataset_name.")
+    group.add_argument("--image_column", type=str, default="image", help="Dataset column with images.")
     group.add_argument("--caption_column", type=str, default=None, help="Dataset column with captions.")
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
     group.add_argument("--instance_prompt", type=str, default=None, help="Caption for images that have none.")
@@ -184,6 +201,8 @@ def add_common_arguments(parser):
     group.add_argument("--bucket_no_upscale", action="store_true", help="Do not enlarge images smaller than their"
                        " aspect-ratio bucket: such an image trains at its own size, cropped to a multiple of 16"
                        " (kohya's bucket_no_upscale).")
+    group.add_argument("--trigger_word", type=str, default=None, help="Word put in front of every caption that does"
+                       " not already contain it (any case); named on the model card and in the LoRA file.")
 
     group = parser.add_argument_group("D-OPSD")
     group.add_argument("--rollout_steps", type=int, default=4, help="K: steps of the student's on-policy roll-out,"
@@ -198,53 +217,61 @@ def add_common_arguments(parser):
 
     group = parser.add_argument_group("training")
     group.add_argument("--output_dir", type=str, default=None, help="Where outputs, checkpoints and caches go.")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--train_batch_size", type=int, default=1)
-    group.add_argument("--gradient_accumulation_steps", type=int, default=4)
-    group.add_argument("--max_train_steps", type=int, default=2000)
+    group.add_argument("--seed", type=int, default=0, help="Random seed.")
+    group.add_argument("--train_batch_size", type=int, default=1, help="Images per device per step.")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=4, help="Batches per optimizer step.")
+    group.add_argument("--max_train_steps", type=int, default=2000, help="Optimizer steps to train.")
     group.add_argument("--learning_rate", type=float, default=None, help="LoRA default: 1e-4 (Z-Image), 2e-5"
                        " (FLUX.2-klein); full fine-tuning: a tenth of that.")
     group.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by accumulation x"
                        " batch x GPUs.")
-    group.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS)
-    group.add_argument("--lr_warmup_steps", type=int, default=0)
-    group.add_argument("--lr_num_cycles", type=int, default=1)
-    group.add_argument("--lr_power", type=float, default=1.0)
+    group.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate"
+                       " schedule.")
+    group.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the lr schedule.")
+    group.add_argument("--lr_num_cycles", type=int, default=1, help="Cycles of cosine_with_restarts.")
+    group.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
     group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
-    group.add_argument("--adam_beta1", type=float, default=0.9)
-    group.add_argument("--adam_beta2", type=float, default=0.999)
-    group.add_argument("--adam_weight_decay", type=float, default=0.0)
-    group.add_argument("--adam_epsilon", type=float, default=1e-8)
-    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    group.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    group.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
+    group.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
     group.add_argument("--max_bad_steps", type=int, default=10, help="Stop (with a checkpoint) after this many"
                        " consecutive steps with non-finite loss or gradients; each one is skipped.")
-    group.add_argument("--gradient_checkpointing", action="store_true")
-    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
-    group.add_argument("--allow_tf32", action="store_true")
+    group.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in the backward"
+                       " pass: far less memory, more compute.")
+    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Compute"
+                       " precision (default: accelerate's config); bf16 on GPUs that have it.")
+    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
     group.add_argument("--attention_backend", type=str, default=None, help="diffusers attention backend, e.g."
                        " flash, _flash_3, native (default: PyTorch SDPA).")
     group.add_argument("--compile", action="store_true", help="torch.compile the transformer's repeated blocks"
                        " (the teacher's weight swap does not cause recompiles).")
 
     group = parser.add_argument_group("checkpoints")
-    group.add_argument("--checkpointing_steps", type=int, default=500)
-    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest this many.")
+    group.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N"
+                       " steps.")
+    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
     group.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint folder.')
     group.add_argument("--overwrite_output_dir", action="store_true", help="Start a new run in an --output_dir that"
                        " holds another run's results: its checkpoints are deleted, its outputs replaced at the end.")
 
     group = parser.add_argument_group("validation and logging")
     group.add_argument("--validation_prompt", type=str, action="append", default=None, help="Repeatable.")
-    group.add_argument("--validation_steps", type=int, default=100)
+    group.add_argument("--validation_steps", type=int, default=100, help="Sample the validation prompts every N steps.")
     group.add_argument("--validation_inference_steps", type=int, default=None, help="Default: 8 (Z-Image-Turbo),"
                        " 4 (FLUX.2-klein).")
-    group.add_argument("--num_validation_images", type=int, default=1)
-    group.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "none"])
-    group.add_argument("--logging_dir", type=str, default="logs")
+    group.add_argument("--num_validation_images", type=int, default=1, help="Images per validation prompt.")
+    group.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "none"],
+                       help="Where to log losses and validation images.")
+    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder inside --output_dir.")
 
     group = parser.add_argument_group("Hugging Face Hub")
-    group.add_argument("--push_to_hub", action="store_true")
-    group.add_argument("--hub_model_id", type=str, default=None, help="Repository name (default: output folder name).")
+    group.add_argument("--push_to_hub", action="store_true", help="Upload the output folder (no checkpoints, caches or"
+                       " logs) to the Hub at the end.")
+    group.add_argument("--hub_model_id", type=str, default=None, help="Repository: name or user/name (default: the"
+                       " output folder's name, in your namespace).")
+    group.add_argument("--hub_private", action="store_true", help="Create the Hub repository as private.")
 
 
 def check_args(parser, args):
@@ -500,6 +527,8 @@ class ZImageTurbo(ModelFamily):
 
     name = "Z-Image-Turbo"
     pipeline_class = ZImagePipeline
+    modelspec_architecture = "Z-Image"  # the name musubi-tuner and LoRA managers use
+    hub_tags = ["z-image", "z-image-turbo"]
     default_learning_rate = 1e-4
     default_validation_steps = 8
     # The released code lost w1/w2 to a missing comma; all three feed-forward projections are meant (SPEC §5).
@@ -578,6 +607,7 @@ class Flux2Klein(ModelFamily):
 
     name = "FLUX.2-klein"
     pipeline_class = Flux2KleinPipeline
+    hub_tags = ["flux2", "flux2-klein"]
     default_learning_rate = 2e-5
     default_validation_steps = 4
     # Module names that exist in diffusers' Flux2 transformer (the released code named ff.net.*, which do not).
@@ -587,6 +617,11 @@ class Flux2Klein(ModelFamily):
     default_teacher_context = "edit"
     teacher_contexts = ("edit", "vlm")
     max_sequence_length = 512
+
+    @property
+    def modelspec_architecture(self):
+        config = self.transformer.config
+        return "Flux.2-klein-9b" if config.num_attention_heads * config.attention_head_dim > 3072 else "Flux.2-klein-4b"
 
     def default_teacher_vlm(self):
         hidden = self.pipeline.text_encoder.config.hidden_size
@@ -696,13 +731,61 @@ class Flux2Klein(ModelFamily):
 MODEL_FAMILIES = {"ZImagePipeline": ZImageTurbo, "Flux2KleinPipeline": Flux2Klein}
 
 
+def hub_offline():
+    """HF_HUB_OFFLINE as huggingface_hub read it at import, or as set since."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def pipeline_load_error(args, error):
+    """Why model_index.json could not be read, in words the user can act on. diffusers re-raises the Hub's error as
+    an OSError; the original is its __context__."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    name = args.pretrained_model_name_or_path
+    cause = error.__context__ or error
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return f"{name} has no model_index.json: give the folder of a diffusers pipeline (the one holding it)"
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return f"{name} does not exist: check the path"
+    if isinstance(cause, GatedRepoError):
+        return (f"{name} is gated: accept its terms at https://huggingface.co/{name}, then log in (`hf auth login` or"
+                " HF_TOKEN)")
+    if isinstance(cause, RepositoryNotFoundError):
+        return (f"{name} is neither a local folder nor a model on the Hub: check the spelling (a private model also"
+                " needs `hf auth login`)")
+    if isinstance(cause, RevisionNotFoundError):
+        return f"--revision {args.revision} does not exist for {name}"
+    if isinstance(cause, LocalEntryNotFoundError):
+        if hub_offline():
+            return (f"{name} is not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE): unset"
+                    " HF_HUB_OFFLINE to download it, or give a local folder")
+        return f"cannot reach the Hugging Face Hub to download {name} (no network?), and it is not in the local cache"
+    if isinstance(cause, EntryNotFoundError):
+        return f"{name} has no model_index.json on the Hub: it is not a diffusers pipeline"
+    return f"cannot read the pipeline {name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+
+
 def detect_family(args):
     """The family class named by the pipeline folder's model_index.json."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # one message below instead of a warning per retry
     try:
         config = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision,
                                                cache_dir=args.cache_dir)
-    except Exception:
-        raise UserError(f"cannot find a diffusers pipeline (model_index.json) at {args.pretrained_model_name_or_path}")
+    except Exception as error:
+        raise UserError(pipeline_load_error(args, error)) from None
+    finally:
+        hub_logger.setLevel(level)
     pipeline_class = config.get("_class_name")
     if pipeline_class not in MODEL_FAMILIES:
         supported = ", ".join(cls.name for cls in MODEL_FAMILIES.values())
@@ -902,6 +985,13 @@ def scan_dataset(args):
              lambda row=row: read_dataset_image(images, row, args.image_column)) for row in range(len(dataset))]
 
 
+def with_trigger_word(caption, trigger_word):
+    """The caption with the trigger word in front, unless it already holds it as a word (any case)."""
+    if not trigger_word or re.search(rf"(?<!\w){re.escape(trigger_word)}(?!\w)", caption, re.IGNORECASE):
+        return caption
+    return f"{trigger_word}, {caption}"
+
+
 def collect_examples(args, resolution_multiple):
     """Scan and check the whole dataset up front: bad input stops here, before any model is loaded."""
     entries = scan_instance_data_dir(args) if args.instance_data_dir is not None else scan_dataset(args)
@@ -921,6 +1011,7 @@ def collect_examples(args, resolution_multiple):
             if args.instance_prompt is None:
                 raise UserError(f"{source} has no caption: add a .txt caption or pass --instance_prompt")
             captions = [args.instance_prompt]
+        captions = [with_trigger_word(caption, args.trigger_word) for caption in captions]
         if any(len(caption) > MAX_CAPTION_CHARS for caption in captions):
             long_captions.append(source)
             captions = [caption[:MAX_CAPTION_CHARS] for caption in captions]
@@ -1391,71 +1482,180 @@ def save_lora(family, transformer, output_dir, weight_name=LORA_WEIGHT_NAME):
     )
 
 
-def save_model_card(args, family, repo_id, images):
-    """README.md for the Hub: what was trained, how, and how to load it."""
-    samples = []
+def export_lora(args, family, transformer, output_dir, weight_name=LORA_WEIGHT_NAME):
+    """The final LoRA file, with one meaning in every loader. diffusers scales B·A by the metadata's lora_alpha / r;
+    ComfyUI and Forge scale it by 1 when the file has no `.alpha` tensors. So alpha / r is folded into lora_B and
+    alpha is recorded as r: both apply the trained weight change at strength 1. Tensors in --save_dtype; modelspec
+    keys in the header for LoRA managers. Checkpoints keep the training representation (save_lora)."""
+    config = transformer.peft_config["default"]
+    scaling = config.lora_alpha / config.r
+    dtype = SAVE_DTYPES[args.save_dtype]
+    state = {key: ((value.float() * scaling) if ".lora_B." in key else value).to(dtype).contiguous()
+             for key, value in get_peft_model_state_dict(transformer).items()}
+    adapter = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
+    adapter["lora_alpha"] = config.r
+    header = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{family.modelspec_architecture}/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": hub_repo_id(args),
+        "modelspec.description": f"D-OPSD LoRA (on-policy self-distillation, arXiv 2605.05204) for {family.name}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.resolution": f"{args.resolution}x{args.resolution}",
+        "modelspec.base_model": args.pretrained_model_name_or_path,
+        "modelspec.training_method": "D-OPSD",
+        "modelspec.network_rank": str(config.r),
+        "modelspec.network_alpha": str(config.r),
+        "ss_network_dim": str(config.r),
+        "ss_network_alpha": str(config.r),
+        "ss_base_model_version": family.modelspec_architecture,
+    }
+    if args.trigger_word:
+        header["modelspec.trigger_phrase"] = args.trigger_word
+
+    def save_with_header(tensors, filename):
+        metadata = {"format": "pt", **header,
+                    LORA_ADAPTER_METADATA_KEY: json.dumps(_pack_dict_with_prefix(adapter, "transformer"), indent=2,
+                                                          sort_keys=True)}
+        save_file(tensors, filename, metadata=metadata)
+
+    family.pipeline_class.save_lora_weights(output_dir, transformer_lora_layers=state, weight_name=weight_name,
+                                            save_function=save_with_header)
+
+
+# Licenses of the known base models, for when their own model card cannot be read (offline, local folder).
+KNOWN_LICENSES = {
+    "z-image-turbo": {"license": "apache-2.0"},
+    "flux.2-klein-4b": {"license": "apache-2.0"},
+    "flux.2-klein-9b": {"license": "other", "license_name": "flux-non-commercial-license",
+                        "license_link": "https://huggingface.co/black-forest-labs/FLUX.2-klein-9B/blob/main/LICENSE.md"},
+}
+
+
+def base_model_license(base_model):
+    """The base model's license fields: from its own model card where it can be read, else from KNOWN_LICENSES,
+    else "other" (the card then points to the base model)."""
+    from huggingface_hub import ModelCard
+
+    readme = Path(base_model) / "README.md"
+    if readme.is_file() or not (Path(base_model).exists() or hub_offline()):
+        hub_logger = logging.getLogger("huggingface_hub")
+        level = hub_logger.level
+        hub_logger.setLevel(logging.ERROR)
+        try:
+            data = ModelCard.load(readme if readme.is_file() else base_model).data
+            if data.license:
+                return {k: getattr(data, k) for k in ("license", "license_name", "license_link") if getattr(data, k)}
+        except Exception:
+            pass
+        finally:
+            hub_logger.setLevel(level)
+    return dict(KNOWN_LICENSES.get(Path(base_model.rstrip("/")).name.lower(), {"license": "other"}))
+
+
+def card_gallery(args, images):
+    """Save the final validation images beside the card; the widget entries that its <Gallery /> shows."""
+    widget = []
     for i, (prompt, image_list) in enumerate(images.items()):
         if prompt.startswith("teacher view"):
             continue
         name = f"image_{i}.png"
         image_list[0].save(Path(args.output_dir) / name)
-        samples.append({"text": prompt, "output": {"url": name}})
-    trigger = args.instance_prompt or "(captions from the dataset)"
+        widget.append({"text": prompt, "output": {"url": name}})
+    return widget
+
+
+def write_model_card(args, repo_id, description, widget, tags):
+    """README.md in output_dir: diffusers' card template with the base model's license and a gallery of samples."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(library_name="diffusers", base_model=args.pretrained_model_name_or_path,
+                         instance_prompt=args.trigger_word, widget=widget or None,
+                         **base_model_license(args.pretrained_model_name_or_path))
+    card = ModelCard.from_template(data, template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description)
+    with atomic_output(Path(args.output_dir) / "README.md") as temporary:
+        populate_model_card(card, tags=tags).save(temporary)
+
+
+def save_model_card(args, family, repo_id, images):
+    """README.md for the Hub: what was trained, how, and how to load it in diffusers, ComfyUI and Forge."""
+    widget = card_gallery(args, images)
     pipeline_class = family.pipeline_class.__name__
     guidance = 0.0 if family.name == "Z-Image-Turbo" else 1.0
+    trigger = (f"Use `{args.trigger_word}` in the prompt to trigger the concept." if args.trigger_word else
+               f"Instance prompt: `{args.instance_prompt}`." if args.instance_prompt else
+               "No trigger word: the captions of the training data were used.")
+    prompt = args.trigger_word or args.instance_prompt or "your prompt"
     description = f"""
 # {repo_id}: D-OPSD LoRA for {family.name}
+
+<Gallery />
+
+## Model description
 
 A LoRA for [{args.pretrained_model_name_or_path}](https://huggingface.co/{args.pretrained_model_name_or_path})
 trained with **D-OPSD** (on-policy self-distillation, arXiv 2605.05204): the student rolled out its own
 {args.rollout_steps}-step trajectories and was pulled toward an EMA teacher that also saw the training image, so the
 base model's few-step sampling is kept.
 
-Trigger / instance prompt: `{trigger}`
+## Trigger words
 
-## Use it
+{trigger}
+
+## Download model
+
+[{LORA_WEIGHT_NAME}](https://huggingface.co/{repo_id}/resolve/main/{LORA_WEIGHT_NAME}) ({args.save_dtype}, rank
+{args.rank}), also under *Files and versions*.
+
+## Use it with diffusers
 
 ```python
 import torch
 from diffusers import {pipeline_class}
 
-pipe = {pipeline_class}.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.bfloat16)
-pipe.to("cuda")
+pipe = {pipeline_class}.from_pretrained("{args.pretrained_model_name_or_path}", dtype=torch.bfloat16).to("cuda")
 pipe.load_lora_weights("{repo_id}")
-prompt = "{args.instance_prompt or 'your prompt'}"
-image = pipe(prompt, num_inference_steps={args.validation_inference_steps}, guidance_scale={guidance}).images[0]
+image = pipe("{prompt}", num_inference_steps={args.validation_inference_steps}, guidance_scale={guidance}).images[0]
 ```
 
+## Use it in ComfyUI / Forge
+
+Put `{LORA_WEIGHT_NAME}` in `ComfyUI/models/loras/` (Forge: `models/Lora/`) and load it with *LoraLoaderModelOnly*
+(Forge: `<lora:name:1>`) on the {family.name} model at strength **1.0**. The LoRA's alpha / rank scale is folded into
+its weights, so strength 1.0 applies exactly the trained change in ComfyUI, Forge and diffusers alike.
+
 ## Training settings
+
 | setting | value |
 |---|---|
+| method | D-OPSD (arXiv 2605.05204) |
 | roll-out steps K | {args.rollout_steps} |
 | teacher context | {family.teacher_context} |
 | loss space | {args.loss_space} |
 | EMA decay | {args.ema_decay} |
-| LoRA rank / alpha | {args.rank} / {args.lora_alpha} |
+| LoRA rank / alpha (trained) | {args.rank} / {args.lora_alpha} |
 | learning rate | {args.learning_rate} |
 | steps x batch x accumulation | {args.max_train_steps} x {args.train_batch_size} x {args.gradient_accumulation_steps} |
 | resolution | {args.resolution} |
 """
-    card = load_or_create_model_card(repo_id_or_path=repo_id, from_training=True, license="apache-2.0",
-                                     base_model=args.pretrained_model_name_or_path, prompt=args.instance_prompt,
-                                     model_description=description, widget=samples or None)
-    tags = ["text-to-image", "diffusers", "lora", "d-opsd", "diffusers-training", family.name.lower()]
-    with atomic_output(Path(args.output_dir) / "README.md") as temporary:
-        populate_model_card(card, tags=tags).save(temporary)
+    tags = ["text-to-image", "diffusers", "lora", "template:sd-lora", "d-opsd", "diffusers-training",
+            *family.hub_tags]
+    write_model_card(args, repo_id, description, widget, tags)
 
 
 HUB_IGNORE = ["checkpoint-*", "checkpoint-*/*", "context_cache/*", "logs/*", "*.tmp", ".dopsd.lock"]
 
 
-def push_to_hub(args, repo_id):
-    """Upload the output folder. On failure everything stays local and the retry command is printed."""
+def push_to_hub(args, family, images):
+    """Create the repository, write the card naming the id the Hub gave it (user/name), upload the output folder.
+    On failure everything stays local and the retry command is printed."""
     from huggingface_hub import create_repo, upload_folder
 
+    repo_id = hub_repo_id(args)
     try:
-        create_repo(repo_id, exist_ok=True)
-        upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="D-OPSD LoRA",
+        repo_id = create_repo(repo_id, exist_ok=True, private=args.hub_private).repo_id
+        save_model_card(args, family, repo_id, images)
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="D-OPSD training",
                       ignore_patterns=HUB_IGNORE)
     except Exception as error:
         excludes = " ".join(f"--exclude '{p}'" for p in HUB_IGNORE)
@@ -2006,13 +2206,14 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
     return transformer, images
 
 
-def finish(args, accelerator, save_outputs):
-    """Write the final outputs on the main process and push them; exit 1 if the upload failed."""
+def finish(args, accelerator, family, images, save_outputs):
+    """Write the final outputs and the model card on the main process and push them; exit 1 if the upload failed."""
     uploaded = True
     if accelerator.is_main_process:
-        repo_id = save_outputs()
+        save_outputs()
+        save_model_card(args, family, hub_repo_id(args), images)
         if args.push_to_hub:
-            uploaded = push_to_hub(args, repo_id)
+            uploaded = push_to_hub(args, family, images)
         release_output_dir(args.output_dir)
     accelerator.end_training()
     if not uploaded:
@@ -2069,14 +2270,10 @@ def main(args):
 
     def save_outputs():
         with atomic_output(Path(args.output_dir) / LORA_WEIGHT_NAME) as temporary:
-            save_lora(family, accelerator.unwrap_model(transformer), temporary.parent, temporary.name)
+            export_lora(args, family, accelerator.unwrap_model(transformer), temporary.parent, temporary.name)
         logger.info(f"saved {Path(args.output_dir) / LORA_WEIGHT_NAME}")
-        repo_id = hub_repo_id(args)
-        if args.push_to_hub:
-            save_model_card(args, family, repo_id, images)
-        return repo_id
 
-    finish(args, accelerator, save_outputs)
+    finish(args, accelerator, family, images, save_outputs)
     return accelerator.unwrap_model(transformer)
 
 

@@ -35,12 +35,15 @@ def test_run_writes_lora_checkpoints_and_samples(trained):
     samples = sorted(p.name for p in (output_dir / "samples").iterdir())
     assert samples == ["step-000003-prompt0-0.png", "step-000003-teacher-view.png"]
     assert Image.open(output_dir / "samples" / samples[0]).size == (64, 64)
-    # the final LoRA is the last checkpoint's student
+    # the final LoRA is the last checkpoint's student, exported in bf16 with alpha / r (16 / 8) folded into lora_B;
+    # the checkpoint keeps the fp32 training representation
     final = load_file(output_dir / script.LORA_WEIGHT_NAME)
     last = load_file(output_dir / "checkpoint-3" / script.LORA_WEIGHT_NAME)
     assert final.keys() == last.keys()
     for key in final:
-        torch.testing.assert_close(final[key], last[key])
+        assert final[key].dtype == torch.bfloat16 and last[key].dtype == torch.float32
+        scale = 2.0 if ".lora_B." in key else 1.0
+        torch.testing.assert_close(final[key], (scale * last[key]).to(torch.bfloat16))
 
 
 def test_ema_teacher_is_updated_after_every_optimizer_step(trained):
@@ -68,11 +71,19 @@ def test_lora_loads_in_the_stock_pipeline_and_changes_its_images(trained):
 
     before = generate()
     load_lora_into_pipeline(pipe, output_dir)
-    # rank 8, alpha 16 travel in the file's metadata: the pipeline scales the LoRA by 2, as in training
+    # trained at rank 8, alpha 16 (scale 2); the export folds the 2 into lora_B and records alpha = rank, so the
+    # pipeline's weight change is the trained one (the last checkpoint keeps the training representation)
     with safe_open(output_dir / script.LORA_WEIGHT_NAME, "pt") as f:
         metadata = json.loads(f.metadata()["lora_adapter_metadata"])
-    assert (metadata["transformer.r"], metadata["transformer.lora_alpha"]) == (8, 16)
-    assert pipe.transformer.layers[0].attention.to_q.scaling[pipe.get_active_adapters()[0]] == 2.0
+    assert (metadata["transformer.r"], metadata["transformer.lora_alpha"]) == (8, 8)
+    to_q = pipe.transformer.layers[0].attention.to_q
+    adapter = pipe.get_active_adapters()[0]
+    assert to_q.scaling[adapter] == 1.0
+    trained = load_file(output_dir / "checkpoint-3" / script.LORA_WEIGHT_NAME)
+    key = "transformer.layers.0.attention.to_q.lora_{}.weight"
+    expected = 2.0 * trained[key.format("B")] @ trained[key.format("A")]
+    applied = to_q.scaling[adapter] * to_q.lora_B[adapter].weight.float() @ to_q.lora_A[adapter].weight.float()
+    torch.testing.assert_close(applied, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
     after = generate()
     assert abs(after - before).max() > 1e-3
 
@@ -133,7 +144,7 @@ def test_bad_inputs_each_get_one_clear_line(tmp_path, capsys, monkeypatch):
         ((), tmp_path / "missing", TINY_ZIMAGE, "does not exist"),
         ((), empty, TINY_ZIMAGE, "holds no images"),
         (("--instance_prompt", "sks"), corrupt, TINY_ZIMAGE, "broken.jpg"),
-        ((), CONCEPT, tmp_path / "no-model", "cannot find a diffusers pipeline"),
+        ((), CONCEPT, tmp_path / "no-model", "no-model does not exist: check the path"),
         ((), CONCEPT, other_pipeline, "is a StableDiffusionPipeline; D-OPSD supports Z-Image-Turbo, FLUX.2-klein"),
         (("--rollout_steps", 0), CONCEPT, TINY_ZIMAGE, "--rollout_steps must be at least 1"),
         (("--resolution", 32), CONCEPT, TINY_ZIMAGE, "--resolution 32 is too small"),
