@@ -1907,6 +1907,8 @@ def lock_output_dir(output_dir):
         lock.close()
         raise UserError(f"another run is using --output_dir {output_dir}: wait for it to end, or choose another"
                         " --output_dir") from None
+    except OSError as error:  # a filesystem without locks (some network mounts): run unprotected, and say so
+        logger.warning(f"cannot lock {key / LOCK_FILE} ({error.strerror}); make sure no other run uses this folder")
     output_dir_locks[key] = lock
 
 

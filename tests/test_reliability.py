@@ -123,7 +123,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkey
 def test_a_failed_final_save_keeps_the_previous_output(tmp_path):
     output = tmp_path / script.LORA_WEIGHT_NAME
     output.write_bytes(b"previous lora")
-    with pytest.raises(OSError):
+    with pytest.raises(script.UserError, match=r"\(No space left on device\); the previous .* is intact"):
         with script.atomic_output(output) as temporary:
             temporary.write_bytes(b"half")
             raise OSError(errno.ENOSPC, "No space left on device")

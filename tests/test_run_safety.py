@@ -345,3 +345,17 @@ def test_a_programming_error_while_saving_is_not_taken_for_a_full_disk(tmp_path)
     assert list(tmp_path.iterdir()) == []
     assert lora_script.write_failure(RuntimeError("a bug"), tmp_path) is None
     assert lora_script.write_failure(OSError(28, "No space left on device"), tmp_path) == "No space left on device"
+
+
+def test_ctrl_c_before_training_is_one_line(capsys, monkeypatch):
+    """Ctrl-C while loading or caching (before the loop's own stop handler exists) ends without a traceback."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora_script, "main", interrupted)
+    monkeypatch.setattr(sys, "argv", ["train_dopsd_lora.py", *script_args("unused", TINY_ZIMAGE)])
+    with pytest.raises(SystemExit) as exit_info:
+        lora_script.run()
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == ("error: interrupted before training started; rerun the same command"
+                                               " (contexts cached so far are kept)")
