@@ -63,28 +63,24 @@ def klein(tmp_path_factory):
     return load_family(tmp_path_factory.mktemp("klein"), TINY_KLEIN)[1]
 
 
-def test_a_model_replaced_at_the_same_path_gets_new_contexts(tmp_path, accelerator):
+def test_a_model_replaced_at_the_same_path_gets_new_contexts(tmp_path, accelerator, klein):
     model = tmp_path / "model"
     shutil.copytree(TINY_KLEIN, model)
-    args, family = load_family(tmp_path / "out", model)
-    example = script.collect_examples(args, family.resolution_multiple)[0]
-    store = script.ContextStore(family, args, [example], accelerator)
+    args = script.parse_args(script_args(tmp_path / "out", model))
+    example = script.collect_examples(args, klein.resolution_multiple)[0]
+    store = script.ContextStore(klein, args, [example], accelerator)
     store.fill()
-    before = store.get(example)
+    assert store.path(example).exists()
     weights = model / "text_encoder" / "model.safetensors"
     state = load_file(weights)
     state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"] * 1.5
     save_file(state, weights)  # same path, same size, new contents
 
-    args, family = load_family(tmp_path / "out", model)
-    replaced = script.ContextStore(family, args, [example], accelerator)
+    replaced = script.ContextStore(klein, args, [example], accelerator)
     assert replaced.path(example) != store.path(example) and not replaced.path(example).exists()
-    replaced.fill()
-    after = replaced.get(example)
-    assert (after[0]["prompt_embeds"] - before[0]["prompt_embeds"]).abs().max() > 1e-3
     # and every setting that shapes a context is part of the key
     args.text_encoder_out_layers = [9, 18, 26]
-    assert script.ContextStore(family, args, [example], accelerator).path(example) != replaced.path(example)
+    assert script.ContextStore(klein, args, [example], accelerator).path(example) != replaced.path(example)
 
 
 def test_a_hub_model_is_keyed_on_its_cached_commit(tmp_path):
