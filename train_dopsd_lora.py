@@ -1620,9 +1620,10 @@ image = pipe("{prompt}", num_inference_steps={args.validation_inference_steps}, 
 
 ## Use it in ComfyUI / Forge
 
-Put `{LORA_WEIGHT_NAME}` in `ComfyUI/models/loras/` (Forge: `models/Lora/`) and load it with *LoraLoaderModelOnly*
-(Forge: `<lora:name:1>`) on the {family.name} model at strength **1.0**. The LoRA's alpha / rank scale is folded into
-its weights, so strength 1.0 applies exactly the trained change in ComfyUI, Forge and diffusers alike.
+Put `{LORA_WEIGHT_NAME}` in `ComfyUI/models/loras/` (Forge builds that support {family.name}: `models/Lora/`) and
+load it with *LoraLoaderModelOnly* (Forge: `<lora:name:1>`) on the {family.name} model at strength **1.0**. The
+LoRA's alpha / rank scale is folded into its weights, so strength 1.0 applies exactly the trained change in ComfyUI,
+Forge and diffusers alike.
 
 ## Training settings
 
