@@ -72,6 +72,7 @@ from diffusers.training_utils import (  # noqa: E402
 )
 from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card  # noqa: E402
 from peft import LoraConfig, set_peft_model_state_dict  # noqa: E402
+from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -173,6 +174,14 @@ def add_common_arguments(parser):
         help="FLUX.2-klein edit teacher: sentence appended to the teacher's caption.",
     )
     group.add_argument(
+        "--reference_resolution",
+        type=int,
+        default=None,
+        help="FLUX.2-klein edit teacher: encode the reference image at this area resolution^2, with the bucket's"
+        " aspect ratio (default: --resolution). 512 at --resolution 1024 gives a quarter of the reference tokens: a"
+        " shorter teacher pass, at the cost of identity detail the teacher can see.",
+    )
+    group.add_argument(
         "--text_encoder_out_layers",
         type=int,
         nargs="+",
@@ -245,8 +254,10 @@ def add_common_arguments(parser):
     group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
     group.add_argument("--attention_backend", type=str, default=None, help="diffusers attention backend, e.g."
                        " flash, _flash_3, native (default: PyTorch SDPA).")
-    group.add_argument("--compile", action="store_true", help="torch.compile the transformer's repeated blocks"
-                       " (the teacher's weight swap does not cause recompiles).")
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the"
+                       " transformer's repeated blocks for every pass (student and teacher, dynamic shapes). Default:"
+                       " on with a CUDA GPU and a working inductor (triton), off otherwise. If compiling fails the"
+                       " run goes on eager after one warning.")
 
     group = parser.add_argument_group("checkpoints")
     group.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N"
@@ -290,6 +301,10 @@ def check_args(parser, args):
         parser.error("--validation_inference_steps must be at least 1")
     if args.resolution < MIN_IMAGE_SIDE:
         parser.error(f"--resolution {args.resolution} is too small: use at least {MIN_IMAGE_SIDE}")
+    if args.reference_resolution is not None and (args.reference_resolution < MIN_IMAGE_SIDE
+                                                  or args.reference_resolution % 16):
+        parser.error(f"--reference_resolution must be a multiple of 16 and at least {MIN_IMAGE_SIDE}"
+                     f" (got {args.reference_resolution})")
     if os.path.isfile(args.output_dir):
         parser.error(f"--output_dir {args.output_dir} is a file; give a folder")
     # `not x > 0` also catches NaN. A zero learning rate would silently train at the default; a clipping norm <= 0
@@ -445,6 +460,9 @@ class ModelFamily:
         if self.teacher_context not in self.teacher_contexts:
             raise UserError(f"--teacher_context {self.teacher_context} is not available for {self.name}"
                             f" (choose from {', '.join(self.teacher_contexts)})")
+        if args.reference_resolution is not None and self.teacher_context != "edit":
+            raise UserError(f"--reference_resolution applies to FLUX.2-klein's edit teacher only, not to {self.name}"
+                            f" with the {self.teacher_context} teacher")
         if pipeline is None:
             try:
                 pipeline = self.pipeline_class.from_pretrained(
@@ -642,6 +660,9 @@ class Flux2Klein(ModelFamily):
         if self.teacher_context == "vlm":
             return self.vlm_teacher_context(image, caption)
         # Edit teacher: the target as the pipeline's reference image, with the instruction suffix (SPEC §3).
+        reference_height, reference_width = self.reference_size(image.height, image.width)
+        if (reference_height, reference_width) != (image.height, image.width):
+            image = image.resize((reference_width, reference_height), Image.Resampling.LANCZOS)
         pixels = image_to_tensor(image)
         image_latents, image_latent_ids = self.pipeline.prepare_image_latents(
             [pixels], batch_size=1, generator=None, device=self.device, dtype=self.pipeline.vae.dtype
@@ -652,6 +673,16 @@ class Flux2Klein(ModelFamily):
             "image_latents": image_latents[0].to("cpu", self.weight_dtype),
             "image_latent_ids": image_latent_ids[0].to("cpu"),
         }
+
+    def reference_size(self, height, width):
+        """(height, width) of the edit teacher's reference image for a bucket: the bucket itself, or its aspect ratio
+        at --reference_resolution^2 pixels (fewer reference tokens, a shorter teacher pass)."""
+        if self.args.reference_resolution is None:
+            return height, width
+        scale = self.args.reference_resolution / math.sqrt(height * width)
+        multiple = self.resolution_multiple
+        return (max(multiple, round(height * scale / multiple) * multiple),
+                max(multiple, round(width * scale / multiple) * multiple))
 
     def vlm_teacher_context(self, image, caption):
         vision, num_image_tokens = self.vlm.vision_inputs(image)
@@ -1126,6 +1157,8 @@ class ContextStore:
             "suffix": args.teacher_prompt_suffix if family.teacher_context == "edit" else None,
             "layers": args.text_encoder_out_layers, "dtype": str(family.weight_dtype),
         }
+        if args.reference_resolution is not None:  # absent by default, so earlier caches stay valid
+            fingerprint["reference_resolution"] = args.reference_resolution
         self.fingerprint = json.dumps(fingerprint, sort_keys=True)
         self.accelerator = accelerator
 
@@ -1969,6 +2002,61 @@ def check_resume_settings(resume_path, settings):
         logger.info(f"resuming with changed settings: {listing}")
 
 
+def compile_by_default(device):
+    """--compile's default: on where inductor generates GPU kernels (CUDA with triton); tests on CPU stay eager."""
+    from torch.utils._triton import has_triton
+
+    return device.type == "cuda" and has_triton()
+
+
+class CompiledBlocks:
+    """torch.compile of the transformer's repeated blocks (diffusers' regional compilation) for every pass: the
+    student's forward and backward (with or without gradient checkpointing) and the teacher's no-grad forward.
+
+    Shapes are dynamic, so aspect buckets, the teacher's longer context and validation sizes share one set of
+    graphs instead of compiling per shape. The teacher's weights are swapped in by storage, which keeps dynamo's
+    guards valid: after the first step nothing recompiles. New graphs are counted and logged. If compiling fails,
+    `call` puts the blocks back to eager and does the work again.
+    """
+
+    backend = "inductor"
+
+    def __init__(self, transformer, enabled):
+        self.transformer = transformer
+        self.enabled = enabled
+        self.graphs = 0
+        if enabled:
+            transformer.compile_repeated_blocks(backend=self.backend, dynamic=True)
+
+    def undo(self):
+        for module in self.transformer.modules():
+            module._compiled_call_impl = None  # what nn.Module.compile set
+        self.enabled = False
+
+    def call(self, work, reset=None):
+        """work(); if compiling fails in it: one warning line, eager blocks, reset() and work() again."""
+        if not self.enabled:
+            return work()
+        try:
+            return work()
+        except torch._dynamo.exc.TorchDynamoException as error:
+            cause = getattr(error, "inner_exception", None) or error  # what the compiler backend raised
+            reason = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
+            logger.warning(f"torch.compile failed ({reason}); going on eager (--no-compile skips the attempt)")
+            self.undo()
+            if reset is not None:
+                reset()
+            return work()
+
+    def log_new_graphs(self, where):
+        if not self.enabled:
+            return
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        if graphs > self.graphs:
+            logger.info(f"torch.compile: {graphs - self.graphs} new graph(s) at {where}, {graphs} in all")
+            self.graphs = graphs
+
+
 def setup(args):
     """Check inputs, start accelerate, load the model family. Bad input fails here, before any long work."""
     if args.push_to_hub:
@@ -2008,6 +2096,8 @@ def setup(args):
     if accelerator.distributed_type == DistributedType.FSDP:
         raise UserError("FSDP shards the parameters that the EMA teacher swaps in; use DDP or DeepSpeed ZeRO-2"
                         " (examples/accelerate/)")
+    if args.compile is None:
+        args.compile = compile_by_default(accelerator.device)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     family = family_class(args, weight_dtype, accelerator.device)
     args.validation_inference_steps = args.validation_inference_steps or family.default_validation_steps
@@ -2112,6 +2202,11 @@ def apply_optimizer_settings(optimizer, lr_scheduler, args):
     schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
     if previous != args.learning_rate:
         logger.info(f"learning rate {previous} -> {args.learning_rate} from the resumed step on")
+def restart_step(noise_generator, noise_state, parameters):
+    """Undo a first step that failed part-way: its roll-out noise is drawn again and its gradients are dropped."""
+    noise_generator.set_state(noise_state)
+    for parameter in parameters:
+        parameter.grad = None
 
 
 def train(args, accelerator, family, transformer, optimizer, ema_teacher, examples, store, validation, resume_path,
@@ -2132,8 +2227,7 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
     transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader,
                                                                            lr_scheduler)
     teacher_model = accelerator.unwrap_model(transformer)
-    if args.compile:
-        teacher_model.compile_repeated_blocks()
+    compiled = CompiledBlocks(teacher_model, args.compile)
     backward_per_step = accelerator.distributed_type != DistributedType.DEEPSPEED
 
     if accelerator.is_main_process and args.report_to != "none":
@@ -2161,13 +2255,25 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
                 f" teacher={family.teacher_context}, loss={args.loss_space}, lr={args.learning_rate}")
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
+
+    def step(batch):
+        loss, _ = dopsd_step(family, transformer, teacher_model, ema_teacher, batch, args, accelerator,
+                             noise_generator, backward_per_step)
+        return loss
+
     transformer.train()
-    images, bad_steps, stop = {}, 0, StopRequest()
+    images, bad_steps, stop, first_step = {}, 0, StopRequest(), True
     try:
         for batch in batches:
             with accelerator.accumulate(transformer):
-                loss, _ = dopsd_step(family, transformer, teacher_model, ema_teacher, batch, args, accelerator,
-                                     noise_generator, backward_per_step)
+                if first_step:  # the passes compile here; if that fails, the step restarts eager from the same noise
+                    noise_state = noise_generator.get_state()
+                    loss = compiled.call(lambda: step(batch),
+                                         reset=lambda: restart_step(noise_generator, noise_state, trainable))
+                    first_step = False
+                else:
+                    loss = step(batch)
+                compiled.log_new_graphs(f"step {global_step + 1} (bucket {batch['bucket'][0]}x{batch['bucket'][1]})")
                 applied = optimizer_step(accelerator, optimizer, lr_scheduler, trainable, args.max_grad_norm, loss)
             if not accelerator.sync_gradients:
                 continue
@@ -2191,8 +2297,9 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
                                 " lower --learning_rate, or use --mixed_precision bf16 instead of fp16."
                                 f" checkpoint-{global_step} holds the last good weights")
             if accelerator.is_main_process and (global_step % args.validation_steps == 0 or last):
-                images, _ = log_validation(family, teacher_model, ema_teacher, validation, args, accelerator,
-                                           global_step)
+                images, _ = compiled.call(lambda: log_validation(family, teacher_model, ema_teacher, validation, args,
+                                                                 accelerator, global_step))
+                compiled.log_new_graphs(f"validation at step {global_step}")
             if last:
                 break
             if stop.agreed(accelerator):
@@ -2223,6 +2330,27 @@ def finish(args, accelerator, family, images, save_outputs):
         sys.exit(1)
 
 
+def prepare_lora_student(args, family, accelerator, lora_targets):
+    """The transformer as training runs it: a LoRA on `lora_targets` (fp32 weights under mixed precision) and
+    gradient checkpointing if asked."""
+    transformer = family.transformer.to(accelerator.device)
+    transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
+                                       target_modules=lora_targets))
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if accelerator.mixed_precision in ("fp16", "bf16"):
+        cast_training_params(transformer, dtype=torch.float32)
+    if accelerator.native_amp:
+        # Every pass runs under autocast (accelerate wraps the prepared model's forward, which the teacher pass and
+        # validation go through too), and autocast computes the LoRA in bf16/fp16 whatever its input's dtype:
+        # peft's cast of each input to the fp32 adapter dtype would only add a round trip through fp32. (peft's
+        # disable_input_dtype_casting does the same for a block of code.)
+        for module in transformer.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
+    return transformer
+
+
 def main(args):
     """Train a LoRA with D-OPSD; returns the trained transformer (with its LoRA)."""
     accelerator, family, examples, resume_path = setup(args)
@@ -2233,13 +2361,7 @@ def main(args):
     store, validation = cache_contexts(args, family, examples, accelerator)
 
     # The student: a LoRA on the transformer. The teacher: the EMA of that LoRA (SPEC §2.4).
-    transformer = family.transformer.to(accelerator.device)
-    transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
-                                       target_modules=lora_targets))
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    if accelerator.mixed_precision in ("fp16", "bf16"):
-        cast_training_params(transformer, dtype=torch.float32)
+    transformer = prepare_lora_student(args, family, accelerator, lora_targets)
     lora = [(name, p) for name, p in transformer.named_parameters() if p.requires_grad]
     ema_teacher = EMATeacher(lora, args.ema_decay)
     logger.info(f"LoRA on {len(lora_targets)} layers: {sum(p.numel() for _, p in lora) / 1e6:.2f} M parameters")

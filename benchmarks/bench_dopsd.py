@@ -1,19 +1,24 @@
-"""Time and size one D-OPSD iteration against a plain SFT LoRA step, with the trainer's own functions.
+"""Time and size one D-OPSD iteration against a plain SFT LoRA step, exactly as the trainer runs them.
 
 Full-size transformers are built from their configs with random weights (no download): Z-Image-Turbo (6.15 B),
-FLUX.2-klein-4B and -9B (SPEC §8). Contexts are synthetic but of realistic length: the student's caption (256
-tokens for Z-Image, the 512 padded tokens klein always uses), the teacher's caption plus image tokens (VLM context:
-~600 tokens for Z-Image; klein's edit teacher: the reference image's tokens appended to the noisy ones).
+FLUX.2-klein-4B and -9B. Contexts are synthetic but of realistic length: the student's caption (256 tokens for
+Z-Image, the 512 padded tokens klein always uses), the teacher's caption plus image tokens (VLM context: ~600 tokens
+for Z-Image; klein's edit teacher: the reference image's tokens appended to the noisy ones, at
+--reference_resolutions).
 
-For each configuration it measures, in one process:
+The model is prepared with the trainer's own functions (train_dopsd_lora.prepare_lora_student, accelerate's
+autocast, CompiledBlocks), and each configuration measures, in one process:
   (a) a vanilla-SFT LoRA step (same LoRA, same checkpointing): noise a latent, predict, MSE to the velocity, backward;
   (b) one D-OPSD iteration (train_dopsd_lora.dopsd_step) for each K;
-and prints (b)/(a), seconds, achieved TFLOP/s against a FLOP count taken with torch's FlopCounterMode on the
-model's own forward (iteration = K teacher forwards + K student forwards + 2K backward-forward-equivalents, + K
-recomputed forwards with checkpointing), and peak accelerator memory. One JSON line per configuration goes to
---output, a markdown table to --markdown.
+in each of --modes eager / compiled. Compiled mode first warms up on three aspect buckets and reports the time of
+those first calls (the compile) and how many graphs the later buckets and the timed runs added (recompiles).
+FLOPs are counted with torch's FlopCounterMode, eagerly and before any compile, over the student's forward + backward
+(without checkpointing's recomputation: model FLOPs) and the teacher's forward; an iteration is K of each. MFU is
+achieved FLOP/s over the card's dense bf16 peak (PEAK_TFLOPS; n/a for other cards). One JSON line per configuration
+goes to --output, a markdown table to --markdown.
 
-    python benchmarks/bench_dopsd.py --models z-image klein-4b --resolutions 512 1024 --gradient_checkpointing
+    python benchmarks/bench_dopsd.py --models z-image klein-4b --resolutions 1024 --gradient_checkpointing \
+        --modes eager compiled
     python benchmarks/bench_dopsd.py --models tiny-z-image tiny-klein --resolutions 64   # CPU, seconds
 """
 
@@ -102,8 +107,10 @@ def build_family(name, args, weight_dtype, device):
     return family, train_args
 
 
-def synthetic_batch(family, height, width, student_tokens, teacher_tokens):
-    """Cached contexts of realistic length for one sample, as the context store returns them."""
+def synthetic_batch(family, height, width, student_tokens, teacher_tokens, reference_size=None):
+    """Cached contexts of realistic length for one sample, as the context store returns them. klein's edit teacher
+    gets a reference image of `reference_size` (height, width; default: the bucket), as --reference_resolution
+    gives."""
     transformer = family.transformer
     if isinstance(family, trainer.ZImageTurbo):
         width_features = transformer.config.cap_feat_dim
@@ -112,11 +119,23 @@ def synthetic_batch(family, height, width, student_tokens, teacher_tokens):
     else:
         joint = transformer.config.joint_attention_dim
         student = {"prompt_embeds": torch.randn(512, joint)}
-        reference = family.initial_noise(1, height, width).float().cpu()  # (1, C, h, w), like an encoded image
+        # (1, C, h, w), like an encoded image
+        reference = family.initial_noise(1, *(reference_size or (height, width))).float().cpu()
         tokens = family.pipeline._pack_latents(reference)[0]
         teacher = {"prompt_embeds": torch.randn(512, joint), "image_latents": tokens,
                    "image_latent_ids": family.pipeline._prepare_image_ids([reference])[0]}
     return {"student": [student], "teacher": [teacher], "bucket": (height, width)}
+
+
+# Dense bf16 peak of one card (TFLOP/s), as a large bf16 matmul reaches it (measured on an H100 and an H200).
+PEAK_TFLOPS = {"H100": 790, "H200": 790}
+
+
+def card_peak_tflops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for card, peak in PEAK_TFLOPS.items() if card in name), None)
 
 
 def sft_step(family, transformer, batch, accelerator, generator):
@@ -133,13 +152,40 @@ def sft_step(family, transformer, batch, accelerator, generator):
     return loss.detach()
 
 
-def forward_flops(family, transformer, batch, context_key):
+def count_flops(family, transformer, ema_teacher, batch, accelerator):
+    """(student forward + backward, teacher forward) FLOPs of one roll-out step, counted eagerly.
+
+    The student's pass is counted without gradient checkpointing (its recomputation is not model work); if that
+    does not fit in memory, with it, and the row says so."""
     height, width = batch["bucket"]
     latents = family.initial_noise(1, height, width)
-    timesteps, _ = family.rollout_schedule(4, height, width)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        family.predict(transformer, latents, timesteps[0], family.collate(batch[context_key]))
-    return counter.get_total_flops()
+    timesteps, sigmas = family.rollout_schedule(4, height, width)
+    model = accelerator.unwrap_model(transformer)
+    checkpointing = model.is_gradient_checkpointing
+    with torch.no_grad(), ema_teacher.swapped_in(), FlopCounterMode(display=False) as counter:
+        teacher_velocity = family.predict(transformer, latents, timesteps[0], family.collate(batch["teacher"]))
+    teacher_flops = counter.get_total_flops()
+
+    def student_pass():
+        with FlopCounterMode(display=False) as counter:
+            velocity = family.predict(transformer, latents, timesteps[0], family.collate(batch["student"]))
+            accelerator.backward(trainer.dopsd_loss(velocity, teacher_velocity, latents, sigmas[0], "x0"))
+        model.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    student_flops, recompute_counted = None, False
+    if checkpointing:
+        model.disable_gradient_checkpointing()
+        try:
+            student_flops = student_pass()
+        except torch.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+        finally:
+            model.enable_gradient_checkpointing()
+    if student_flops is None:
+        recompute_counted = checkpointing
+        student_flops = student_pass()
+    return student_flops, teacher_flops, recompute_counted
 
 
 def timed(fn, device, repeats):
@@ -162,78 +208,155 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def emit(row, path):
+    """Print a row and append it to the JSON-lines file at once, so a run cut short keeps what it measured."""
+    print(json.dumps(row), flush=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def compiled_graphs():
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def three_buckets(resolution):
+    """The square bucket and the ones nearest 3:4 and 4:3 at this area, as a dataset of mixed photos gives."""
+    buckets = trainer.generate_aspect_ratio_buckets(resolution, divisibility=16)
+    return [min(buckets, key=lambda b: abs(b[0] / b[1] - ratio)) for ratio in (1.0, 4 / 3, 3 / 4)]
+
+
 def bench_model(name, args, device, accelerator):
     weight_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     family, train_args = build_family(name, args, weight_dtype, device)
-    transformer = family.transformer.to(device)
-    targets = trainer.resolve_lora_targets(transformer, train_args.lora_layers)
-    transformer.add_adapter(trainer.LoraConfig(r=args.rank, lora_alpha=args.lora_alpha,
-                                               init_lora_weights="gaussian", target_modules=targets))
-    trainer.cast_training_params(transformer, torch.float32)
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    if args.compile:
-        transformer.compile_repeated_blocks()
+    train_args.gradient_checkpointing = args.gradient_checkpointing
+    targets = trainer.resolve_lora_targets(family.transformer, train_args.lora_layers)
+    # The student exactly as training prepares it: LoRA, checkpointing, fp32 LoRA computed under autocast.
+    transformer = accelerator.prepare(trainer.prepare_lora_student(train_args, family, accelerator, targets))
+    transformer.train()
     lora = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
     ema_teacher = trainer.EMATeacher(lora, 0.9999)
-    optimizer = torch.optim.AdamW([p for _, p in lora], lr=1e-6)
-    generator = torch.Generator(device).manual_seed(0)
-    rows = []
+    # lr 0: the optimizer does all its work but the weights stay put, so eager and compiled losses are comparable.
+    optimizer = torch.optim.AdamW([p for _, p in lora], lr=0.0)
+    is_klein = isinstance(family, trainer.Flux2Klein)
+    configs = []
     for resolution in args.resolutions:
-        batch = synthetic_batch(family, resolution, resolution, args.student_tokens, args.teacher_tokens)
-        student_flops = forward_flops(family, transformer, batch, "student")
-        teacher_flops = forward_flops(family, transformer, batch, "teacher")
-        recompute = 1 if args.gradient_checkpointing else 0
+        for reference in (args.reference_resolutions if is_klein else [None]):
+            train_args.reference_resolution = reference
+            reference_size = family.reference_size(resolution, resolution) if is_klein else None
+            batch = synthetic_batch(family, resolution, resolution, args.student_tokens, args.teacher_tokens,
+                                    reference_size)
+            configs.append((resolution, reference, batch, count_flops(family, transformer, ema_teacher, batch,
+                                                                     accelerator)))
+    peak_tflops = card_peak_tflops(device)
+    rows, eager_losses = [], {}
+    for mode in args.modes:
+        warmup = {}
+        if mode == "compiled":
+            torch._dynamo.reset()
+            compiled = trainer.CompiledBlocks(accelerator.unwrap_model(transformer), enabled=True)
+            warmup = compile_warmup(family, transformer, ema_teacher, train_args, accelerator, args, compiled)
+            graphs_after_warmup = compiled_graphs()
+        for resolution, reference, batch, (student_flops, teacher_flops, recompute_counted) in configs:
+            def check_loss(steps):
+                train_args.rollout_steps = steps
+                loss, _ = trainer.dopsd_step(family, transformer, transformer, ema_teacher, batch, train_args,
+                                             accelerator, torch.Generator(device).manual_seed(0))
+                optimizer.zero_grad(set_to_none=True)
+                return loss.item()
 
-        def sft():
-            sft_step(family, transformer, batch, accelerator, generator)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            generator = torch.Generator(device).manual_seed(0)
 
-        sft_seconds, sft_peak = timed(sft, device, args.repeats)
-        sft_flops = (3 + recompute) * student_flops
-        for steps in args.rollout_steps:
-            train_args.rollout_steps = steps
-
-            def iteration():
-                trainer.dopsd_step(family, transformer, transformer, ema_teacher, batch, train_args, accelerator,
-                                   generator)
+            def sft():
+                sft_step(family, transformer, batch, accelerator, generator)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                ema_teacher.update()
 
-            seconds, peak = timed(iteration, device, args.repeats)
-            flops = steps * (teacher_flops + (3 + recompute) * student_flops)
-            row = {
-                "model": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                "resolution": resolution, "K": steps, "gradient_checkpointing": args.gradient_checkpointing,
-                "lora_rank": args.rank,
-                "parameters_B": round(sum(p.numel() for n, p in transformer.named_parameters() if "lora_" not in n)
-                                      / 1e9, 3),
-                "sft_step_s": round(sft_seconds, 4), "iteration_s": round(seconds, 4),
-                "ratio": round(seconds / sft_seconds, 2), "ratio_target": round(1.25 * steps, 2),
-                "sft_step_ratio_per_K": round(seconds / sft_seconds / steps, 3),
-                "forward_flop_student": student_flops, "forward_flop_teacher": teacher_flops,
-                "tflops_per_s": round(flops / seconds / 1e12, 4),
-                "sft_tflops_per_s": round(sft_flops / sft_seconds / 1e12, 4),
-                "peak_memory_GiB": None if peak is None else round(peak, 2),
-                "sft_peak_memory_GiB": None if sft_peak is None else round(sft_peak, 2),
-                "torch": torch.__version__, "compile": args.compile, "attention_backend": args.attention_backend,
-            }
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            sft_seconds, sft_peak = timed(sft, device, args.repeats)
+            for steps in args.rollout_steps:
+                loss = check_loss(steps)
+                key = (resolution, reference, steps)
+                if mode == "eager":
+                    eager_losses[key] = loss
+
+                def iteration():
+                    trainer.dopsd_step(family, transformer, transformer, ema_teacher, batch, train_args,
+                                       accelerator, generator)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    ema_teacher.update()
+
+                seconds, peak = timed(iteration, device, args.repeats)
+                flops = steps * (student_flops + teacher_flops)
+                row = {
+                    "model": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "mode": mode, "resolution": resolution, "reference_resolution": reference, "K": steps,
+                    "gradient_checkpointing": args.gradient_checkpointing, "lora_rank": args.rank,
+                    "parameters_B": round(sum(p.numel() for n, p in transformer.named_parameters()
+                                              if "lora_" not in n) / 1e9, 3),
+                    "sft_step_s": round(sft_seconds, 4), "iteration_s": round(seconds, 4),
+                    "ratio": round(seconds / sft_seconds, 2), "ratio_target": round(1.25 * steps, 2),
+                    "flop_student_fwd_bwd": student_flops, "flop_teacher_fwd": teacher_flops,
+                    "flop_includes_recompute": recompute_counted,
+                    "tflops_per_s": round(flops / seconds / 1e12, 4),
+                    "mfu": None if peak_tflops is None else round(flops / seconds / 1e12 / peak_tflops, 3),
+                    "sft_mfu": None if peak_tflops is None else round(student_flops / sft_seconds / 1e12
+                                                                      / peak_tflops, 3),
+                    "peak_memory_GiB": None if peak is None else round(peak, 2),
+                    "sft_peak_memory_GiB": None if sft_peak is None else round(sft_peak, 2),
+                    "loss": loss, "loss_vs_eager": (None if key not in eager_losses
+                                                    else abs(loss - eager_losses[key])),
+                    "torch": torch.__version__, "attention_backend": args.attention_backend, **warmup,
+                }
+                if mode == "compiled":
+                    row["recompiles_after_warmup"] = compiled_graphs() - graphs_after_warmup
+                emit(row, args.output)
+                rows.append(row)
+        if mode == "compiled":
+            compiled.undo()
+            torch._dynamo.reset()
     return rows
 
 
+def compile_warmup(family, transformer, ema_teacher, train_args, accelerator, args, compiled):
+    """The first D-OPSD iteration on three aspect buckets: the first compiles (its time is the compile time), the
+    others show what new buckets cost (with dynamic shapes: no new graphs)."""
+    device = accelerator.device
+    resolution = max(args.resolutions)
+    train_args.reference_resolution = None
+    train_args.rollout_steps = min(args.rollout_steps)
+    report = {"compile_buckets": [], "compile_first_call_s": [], "compile_new_graphs": []}
+    for height, width in three_buckets(resolution):
+        batch = synthetic_batch(family, height, width, args.student_tokens, args.teacher_tokens,
+                                family.reference_size(height, width) if isinstance(family, trainer.Flux2Klein)
+                                else None)
+        graphs = compiled_graphs()
+        start = time.perf_counter()
+        trainer.dopsd_step(family, transformer, transformer, ema_teacher, batch, train_args, accelerator,
+                           torch.Generator(device).manual_seed(0))
+        synchronize(device)
+        accelerator.unwrap_model(transformer).zero_grad(set_to_none=True)
+        report["compile_buckets"].append(f"{height}x{width}")
+        report["compile_first_call_s"].append(round(time.perf_counter() - start, 2))
+        report["compile_new_graphs"].append(compiled_graphs() - graphs)
+    assert compiled.enabled, "the compile failed (see the warning above)"
+    return report
+
+
 def markdown(rows):
-    lines = ["| model | device | res | K | ckpt | SFT step s | iteration s | ratio (target ≤ 1.25K) | TFLOP/s"
-             " | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | device | mode | res | ref | K | ckpt | SFT step s | iteration s | ratio (target ≤ 1.25K)"
+             " | TFLOP/s | MFU | peak GiB | compile s (3 buckets) | recompiles |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = "n/a" if r["peak_memory_GiB"] is None else r["peak_memory_GiB"]
-        lines.append(f"| {r['model']} | {r['device']} | {r['resolution']}² | {r['K']} | "
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.0f} %"
+        compile_s = " / ".join(map(str, r.get("compile_first_call_s", []))) or "–"
+        recompiles = "–" if "recompiles_after_warmup" not in r else (
+            sum(r["compile_new_graphs"][1:]) + r["recompiles_after_warmup"])
+        reference = f"{r['reference_resolution']}²" if r["reference_resolution"] else "–"
+        lines.append(f"| {r['model']} | {r['device']} | {r['mode']} | {r['resolution']}² | {reference} | {r['K']} | "
                      f"{'yes' if r['gradient_checkpointing'] else 'no'} | {r['sft_step_s']} | {r['iteration_s']} | "
-                     f"{r['ratio']} ({r['ratio_target']}) | {r['tflops_per_s']} | {peak} |")
+                     f"{r['ratio']} ({r['ratio_target']}) | {r['tflops_per_s']} | {mfu} | {peak} | {compile_s} | "
+                     f"{recompiles} |")
     return "\n".join(lines) + "\n"
 
 
@@ -242,32 +365,38 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=["z-image"], choices=[*FULL_SIZE, *TINY])
     parser.add_argument("--resolutions", nargs="+", type=int, default=[512, 1024])
     parser.add_argument("--rollout_steps", nargs="+", type=int, default=[4, 8])
+    parser.add_argument("--modes", nargs="+", default=None, choices=["eager", "compiled"], help="Default: compiled"
+                        " where the trainer compiles by default (CUDA with triton), else eager.")
+    parser.add_argument("--reference_resolutions", nargs="+", type=int, default=[None], help="klein edit teacher:"
+                        " rows per reference resolution (the trainer's --reference_resolution); default: the"
+                        " training resolution.")
+    parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend of the compiled mode"
+                        " (aot_eager: a quick check of the compiled path on a CPU).")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--lora_alpha", type=int, default=128)
     parser.add_argument("--student_tokens", type=int, default=256)
     parser.add_argument("--teacher_tokens", type=int, default=600)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compile", action="store_true")
     parser.add_argument("--attention_backend", type=str, default=None)
     parser.add_argument("--memory_fraction", type=float, default=None, help="Cap the GPU memory (e.g. 16/80 to"
                         " check that a run fits a 16 GB card).")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results.jsonl"))
     parser.add_argument("--markdown", type=Path, default=Path("benchmarks/results.md"))
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    trainer.CompiledBlocks.backend = args.compile_backend
+    args.modes = args.modes or (["compiled"] if trainer.compile_by_default(device) else ["eager"])
     if args.memory_fraction is not None and device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(args.memory_fraction, device)
+        torch.cuda.set_per_process_memory_fraction(args.memory_fraction, device.index)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.models:
         rows += bench_model(name, args, device, accelerator)
+        accelerator.free_memory()  # drops accelerate's references to this model before the next one is built
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
     table = markdown(rows)
     args.markdown.write_text(table)
     print(table)
