@@ -33,7 +33,7 @@ def one_image_concept(folder):
 
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory, monkeypatch_module):
-    """Two steps on an nf4 base with int8 encoders; records which encoder was present for each context."""
+    """One step on an nf4 base with int8 encoders; records which encoder was present for each context."""
     root = tmp_path_factory.mktemp("qlora")
     data = one_image_concept(root / "data")
     output_dir = root / "run"
@@ -51,8 +51,8 @@ def qlora_run(tmp_path_factory, monkeypatch_module):
 
     monkeypatch_module.setattr(family_class, "encode_student_context", encode_student_context)
     monkeypatch_module.setattr(family_class, "build_teacher_context", build_teacher_context)
-    argv = script_args(output_dir, TINY_ZIMAGE, "--max_train_steps", 2, "--gradient_accumulation_steps", 1,
-                       "--rollout_steps", 2, "--learning_rate", 1e-2, "--ema_decay", 0.5, "--validation_steps", 100,
+    argv = script_args(output_dir, TINY_ZIMAGE, "--max_train_steps", 1, "--gradient_accumulation_steps", 1,
+                       "--rollout_steps", 2, "--learning_rate", 1e-2, "--validation_inference_steps", 1,
                        "--quantize_base", "nf4", "--quantize_encoders", "int8", data=data)
     transformer = script.main(script.parse_args(argv))
     return output_dir, data, transformer, present
