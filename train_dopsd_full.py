@@ -29,6 +29,7 @@ import shlex
 import shutil
 import signal
 import sys
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +39,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-# bitsandbytes' CPU backend warns about an optional kernel package on import; it is irrelevant here.
+# bitsandbytes' CPU backend warns about an optional kernel package on import; it is irrelevant here. Its int8
+# matmul warns on every call that it computes in fp16, which --quantize_encoders int8 asks for.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
 import diffusers  # noqa: E402
 import transformers  # noqa: E402
@@ -115,6 +118,9 @@ def parse_args(input_args=None):
     parser.set_defaults(output_dir="dopsd-full")
 
     args = parser.parse_args(input_args)
+    if args.quantize_base != "none":
+        parser.error(f"--quantize_base {args.quantize_base} quantises a frozen base, but full fine-tuning trains those"
+                     " weights; use train_dopsd_lora.py for a quantised base")
     check_args(parser, args)
     return args
 
@@ -168,6 +174,22 @@ def add_common_arguments(parser):
         help="FLUX.2-klein edit teacher: encode the reference image at this area resolution^2, with the bucket's"
         " aspect ratio (default: --resolution). 512 at --resolution 1024 gives a quarter of the reference tokens: a"
         " shorter teacher pass, at the cost of identity detail the teacher can see.",
+    )
+    group.add_argument(
+        "--quantize_base",
+        type=str,
+        default="none",
+        choices=list(QUANTIZATION_BACKENDS),
+        help="Store the frozen transformer's block weights quantised (the LoRA stays full precision and trains as"
+        " usual): int8 (bitsandbytes LLM.int8), nf4 (bitsandbytes 4-bit, QLoRA), fp8 (torchao float8 weight-only).",
+    )
+    group.add_argument(
+        "--quantize_encoders",
+        type=str,
+        default="none",
+        choices=["none", "int8", "nf4"],
+        help="Quantise the text encoder and teacher VLM while they compute the contexts (for small cards); the"
+        " contexts then differ slightly from full-precision ones.",
     )
     group.add_argument(
         "--text_encoder_out_layers",
@@ -320,6 +342,14 @@ def check_args(parser, args):
                      " --report_to none")
     if args.report_to == "wandb" and not is_wandb_available():
         parser.error("--report_to wandb needs the wandb package: pip install wandb, or pass --report_to none")
+    for flag in ("quantize_base", "quantize_encoders"):
+        method = getattr(args, flag)
+        if method != "none":
+            try:
+                quantization_backend(method)
+            except ImportError as error:
+                parser.error(f"--{flag} {method} needs {QUANTIZATION_BACKENDS[method]} ({error}); install it or"
+                             f" drop the flag")
 
 
 
@@ -335,6 +365,89 @@ def image_to_tensor(image):
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
 
 
+# Copied from train_dopsd_lora.QUANTIZATION_BACKENDS
+QUANTIZATION_BACKENDS = {"none": None, "int8": "bitsandbytes", "nf4": "bitsandbytes", "fp8": "torchao"}
+
+
+# Copied from train_dopsd_lora.quantization_backend
+def quantization_backend(method):
+    """The imported library that quantises with `method` (ImportError when it is missing)."""
+    if QUANTIZATION_BACKENDS[method] == "bitsandbytes":
+        import bitsandbytes
+
+        return bitsandbytes
+    import torchao.quantization
+
+    return torchao.quantization
+
+
+# Copied from train_dopsd_lora.repeated_block_linears
+def repeated_block_linears(model):
+    """{name: nn.Linear} inside the model's repeated blocks (diffusers' _repeated_blocks, transformers'
+    _no_split_modules). Embedders, final layers and norms outside them stay in full precision."""
+    block_types = set(getattr(model, "_repeated_blocks", None) or getattr(model, "_no_split_modules", None) or [])
+    linears = {}
+    for block_name, block in model.named_modules():
+        if type(block).__name__ in block_types:
+            for name, module in block.named_modules():
+                if type(module) is torch.nn.Linear:
+                    linears[f"{block_name}.{name}"] = module
+    return linears
+
+
+# Copied from train_dopsd_lora.quantize_linear_layers
+def quantize_linear_layers(model, method, device, compute_dtype):
+    """Quantise the frozen linear weights of the model's repeated blocks in place, on `device`.
+
+    int8 and nf4 replace each nn.Linear by bitsandbytes' Linear8bitLt / Linear4bit (they quantise when moved to the
+    device); fp8 converts the weights with torchao's float8 weight-only config. Returns how many layers changed.
+    """
+    backend = quantization_backend(method)
+    linears = repeated_block_linears(model)
+    if method == "fp8":
+        backend.quantize_(model, backend.Float8WeightOnlyConfig(set_inductor_config=False),
+                          filter_fn=lambda module, name: name in linears, device=device)
+        return len(linears)
+    for name, linear in linears.items():
+        parent_name, _, child_name = name.rpartition(".")
+        has_bias = linear.bias is not None
+        if method == "int8":
+            quantized = backend.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
+                                                has_fp16_weights=False, threshold=6.0, device="meta")
+            quantized.weight = backend.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
+        else:
+            quantized = backend.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
+                                              compute_dtype=compute_dtype, compress_statistics=True,
+                                              quant_type="nf4", device="meta")
+            quantized.weight = backend.nn.Params4bit(linear.weight.data, requires_grad=False,
+                                                     compress_statistics=True, quant_type="nf4")
+        if has_bias:
+            quantized.bias = linear.bias
+        setattr(model.get_submodule(parent_name), child_name, quantized.to(device).requires_grad_(False))
+    return len(linears)
+
+
+# Copied from train_dopsd_lora.full_precision_state
+def full_precision_state(model):
+    """The model's state dict on the CPU, quantised linear weights dequantised one at a time (what the graft
+    copies; the accelerator never holds a full-precision copy)."""
+    buffers = dict(model.named_buffers())
+    full = {name: value.cpu() for name, value in model.state_dict().items() if name in buffers}
+    for module_name, module in model.named_modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            key = f"{module_name}.{name}" if module_name else name
+            if hasattr(parameter, "quant_state"):  # bitsandbytes 4-bit
+                import bitsandbytes
+
+                parameter = bitsandbytes.functional.dequantize_4bit(parameter.data, parameter.quant_state)
+            elif parameter.dtype == torch.int8 and getattr(module, "state", None) is not None:  # bitsandbytes int8
+                import bitsandbytes
+
+                parameter = bitsandbytes.functional.int8_vectorwise_dequant(parameter.data, module.state.SCB)
+            full[key] = parameter.detach().cpu()
+    return full
+
+
 # Copied from train_dopsd_lora.GraftedVLM
 class GraftedVLM:
     """Qwen3-VL whose language model is replaced by the pipeline's Qwen3 text encoder (SPEC §3).
@@ -345,7 +458,7 @@ class GraftedVLM:
 
     MIN_PIXELS, MAX_PIXELS = 512 * 512, 768 * 768
 
-    def __init__(self, vlm_path, text_encoder, tokenizer, dtype, device, cache_dir=None, rope_theta="text_encoder"):
+    def __init__(self, vlm_path, text_encoder, tokenizer, dtype, cache_dir=None, rope_theta="text_encoder"):
         try:
             config = AutoConfig.from_pretrained(vlm_path, cache_dir=cache_dir)
         except Exception as error:
@@ -365,7 +478,7 @@ class GraftedVLM:
         language_model = self.vlm.model.language_model
         encoder_state = {
             key.removeprefix("model."): value
-            for key, value in text_encoder.state_dict().items()
+            for key, value in full_precision_state(text_encoder).items()
             if not key.startswith("lm_head.")
         }
         target_state = language_model.state_dict()
@@ -381,7 +494,7 @@ class GraftedVLM:
                 " Qwen3-VL whose language model has the text encoder's size (4B for Qwen3-4B, 8B for Qwen3-8B)"
             )
         language_model.load_state_dict(encoder_state)
-        self.vlm.to(device).eval().requires_grad_(False)
+        self.vlm.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(vlm_path, cache_dir=cache_dir)
         self.image_token_id = config.image_token_id
@@ -390,6 +503,12 @@ class GraftedVLM:
                                 ("<|vision_end|>", config.vision_end_token_id)):
             if tokenizer.convert_tokens_to_ids(token) != token_id:
                 raise UserError(f"the teacher VLM's {token} id {token_id} differs from the pipeline tokenizer's")
+
+    def to(self, device, quantize="none"):
+        """Move the VLM to `device`, its repeated blocks quantised there when asked (--quantize_encoders)."""
+        if quantize != "none":
+            quantize_linear_layers(self.vlm, quantize, device, self.vlm.dtype)
+        self.vlm.to(device)
 
     def vision_inputs(self, image):
         """Pixel patches and the number of image tokens for one PIL image."""
@@ -472,6 +591,8 @@ class ModelFamily:
         self.transformer = self.pipeline.transformer
         self.scheduler = self.pipeline.scheduler
         self.vlm = None
+        if args.quantize_encoders != "none" and self.pipeline.text_encoder is not None:
+            quantize_linear_layers(self.pipeline.text_encoder, args.quantize_encoders, device, weight_dtype)
         for module in (self.pipeline.text_encoder, self.pipeline.vae):
             if module is not None:
                 module.to(device).requires_grad_(False).eval()
@@ -483,10 +604,21 @@ class ModelFamily:
                 raise UserError(f"--attention_backend {args.attention_backend}: {error}") from None
 
     # -- loading -------------------------------------------------------------------------------------------------
-    def load_teacher_vlm(self):
+    def load_teacher_vlm(self, drop_text_encoder=False):
+        """The grafted Qwen3-VL on the accelerator. With `drop_text_encoder` (the student contexts are done) the text
+        encoder goes once its weights are grafted, before the VLM arrives: one large encoder on the device at a time."""
         vlm_path = self.args.teacher_vlm_name_or_path or self.default_teacher_vlm()
         self.vlm = GraftedVLM(vlm_path, self.pipeline.text_encoder, self.pipeline.tokenizer, self.weight_dtype,
-                              self.device, cache_dir=self.args.cache_dir, rope_theta=self.args.teacher_vlm_rope_theta)
+                              cache_dir=self.args.cache_dir, rope_theta=self.args.teacher_vlm_rope_theta)
+        if drop_text_encoder:
+            self.pipeline.text_encoder = None
+            free_memory()
+        self.vlm.to(self.device, self.args.quantize_encoders)
+
+    def prepare_teacher_contexts(self):
+        """Called between the student and the teacher contexts of the cache: the VLM teacher needs its VLM."""
+        if self.teacher_context == "vlm" and self.vlm is None:
+            self.load_teacher_vlm(drop_text_encoder=True)
 
     def default_teacher_vlm(self):
         return "Qwen/Qwen3-VL-4B-Instruct"
@@ -1177,6 +1309,7 @@ class ContextStore:
             "vlm_rope_theta": args.teacher_vlm_rope_theta if uses_vlm else None,
             "suffix": args.teacher_prompt_suffix if family.teacher_context == "edit" else None,
             "layers": args.text_encoder_out_layers, "dtype": str(family.weight_dtype),
+            "quantize_encoders": args.quantize_encoders,
         }
         if args.reference_resolution is not None:  # absent by default, so earlier caches stay valid
             fingerprint["reference_resolution"] = args.reference_resolution
@@ -1196,7 +1329,12 @@ class ContextStore:
         return student, teacher
 
     def fill(self):
-        """Compute every missing context; each process takes its share and writes each file atomically."""
+        """Compute every missing context; each process takes its share and writes each file atomically.
+
+        Two passes, so that one large encoder at a time is on the accelerator: every student context first (text
+        encoder), kept in a `.student` file, then the family prepares the teacher (the VLM replaces the text
+        encoder) and every teacher context completes its file.
+        """
         if not self.enabled:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -1204,36 +1342,50 @@ class ContextStore:
         todo = [e for e in self.examples if not self.readable(self.path(e))]
         accelerator.wait_for_everyone()  # every process splits the same list before any of them writes
         mine = todo[accelerator.process_index:: accelerator.num_processes]
-        for example in tqdm(mine, desc="caching contexts", disable=not accelerator.is_local_main_process):
-            student, teacher = self.compute(example)
-            tensors = {f"student.{k}": v.contiguous() for k, v in student.items()}
-            tensors.update({f"teacher.{k}": v.contiguous() for k, v in teacher.items()})
-            path = self.path(example)
-            temporary = Path(f"{path}.tmp")
-            try:
-                save_file(tensors, temporary)
-            except Exception as error:
-                reason = write_failure(error, temporary)
-                remove_path(temporary)
-                if reason is None:
-                    raise
-                raise UserError(f"could not write the context cache in {self.folder} ({reason}): free disk space and"
-                                " rerun the same command (contexts cached so far are kept)") from None
-            follow_umask(temporary)
-            os.replace(temporary, path)
+        quiet = not accelerator.is_local_main_process
+        with torch.no_grad():
+            for example in tqdm(mine, desc="caching student contexts", disable=quiet):
+                student_path = Path(f"{self.path(example)}.student")
+                if not self.readable(student_path, roles={"student"}):
+                    self.write(student_path, {f"student.{k}": v for k, v in
+                                              self.family.encode_student_context(example.caption).items()})
+            if mine:
+                self.family.prepare_teacher_contexts()
+            for example in tqdm(mine, desc="caching teacher contexts", disable=quiet):
+                path = self.path(example)
+                teacher = self.family.build_teacher_context(training_image(example), example.caption)
+                tensors = load_file(f"{path}.student")
+                tensors.update({f"teacher.{k}": v for k, v in teacher.items()})
+                self.write(path, tensors)
+                os.remove(f"{path}.student")
         accelerator.wait_for_everyone()
         logger.info(f"contexts cached for {len(self.examples)} examples ({len(todo)} new, computed by"
                     f" {accelerator.num_processes} process(es)) in {self.folder}")
 
+    def write(self, path, tensors):
+        """Write one cache file atomically; a full disk stops with one line and keeps what is cached so far."""
+        temporary = Path(f"{path}.tmp")
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, temporary)
+        except Exception as error:
+            reason = write_failure(error, temporary)
+            remove_path(temporary)
+            if reason is None:
+                raise
+            raise UserError(f"could not write the context cache in {self.folder} ({reason}): free disk space and"
+                            " rerun the same command (contexts cached so far are kept)") from None
+        follow_umask(temporary)
+        os.replace(temporary, path)
+
     @staticmethod
-    def readable(path):
-        """Whether a cached file holds a whole context. An empty or truncated one (a full disk, a copy cut short)
-        is named in one warning and computed again."""
+    def readable(path, roles=("student", "teacher")):
+        """Whether a cached file holds whole contexts (of `roles`). An empty or truncated one (a full disk, a copy
+        cut short) is named in one warning and computed again."""
         if not path.exists():
             return False
         try:
             with safe_open(path, "pt") as cached:
-                if {key.split(".", 1)[0] for key in cached.keys()} == {"student", "teacher"}:
+                if {key.split(".", 1)[0] for key in cached.keys()} == set(roles):
                     return True
                 reason = "it lacks the student or the teacher context"
         except Exception as error:
@@ -2150,13 +2302,16 @@ def setup(args):
 # Copied from train_dopsd_lora.cache_contexts
 def cache_contexts(args, family, examples, accelerator):
     """Student and teacher contexts for every example (and the validation prompts), computed once; then the text
-    encoder, VLM and VAE leave the accelerator."""
-    if family.teacher_context == "vlm":
+    encoder, VLM and VAE leave the accelerator. The validation prompts go first, while the text encoder is there.
+    With --no-cache_contexts the text encoder and the VLM both stay, to compute contexts for every batch."""
+    with torch.no_grad():
+        prompts = [(prompt, family.encode_student_context(prompt)) for prompt in args.validation_prompt or []]
+    if family.teacher_context == "vlm" and not args.cache_contexts:
         family.load_teacher_vlm()
     store = ContextStore(family, args, examples, accelerator)
     store.fill()
     validation = {
-        "prompts": [(prompt, family.encode_student_context(prompt)) for prompt in args.validation_prompt or []],
+        "prompts": prompts,
         "teacher_view": {**dict(zip(("student", "teacher"), store.get(examples[0]))),
                          "bucket": examples[0].bucket, "caption": examples[0].caption},
     }
