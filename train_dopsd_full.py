@@ -34,50 +34,12 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image, ImageOps
-
-# bitsandbytes' CPU backend warns about an optional kernel package on import; it is irrelevant here. Its int8
-# matmul warns on every call that it computes in fp16, which --quantize_encoders int8 asks for.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-
-import diffusers  # noqa: E402
-import transformers  # noqa: E402
-from accelerate import Accelerator, PartialState  # noqa: E402
-from accelerate.logging import get_logger  # noqa: E402
-from accelerate.utils import (  # noqa: E402
-    DistributedDataParallelKwargs,
-    DistributedType,
-    ProjectConfiguration,
-    is_tensorboard_available,
-    is_wandb_available,
-    set_seed,
-)
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, ZImagePipeline  # noqa: E402
-from diffusers.optimization import get_scheduler  # noqa: E402
-from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu  # noqa: E402
-from diffusers.pipelines.z_image.pipeline_z_image import (  # noqa: E402
-    calculate_shift,
-    get_default_z_image_sigmas,
-    retrieve_timesteps,
-)
-from diffusers.training_utils import find_nearest_bucket, free_memory, generate_aspect_ratio_buckets  # noqa: E402
-from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card  # noqa: E402
-from safetensors import SafetensorError, safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import AutoConfig, Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration  # noqa: E402
-
-
-logger = get_logger(__name__)
-
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 MIN_IMAGE_SIDE = 64  # smaller photos carry too little detail for a ~1 MP teacher context
 # Copied from train_dopsd_lora.LR_SCHEDULERS
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+# Copied from train_dopsd_lora.QUANTIZATION_BACKENDS
+QUANTIZATION_BACKENDS = {"none": None, "int8": "bitsandbytes", "nf4": "bitsandbytes", "fp8": "torchao"}
 
 # Copied from train_dopsd_lora.UserError
 class UserError(Exception):
@@ -353,6 +315,50 @@ def check_args(parser, args):
 
 
 
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    parse_args()  # --help answers here, before the imports below, which take seconds
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+
+# bitsandbytes' CPU backend warns about an optional kernel package on import; it is irrelevant here. Its int8
+# matmul warns on every call that it computes in fp16, which --quantize_encoders int8 asks for.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+from accelerate import Accelerator, PartialState  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from accelerate.utils import (  # noqa: E402
+    DistributedDataParallelKwargs,
+    DistributedType,
+    ProjectConfiguration,
+    is_tensorboard_available,
+    is_wandb_available,
+    set_seed,
+)
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, ZImagePipeline  # noqa: E402
+from diffusers.optimization import get_scheduler  # noqa: E402
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu  # noqa: E402
+from diffusers.pipelines.z_image.pipeline_z_image import (  # noqa: E402
+    calculate_shift,
+    get_default_z_image_sigmas,
+    retrieve_timesteps,
+)
+from diffusers.training_utils import find_nearest_bucket, free_memory, generate_aspect_ratio_buckets  # noqa: E402
+from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import AutoConfig, Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration  # noqa: E402
+
+
+logger = get_logger(__name__)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Model families: everything that differs between Z-Image-Turbo and FLUX.2-klein (SPEC §3-§5)
 # ----------------------------------------------------------------------------------------------------------------
@@ -365,8 +371,6 @@ def image_to_tensor(image):
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
 
 
-# Copied from train_dopsd_lora.QUANTIZATION_BACKENDS
-QUANTIZATION_BACKENDS = {"none": None, "int8": "bitsandbytes", "nf4": "bitsandbytes", "fp8": "torchao"}
 
 
 # Copied from train_dopsd_lora.quantization_backend

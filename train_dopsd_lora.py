@@ -35,61 +35,12 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image, ImageOps
-
-# bitsandbytes' CPU backend warns about an optional kernel package on import; it is irrelevant here. Its int8
-# matmul warns on every call that it computes in fp16, which --quantize_base int8 asks for.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-
-import diffusers  # noqa: E402
-import transformers  # noqa: E402
-from accelerate import Accelerator, PartialState  # noqa: E402
-from accelerate.logging import get_logger  # noqa: E402
-from accelerate.utils import (  # noqa: E402
-    DistributedDataParallelKwargs,
-    DistributedType,
-    ProjectConfiguration,
-    is_tensorboard_available,
-    is_wandb_available,
-    set_seed,
-)
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, ZImagePipeline  # noqa: E402
-from diffusers.optimization import get_scheduler  # noqa: E402
-from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu  # noqa: E402
-from diffusers.pipelines.z_image.pipeline_z_image import (  # noqa: E402
-    calculate_shift,
-    get_default_z_image_sigmas,
-    retrieve_timesteps,
-)
-from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, _pack_dict_with_prefix  # noqa: E402
-from diffusers.training_utils import (  # noqa: E402
-    _collate_lora_metadata,
-    cast_training_params,
-    find_nearest_bucket,
-    free_memory,
-    generate_aspect_ratio_buckets,
-)
-from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card  # noqa: E402
-from peft import LoraConfig, set_peft_model_state_dict  # noqa: E402
-from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
-from peft.utils import get_peft_model_state_dict  # noqa: E402
-from safetensors import SafetensorError, safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import AutoConfig, Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration  # noqa: E402
-
-
-logger = get_logger(__name__)
-
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 MIN_IMAGE_SIDE = 64  # smaller photos carry too little detail for a ~1 MP teacher context
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
-SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+QUANTIZATION_BACKENDS = {"none": None, "int8": "bitsandbytes", "nf4": "bitsandbytes", "fp8": "torchao"}
+SAVE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # torch dtype names
 
 
 class UserError(Exception):
@@ -360,6 +311,60 @@ def check_args(parser, args):
                              f" drop the flag")
 
 
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    parse_args()  # --help answers here, before the imports below, which take seconds
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+
+# bitsandbytes' CPU backend warns about an optional kernel package on import; it is irrelevant here. Its int8
+# matmul warns on every call that it computes in fp16, which --quantize_base int8 asks for.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+from accelerate import Accelerator, PartialState  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from accelerate.utils import (  # noqa: E402
+    DistributedDataParallelKwargs,
+    DistributedType,
+    ProjectConfiguration,
+    is_tensorboard_available,
+    is_wandb_available,
+    set_seed,
+)
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, ZImagePipeline  # noqa: E402
+from diffusers.optimization import get_scheduler  # noqa: E402
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu  # noqa: E402
+from diffusers.pipelines.z_image.pipeline_z_image import (  # noqa: E402
+    calculate_shift,
+    get_default_z_image_sigmas,
+    retrieve_timesteps,
+)
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, _pack_dict_with_prefix  # noqa: E402
+from diffusers.training_utils import (  # noqa: E402
+    _collate_lora_metadata,
+    cast_training_params,
+    find_nearest_bucket,
+    free_memory,
+    generate_aspect_ratio_buckets,
+)
+from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card  # noqa: E402
+from peft import LoraConfig, set_peft_model_state_dict  # noqa: E402
+from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
+from peft.utils import get_peft_model_state_dict  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import AutoConfig, Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration  # noqa: E402
+
+
+logger = get_logger(__name__)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Model families: everything that differs between Z-Image-Turbo and FLUX.2-klein (SPEC §3-§5)
 # ----------------------------------------------------------------------------------------------------------------
@@ -373,7 +378,6 @@ def image_to_tensor(image):
 
 # What stores the quantised weights. All three keep the matmul in the activations' dtype (weight-only for fp8),
 # so they run on any CUDA card and on the CPU; LoRA layers wrap the quantised linears unchanged.
-QUANTIZATION_BACKENDS = {"none": None, "int8": "bitsandbytes", "nf4": "bitsandbytes", "fp8": "torchao"}
 
 
 def quantization_backend(method):
@@ -1668,7 +1672,7 @@ def export_lora(args, family, transformer, output_dir, weight_name=LORA_WEIGHT_N
     keys in the header for LoRA managers. Checkpoints keep the training representation (save_lora)."""
     config = transformer.peft_config["default"]
     scaling = config.lora_alpha / config.r
-    dtype = SAVE_DTYPES[args.save_dtype]
+    dtype = getattr(torch, SAVE_DTYPES[args.save_dtype])
     state = {key: ((value.float() * scaling) if ".lora_B." in key else value).to(dtype).contiguous()
              for key, value in get_peft_model_state_dict(transformer).items()}
     adapter = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}

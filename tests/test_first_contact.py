@@ -73,3 +73,24 @@ def test_no_network_says_so_once_without_retry_warnings(tmp_path, monkeypatch, c
         message = load_error(tmp_path, "Tongyi-MAI/Z-Image-Turbo")
     assert message.startswith("cannot reach the Hugging Face Hub to download Tongyi-MAI/Z-Image-Turbo (no network?)")
     assert "Retrying" not in caplog.text
+
+
+@pytest.mark.parametrize("script_name", ["train_dopsd_lora.py", "train_dopsd_full.py"])
+def test_help_answers_before_the_heavy_imports(script_name):
+    """`--help` is parsed before torch, diffusers and transformers are imported (they take seconds)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    probe = ("import runpy, sys\n"
+             f"sys.argv = [{script_name!r}, '--help']\n"
+             "try:\n"
+             f"    runpy.run_path({str(ROOT / script_name)!r}, run_name='__main__')\n"
+             "except SystemExit as stop:\n"
+             "    assert stop.code == 0, stop.code\n"
+             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--pretrained_model_name_or_path" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "[]"
