@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The whole benchmark table on one GPU in under 8 minutes; JSON lines, markdown and logs go to OUTDIR.
 #
-#   bash benchmarks/gpu_check.sh OUTDIR
+#   bash benchmarks/gpu_check.sh OUTDIR [all|speed|memory]
+#
+# speed: the timing table (steps 1-3 below). memory: the --quantize_base memory table with its 16 GB / 12 GB fit
+# checks and the fp16 check (benchmarks/bench_memory.py), in full. all (default): speed, then memory as time allows.
 #
 # Z-Image-Turbo, FLUX.2-klein-4B and -9B (random full-size weights) at 1024², K=4, gradient checkpointing, the
 # default LoRA, eager and compiled; klein-4B's edit teacher with a 512² reference; then, time allowing, 512² and the
@@ -10,7 +13,8 @@
 # GPU_CHECK_TINY=1 runs the same commands on the tiny CPU models (a check of this script, in minutes on a CPU).
 set -euo pipefail
 
-OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
+OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR [all|speed|memory]}
+PART=${2:-all}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 
@@ -33,20 +37,27 @@ BENCH=(python3 benchmarks/bench_dopsd.py --rollout_steps 4 --gradient_checkpoint
        --modes eager compiled --compile_backend "$BACKEND" --output "$OUT/bench.jsonl")
 rm -f "$OUT/bench.jsonl"
 
-# 1. The table: every model at the training resolution, eager and compiled.
-"${BENCH[@]}" --models "${MODELS[@]}" --resolutions "$RES" --markdown "$OUT/bench-main.md" 2>&1 | tee "$OUT/bench-main.log"
-# 2. What --reference_resolution saves on klein's edit teacher.
-"${BENCH[@]}" --models "$KLEIN" --resolutions "$RES" --reference_resolutions "$REFERENCE" \
-  --markdown "$OUT/bench-reference.md" 2>&1 | tee "$OUT/bench-reference.log"
-# 3. Time allowing: the smaller resolution, and the memory table (another helper's benchmark, if present).
-if [ "$SECONDS" -lt "$BUDGET_S" ]; then
-  "${BENCH[@]}" --models "${MODELS[@]}" --resolutions "$SMALL_RES" --markdown "$OUT/bench-small.md" 2>&1 \
-    | tee "$OUT/bench-small.log"
+if [ "$PART" != memory ]; then
+  # 1. The table: every model at the training resolution, eager and compiled.
+  "${BENCH[@]}" --models "${MODELS[@]}" --resolutions "$RES" --markdown "$OUT/bench-main.md" 2>&1 | tee "$OUT/bench-main.log"
+  # 2. What --reference_resolution saves on klein's edit teacher.
+  "${BENCH[@]}" --models "$KLEIN" --resolutions "$RES" --reference_resolutions "$REFERENCE" \
+    --markdown "$OUT/bench-reference.md" 2>&1 | tee "$OUT/bench-reference.log"
+  # 3. Time allowing: the smaller resolution.
+  if [ "$PART" = speed ] || [ "$SECONDS" -lt "$BUDGET_S" ]; then
+    "${BENCH[@]}" --models "${MODELS[@]}" --resolutions "$SMALL_RES" --markdown "$OUT/bench-small.md" 2>&1 \
+      | tee "$OUT/bench-small.log"
+  fi
 fi
-if [ -f benchmarks/bench_memory.py ] && [ "$SECONDS" -lt "$BUDGET_S" ]; then
-  python3 benchmarks/bench_memory.py --models "${MEMORY_MODELS[@]}" --resolutions "$RES" \
+if [ "$PART" = memory ] || { [ "$PART" = all ] && [ "$SECONDS" -lt "$BUDGET_S" ]; }; then
+  # 4. Peak memory per --quantize_base option at 512² and 1024², fit under 16 GB and 12 GB caps, prediction vs bf16.
+  python3 benchmarks/bench_memory.py --models "${MEMORY_MODELS[@]}" --resolutions "$SMALL_RES" "$RES" \
     --output_dir "$OUT/memory" 2>&1 | tee "$OUT/memory.log"
+  # 5. fp16 (cards without bf16): non-finite steps and the largest block output over 10 iterations.
+  python3 benchmarks/bench_memory.py --models "${MEMORY_MODELS[@]}" --resolutions "$RES" --fp16_check 10 \
+    --output_dir "$OUT/fp16" 2>&1 | tee "$OUT/fp16.log"
 fi
+[ -f "$OUT/bench.jsonl" ] || exit 0
 
 python3 - "$OUT" <<'EOF'
 import json
