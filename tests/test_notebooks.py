@@ -8,6 +8,8 @@ the command line it builds is the one a user's notebook runs."""
 import json
 import shutil
 import subprocess
+import sys
+import types
 
 import pytest
 from conftest import CONCEPT, ROOT, TINY_KLEIN, lora_script as script
@@ -67,6 +69,13 @@ def test_notebook_code_runs_on_the_tiny_model(tmp_path, monkeypatch):
         script.main(script.parse_args(command[2:]))
 
     monkeypatch.setattr(subprocess, "run", run_in_process)
+    # Notebooks have IPython; a test run need not: a stand-in display() records what the samples cell shows.
+    shown = []
+    ipython, display = types.ModuleType("IPython"), types.ModuleType("IPython.display")
+    display.display = shown.append
+    ipython.display = display
+    monkeypatch.setitem(sys.modules, "IPython", ipython)
+    monkeypatch.setitem(sys.modules, "IPython.display", display)
     monkeypatch.chdir(ROOT)
     namespace = {}
     for cell in notebook["cells"]:
@@ -82,3 +91,4 @@ def test_notebook_code_runs_on_the_tiny_model(tmp_path, monkeypatch):
     output = tmp_path / "lora"
     assert (output / script.LORA_WEIGHT_NAME).is_file() and (output / "README.md").is_file()
     assert [p.name for p in namespace["samples"]] == ["step-000001-prompt0-0.png", "step-000001-teacher-view.png"]
+    assert [image.filename for image in shown] == [str(path) for path in namespace["samples"]]
