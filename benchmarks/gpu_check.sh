@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The whole benchmark table on one GPU in under 8 minutes; JSON lines, markdown and logs go to OUTDIR.
 #
-#   bash benchmarks/gpu_check.sh OUTDIR [all|speed|memory]
+#   bash benchmarks/gpu_check.sh OUTDIR [all|speed|memory|lease]
 #
 # speed: the timing table (steps 1-3 below). memory: the --quantize_base memory table with its 16 GB / 12 GB fit
 # checks and the fp16 check (benchmarks/bench_memory.py), in full. all (default): speed, then memory as time allows.
+# lease: what fits one 15-minute GPU loan (under 9.5 minutes, each step capped): the eager table at 1024², compiled
+# klein-4B, then the memory table of klein-4B and Z-Image at 1024²; a capped step that runs out keeps its rows.
+# It leaves 8 files in OUTDIR, what one lent-GPU call brings back.
 #
 # Z-Image-Turbo, FLUX.2-klein-4B and -9B (random full-size weights) at 1024², K=4, gradient checkpointing, the
 # default LoRA, eager and compiled; klein-4B's edit teacher with a 512² reference; then, time allowing, 512² and the
@@ -13,7 +16,7 @@
 # GPU_CHECK_TINY=1 runs the same commands on the tiny CPU models (a check of this script, in minutes on a CPU).
 set -euo pipefail
 
-OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR [all|speed|memory]}
+OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR [all|speed|memory|lease]}
 PART=${2:-all}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
@@ -37,7 +40,14 @@ BENCH=(python3 benchmarks/bench_dopsd.py --rollout_steps 4 --gradient_checkpoint
        --modes eager compiled --compile_backend "$BACKEND" --output "$OUT/bench.jsonl")
 rm -f "$OUT/bench.jsonl"
 
-if [ "$PART" != memory ]; then
+if [ "$PART" = lease ]; then
+  capped() { local seconds=$1 log=$2; shift 2; timeout "$seconds" "$@" 2>&1 | tee "$OUT/$log" || echo "(stopped after ${seconds} s)"; }
+  capped 240 bench-eager.log "${BENCH[@]}" --models "${MODELS[@]}" --resolutions "$RES" --modes eager
+  capped 120 bench-compiled.log "${BENCH[@]}" --models "$KLEIN" --resolutions "$RES" --modes compiled
+  for m in "$KLEIN" "${MODELS[0]}"; do
+    capped 75 "memory-$m.log" python3 benchmarks/bench_memory.py --models "$m" --resolutions "$RES" --output_dir "$OUT/memory"
+  done
+elif [ "$PART" != memory ]; then
   # 1. The table: every model at the training resolution, eager and compiled.
   "${BENCH[@]}" --models "${MODELS[@]}" --resolutions "$RES" --markdown "$OUT/bench-main.md" 2>&1 | tee "$OUT/bench-main.log"
   # 2. What --reference_resolution saves on klein's edit teacher.
