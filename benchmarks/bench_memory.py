@@ -127,7 +127,7 @@ class Run:
         cap = card_gb * 1e9 - CONTEXT_RESERVE_GIB * 2**30
         self.optimizer.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self.device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self.device.index)
         try:
             self.iteration(batch)
             return True
@@ -135,7 +135,7 @@ class Run:
             return False
         finally:
             self.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+            torch.cuda.set_per_process_memory_fraction(1.0, self.device.index)
             torch.cuda.empty_cache()
 
     def fp16_check(self, batch, iterations):
