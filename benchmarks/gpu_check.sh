@@ -42,10 +42,10 @@ rm -f "$OUT/bench.jsonl"
 
 if [ "$PART" = lease ]; then
   capped() { local seconds=$1 log=$2; shift 2; timeout "$seconds" "$@" 2>&1 | tee "$OUT/$log" || echo "(failed or stopped at its ${seconds} s cap)"; }
-  capped 240 bench-eager.log "${BENCH[@]}" --models "${MODELS[@]}" --resolutions "$RES" --modes eager
+  capped 200 bench-eager.log "${BENCH[@]}" --models "${MODELS[@]}" --resolutions "$RES" --modes eager
   capped 150 bench-compiled.log "${BENCH[@]}" --models "$KLEIN" --resolutions "$RES" --modes compiled
   for m in "$KLEIN" "${MODELS[0]}"; do
-    capped 150 "memory-$m.log" python3 benchmarks/bench_memory.py --models "$m" --resolutions "$RES" --output_dir "$OUT/memory"
+    capped 110 "memory-$m.log" python3 benchmarks/bench_memory.py --models "$m" --resolutions "$RES" --output_dir "$OUT/memory"
   done
 elif [ "$PART" != memory ]; then
   # 1. The table: every model at the training resolution, eager and compiled.
