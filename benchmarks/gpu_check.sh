@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole benchmark table on one GPU in under 8 minutes; JSON lines, markdown and logs go to OUTDIR.
+# The GPU figures of this trainer in one command; JSON lines, markdown and logs go to OUTDIR.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [all|speed|memory|lease]
 #
