@@ -38,6 +38,7 @@ from pathlib import Path
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 MIN_IMAGE_SIDE = 64  # smaller photos carry too little detail for a ~1 MP teacher context
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+TRAINING = "lora"  # what this script trains (family defaults differ for full fine-tuning)
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 QUANTIZATION_BACKENDS = {"none": None, "int8": "bitsandbytes", "nf4": "bitsandbytes", "fp8": "torchao"}
 SAVE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # torch dtype names
@@ -93,7 +94,7 @@ def add_common_arguments(parser):
         "--pretrained_model_name_or_path",
         type=str,
         required=True,
-        help="Hub id or local folder of a Z-Image-Turbo or FLUX.2-klein diffusers pipeline.",
+        help=f"Hub id or local folder of a diffusers pipeline: {' or '.join(f.name for f in MODEL_FAMILIES.values())}.",
     )
     group.add_argument("--revision", type=str, default=None, help="Hub revision of the pipeline.")
     group.add_argument("--variant", type=str, default=None, help="Weight variant of the pipeline, e.g. fp16.")
@@ -101,9 +102,10 @@ def add_common_arguments(parser):
         "--teacher_context",
         type=str,
         default=None,
-        choices=["vlm", "edit"],
-        help="What the teacher sees besides the caption. vlm: Qwen3-VL features of [image, caption] (Z-Image's only"
-        " option). edit: the image's VAE tokens appended as a reference image (FLUX.2-klein's default).",
+        choices=sorted({context for family in MODEL_FAMILIES.values() for context in family.teacher_contexts}),
+        help="What the teacher sees besides the caption. vlm: Qwen3-VL features of [image, caption]. edit: the"
+        " image's VAE tokens appended as a reference image. Default: "
+        + per_family("default_teacher_context") + "; offered: " + per_family("teacher_contexts") + ".",
     )
     group.add_argument(
         "--teacher_vlm_name_or_path",
@@ -121,17 +123,10 @@ def add_common_arguments(parser):
         " teacher features equal the student's. vlm: Qwen3-VL's own (5e6), as the authors' graft kept it.",
     )
     group.add_argument(
-        "--teacher_prompt_suffix",
-        type=str,
-        default="Make the main subject (facial/ip details), background, and overall composition consistent with the"
-        " reference image.",
-        help="FLUX.2-klein edit teacher: sentence appended to the teacher's caption.",
-    )
-    group.add_argument(
         "--reference_resolution",
         type=int,
         default=None,
-        help="FLUX.2-klein edit teacher: encode the reference image at this area resolution^2, with the bucket's"
+        help="Edit teacher: encode the reference image at this area resolution^2, with the bucket's"
         " aspect ratio (default: --resolution). 512 at --resolution 1024 gives a quarter of the reference tokens: a"
         " shorter teacher pass, at the cost of identity detail the teacher can see.",
     )
@@ -151,13 +146,8 @@ def add_common_arguments(parser):
         help="Quantise the text encoder and teacher VLM while they compute the contexts (for small cards); the"
         " contexts then differ slightly from full-precision ones.",
     )
-    group.add_argument(
-        "--text_encoder_out_layers",
-        type=int,
-        nargs="+",
-        default=[9, 18, 27],
-        help="FLUX.2-klein: text-encoder hidden layers stacked into the prompt embedding (the pipeline's default).",
-    )
+    for family in MODEL_FAMILIES.values():
+        family.add_arguments(parser.add_argument_group(f"{family.name} only"))
 
     group = parser.add_argument_group("data")
     group.add_argument("--instance_data_dir", type=str, default=None, help="Folder of images with same-name .txt"
@@ -200,8 +190,8 @@ def add_common_arguments(parser):
     group.add_argument("--train_batch_size", type=int, default=1, help="Images per device per step.")
     group.add_argument("--gradient_accumulation_steps", type=int, default=4, help="Batches per optimizer step.")
     group.add_argument("--max_train_steps", type=int, default=2000, help="Optimizer steps to train.")
-    group.add_argument("--learning_rate", type=float, default=None, help="LoRA default: 1e-4 (Z-Image), 2e-5"
-                       " (FLUX.2-klein); full fine-tuning: a tenth of that.")
+    group.add_argument("--learning_rate", type=float, default=None, help="LoRA default: "
+                       + per_family("default_learning_rate") + "; full fine-tuning: a tenth of that.")
     group.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by accumulation x"
                        " batch x GPUs.")
     group.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate"
@@ -240,8 +230,8 @@ def add_common_arguments(parser):
     group = parser.add_argument_group("validation and logging")
     group.add_argument("--validation_prompt", type=str, action="append", default=None, help="Repeatable.")
     group.add_argument("--validation_steps", type=int, default=100, help="Sample the validation prompts every N steps.")
-    group.add_argument("--validation_inference_steps", type=int, default=None, help="Default: 8 (Z-Image-Turbo),"
-                       " 4 (FLUX.2-klein).")
+    group.add_argument("--validation_inference_steps", type=int, default=None, help="Default: the family's"
+                       " few-step sampling, " + per_family("default_inference_steps") + ".")
     group.add_argument("--num_validation_images", type=int, default=1, help="Images per validation prompt.")
     group.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "none"],
                        help="Where to log losses and validation images.")
@@ -253,6 +243,12 @@ def add_common_arguments(parser):
     group.add_argument("--hub_model_id", type=str, default=None, help="Repository: name or user/name (default: the"
                        " output folder's name, in your namespace).")
     group.add_argument("--hub_private", action="store_true", help="Create the Hub repository as private.")
+
+
+def per_family(attribute):
+    """A family default for --help: "8 (Z-Image-Turbo), 4 (FLUX.2-klein)"."""
+    values = {family.name: getattr(family, attribute) for family in MODEL_FAMILIES.values()}
+    return ", ".join(f"{'/'.join(v) if isinstance(v, tuple) else v} ({name})" for name, v in values.items())
 
 
 def check_args(parser, args):
@@ -311,6 +307,439 @@ def check_args(parser, args):
                              f" drop the flag")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Model families: everything that differs between Z-Image-Turbo and FLUX.2-klein (docs/method.md §3-§5)
+# ----------------------------------------------------------------------------------------------------------------
+# A family is one class and one MODEL_FAMILIES entry: its defaults, its own flags, how it loads, encodes the student
+# and teacher contexts, schedules the roll-out, predicts and decodes. The rest of the file calls only these. The
+# classes come before the imports below (their methods use torch and diffusers only when called), so that --help,
+# which lists every family's flags, answers without them.
+
+
+class ModelFamily:
+    """What differs between model families. Subclasses fill in the same handful of attributes and methods.
+
+    Latent states have the shape (batch, channels, height, width) in the space the pipeline's scheduler steps in.
+    Contexts are dicts of CPU-storable tensors for ONE sample; `collate` batches them for `predict`.
+    """
+
+    name = None
+    pipeline_class_name = None  # the _class_name in the pipeline's model_index.json: this family's MODEL_FAMILIES key
+    modelspec_architecture = None  # the model's name for LoRA managers (modelspec.architecture)
+    hub_tags = ()
+    guidance_scale = None  # what the stock pipeline is called with; the step-distilled models use no CFG
+    default_inference_steps = None  # the few-step sampling the model was distilled for (validation, model card)
+    default_learning_rate = None  # of a LoRA; full fine-tuning takes a tenth
+    default_lora_layers = None  # comma-separated suffixes of the linear layers a LoRA adapts
+    default_teacher_context = None
+    teacher_contexts = ()  # which --teacher_context values the family offers
+    resolution_multiple = 16
+
+    # -- flags and defaults --------------------------------------------------------------------------------------
+    @classmethod
+    def add_arguments(cls, group):
+        """The family's own flags, in its own --help group. Every family's flags are parsed; a run may set only
+        its own family's (apply_defaults)."""
+
+    @classmethod
+    def own_flag_defaults(cls):
+        """{flag name: default} of the family's own flags."""
+        parser = argparse.ArgumentParser(add_help=False)
+        cls.add_arguments(parser)
+        return vars(parser.parse_args([]))
+
+    @classmethod
+    def apply_defaults(cls, args, training):
+        """Fill in every flag whose default depends on the family, in place; refuse flags of another family.
+        `training` is "lora" or "full" (the script's TRAINING). This is the one place family defaults are set."""
+        for other in MODEL_FAMILIES.values():
+            if other is not cls:
+                for flag, default in other.own_flag_defaults().items():
+                    if getattr(args, flag) != default:
+                        raise UserError(f"--{flag} applies to {other.name} only, not to {cls.name}")
+        args.teacher_context = args.teacher_context or cls.default_teacher_context
+        if args.teacher_context not in cls.teacher_contexts:
+            raise UserError(f"--teacher_context {args.teacher_context} is not available for {cls.name}"
+                            f" (choose from {', '.join(cls.teacher_contexts)})")
+        if args.reference_resolution is not None and args.teacher_context != "edit":
+            editing = " or ".join(f.name for f in MODEL_FAMILIES.values() if "edit" in f.teacher_contexts)
+            raise UserError(f"--reference_resolution applies to {editing}'s edit teacher only, not to {cls.name}"
+                            f" with the {args.teacher_context} teacher")
+        if args.learning_rate is None:
+            args.learning_rate = cls.default_learning_rate if training == "lora" else cls.default_learning_rate / 10
+        args.validation_inference_steps = args.validation_inference_steps or cls.default_inference_steps
+        if training == "lora":
+            args.lora_layers = args.lora_layers or cls.default_lora_layers
+
+    # -- loading -------------------------------------------------------------------------------------------------
+    def __init__(self, args, weight_dtype, device, pipeline=None):
+        """Load the pipeline named by the arguments (defaults applied), or wrap one built in code (the benchmark's
+        random weights)."""
+        assert args.teacher_context in self.teacher_contexts, "apply_defaults(args) comes first"
+        self.args = args
+        self.weight_dtype = weight_dtype
+        self.device = device
+        self.teacher_context = args.teacher_context
+        if pipeline is None:
+            try:
+                pipeline = self.pipeline_class.from_pretrained(
+                    args.pretrained_model_name_or_path,
+                    revision=args.revision,
+                    variant=args.variant,
+                    dtype=weight_dtype,
+                    cache_dir=args.cache_dir,
+                )
+            except Exception as error:
+                raise UserError(f"cannot load {args.pretrained_model_name_or_path} as {self.name}: {error}") from None
+        self.pipeline = pipeline
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.transformer = self.pipeline.transformer
+        self.scheduler = self.pipeline.scheduler
+        self.vlm = None
+        if args.quantize_encoders != "none" and self.pipeline.text_encoder is not None:
+            quantize_linear_layers(self.pipeline.text_encoder, args.quantize_encoders, device, weight_dtype)
+        for module in (self.pipeline.text_encoder, self.pipeline.vae):
+            if module is not None:
+                module.to(device).requires_grad_(False).eval()
+        self.transformer.requires_grad_(False)
+        if args.attention_backend is not None:
+            try:
+                self.transformer.set_attention_backend(args.attention_backend)
+            except Exception as error:
+                raise UserError(f"--attention_backend {args.attention_backend}: {error}") from None
+
+    @property
+    def pipeline_class(self):
+        """The diffusers pipeline class (looked up when used: the family classes are defined before the imports)."""
+        return getattr(diffusers, self.pipeline_class_name)
+
+    # -- teacher encoders ----------------------------------------------------------------------------------------
+    def load_teacher_vlm(self, drop_text_encoder=False):
+        """The grafted Qwen3-VL on the accelerator. With `drop_text_encoder` (the student contexts are done) the text
+        encoder goes once its weights are grafted, before the VLM arrives: one large encoder on the device at a time."""
+        vlm_path = self.args.teacher_vlm_name_or_path or self.default_teacher_vlm()
+        self.vlm = GraftedVLM(vlm_path, self.pipeline.text_encoder, self.pipeline.tokenizer, self.weight_dtype,
+                              cache_dir=self.args.cache_dir, rope_theta=self.args.teacher_vlm_rope_theta)
+        if drop_text_encoder:
+            self.pipeline.text_encoder = None
+            free_memory()
+        self.vlm.to(self.device, self.args.quantize_encoders)
+
+    def prepare_teacher_contexts(self, keep_text_encoder=False):
+        """Ready the teacher's encoder once the student contexts are done: the VLM teacher loads its VLM, which by
+        default replaces the text encoder on the device (kept with --no-cache_contexts, which encodes per batch)."""
+        if self.teacher_context == "vlm" and self.vlm is None:
+            self.load_teacher_vlm(drop_text_encoder=not keep_text_encoder)
+
+    def default_teacher_vlm(self):
+        return "Qwen/Qwen3-VL-4B-Instruct"
+
+    def free_encoders(self):
+        """Drop the text encoder and VLM and park the VAE on the CPU: the loop only needs the transformer."""
+        self.pipeline.text_encoder = None
+        self.vlm = None
+        self.pipeline.vae.to("cpu")
+        free_memory()
+
+    # -- contexts ------------------------------------------------------------------------------------------------
+    def context_fingerprint(self):
+        """What the contexts depend on besides the example: part of every context cache file's name."""
+        args = self.args
+        uses_vlm = self.teacher_context == "vlm"
+        fingerprint = {
+            "model": model_fingerprint(args.pretrained_model_name_or_path, args.revision, args.cache_dir),
+            "variant": args.variant, "teacher": self.teacher_context, "dtype": str(self.weight_dtype),
+            "vlm": model_fingerprint(args.teacher_vlm_name_or_path or self.default_teacher_vlm(),
+                                     cache_dir=args.cache_dir) if uses_vlm else None,
+            "vlm_rope_theta": args.teacher_vlm_rope_theta if uses_vlm else None,
+            "quantize_encoders": args.quantize_encoders,
+        }
+        if args.reference_resolution is not None:  # absent by default, so earlier caches stay valid
+            fingerprint["reference_resolution"] = args.reference_resolution
+        return fingerprint
+
+    def encode_student_context(self, caption):
+        raise NotImplementedError
+
+    def build_teacher_context(self, image, caption):
+        raise NotImplementedError
+
+    def collate(self, contexts):
+        raise NotImplementedError
+
+    def to_model(self, tensor):
+        """A context tensor on the accelerator, floating point in the transformer's dtype (as the pipeline feeds it)."""
+        return tensor.to(self.device, self.transformer.dtype if tensor.is_floating_point() else None)
+
+    # -- roll-out ------------------------------------------------------------------------------------------------
+    def initial_noise(self, batch_size, height, width, generator=None):
+        raise NotImplementedError
+
+    def rollout_schedule(self, num_steps, height, width):
+        """(timesteps, sigmas) exactly as the pipeline sets them for `num_steps` at this size (SPEC §4)."""
+        raise NotImplementedError
+
+    def predict(self, transformer, latents, timestep, context):
+        """Velocity in the scheduler's convention and the pipeline's dtype: x_{k-1} = x_k + (s_{k-1} - s_k) v."""
+        raise NotImplementedError
+
+    # -- images --------------------------------------------------------------------------------------------------
+    def decode(self, latents):
+        raise NotImplementedError
+
+    def generate(self, transformer, context, height, width, num_steps, generator):
+        """Images from the stock pipeline for a cached student context."""
+        raise NotImplementedError
+
+
+class ZImageTurbo(ModelFamily):
+    """Z-Image-Turbo: 8-step distilled, Qwen3-4B text encoder, teacher context from a grafted Qwen3-VL."""
+
+    name = "Z-Image-Turbo"
+    pipeline_class_name = "ZImagePipeline"
+    modelspec_architecture = "Z-Image"  # the name musubi-tuner and LoRA managers use
+    hub_tags = ("z-image", "z-image-turbo")
+    guidance_scale = 0.0
+    default_inference_steps = 8
+    default_learning_rate = 1e-4
+    # The released code lost w1/w2 to a missing comma; all three feed-forward projections are meant (SPEC §5).
+    default_lora_layers = "to_q,to_k,to_v,to_out.0,feed_forward.w1,feed_forward.w2,feed_forward.w3"
+    default_teacher_context = "vlm"
+    teacher_contexts = ("vlm",)
+    max_sequence_length = 512
+
+    def __init__(self, args, weight_dtype, device, pipeline=None):
+        super().__init__(args, weight_dtype, device, pipeline)
+        # Caption positions run 1..padded length and the image starts after them on the same RoPE axis, so the
+        # teacher context is capped below the transformer's first axis length (1024 -> 992), and at 1024 (SPEC §3).
+        axis_length = self.transformer.config.axes_lens[0]
+        self.max_teacher_tokens = min(1024, (axis_length - 2) // 32 * 32)
+
+    def encode_student_context(self, caption):
+        embeds = self.pipeline._encode_prompt([caption], device=self.device,
+                                              max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": embeds[0].to("cpu", self.weight_dtype)}
+
+    def build_teacher_context(self, image, caption):
+        vision, num_image_tokens = self.vlm.vision_inputs(image)
+        text = self.pipeline.tokenizer.apply_chat_template(
+            [{"role": "user", "content": self.vlm.user_content(caption, num_image_tokens)}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=True,
+        )
+        hidden_states, mask = self.vlm.hidden_states(text, vision)
+        features = hidden_states[-2][0][mask][: self.max_teacher_tokens]
+        return {"prompt_embeds": features.to("cpu", self.weight_dtype)}
+
+    def collate(self, contexts):
+        return {"prompt_embeds": [self.to_model(c["prompt_embeds"]) for c in contexts]}
+
+    def initial_noise(self, batch_size, height, width, generator=None):
+        vae_scale = self.pipeline.vae_scale_factor
+        shape = (batch_size, self.transformer.config.in_channels, 2 * (height // (vae_scale * 2)),
+                 2 * (width // (vae_scale * 2)))
+        return diffusers.utils.torch_utils.randn_tensor(shape, generator=generator, device=self.device,
+                                                        dtype=torch.float32)
+
+    def rollout_schedule(self, num_steps, height, width):
+        vae_scale = self.pipeline.vae_scale_factor
+        image_seq_len = (height // (vae_scale * 2)) * (width // (vae_scale * 2))
+        config = self.scheduler.config
+        mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        retrieve_timesteps(scheduler, num_steps, self.device, sigmas=get_default_z_image_sigmas(num_steps), mu=mu)
+        return scheduler.timesteps, scheduler.sigmas
+
+    def predict(self, transformer, latents, timestep, context):
+        # The transformer takes t = 1 - sigma and returns the negative of the scheduler's velocity (SPEC §3).
+        t = ((1000 - timestep) / 1000).expand(latents.shape[0])
+        model_input = list(latents.to(self.transformer.dtype).unsqueeze(2).unbind(0))
+        output = transformer(model_input, t, context["prompt_embeds"], return_dict=False)[0]
+        return -torch.stack([o.float() for o in output]).squeeze(2)
+
+    def decode(self, latents):
+        vae = self.pipeline.vae
+        latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        return self.pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
+
+    def generate(self, transformer, context, height, width, num_steps, generator):
+        self.pipeline.transformer = transformer
+        return self.pipeline(
+            prompt_embeds=[self.to_model(context["prompt_embeds"])],
+            height=height, width=width, num_inference_steps=num_steps, guidance_scale=self.guidance_scale,
+            generator=generator,
+        ).images
+
+
+class Flux2Klein(ModelFamily):
+    """FLUX.2-klein 4B/9B: 4-step distilled, Qwen3 text encoder; edit (reference image) or VLM teacher."""
+
+    name = "FLUX.2-klein"
+    pipeline_class_name = "Flux2KleinPipeline"
+    hub_tags = ("flux2", "flux2-klein")
+    guidance_scale = 1.0  # distilled guidance: 1.0 is the pipeline's "no CFG"
+    default_inference_steps = 4
+    default_learning_rate = 2e-5
+    # Module names that exist in diffusers' Flux2 transformer (the released code named ff.net.*, which do not).
+    default_lora_layers = ("to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,"
+                           "to_qkv_mlp_proj,attn.to_out,ff.linear_in,ff.linear_out,ff_context.linear_in,"
+                           "ff_context.linear_out")
+    default_teacher_context = "edit"
+    teacher_contexts = ("edit", "vlm")
+    max_sequence_length = 512
+
+    @classmethod
+    def add_arguments(cls, group):
+        group.add_argument(
+            "--teacher_prompt_suffix",
+            type=str,
+            default="Make the main subject (facial/ip details), background, and overall composition consistent with"
+            " the reference image.",
+            help="Edit teacher: sentence appended to the teacher's caption.",
+        )
+        group.add_argument(
+            "--text_encoder_out_layers",
+            type=int,
+            nargs="+",
+            default=[9, 18, 27],
+            help="Text-encoder hidden layers stacked into the prompt embedding (the pipeline's default).",
+        )
+
+    def context_fingerprint(self):
+        return {**super().context_fingerprint(), "layers": self.args.text_encoder_out_layers,
+                "suffix": self.args.teacher_prompt_suffix if self.teacher_context == "edit" else None}
+
+    @property
+    def modelspec_architecture(self):
+        config = self.transformer.config
+        return "Flux.2-klein-9b" if config.num_attention_heads * config.attention_head_dim > 3072 else "Flux.2-klein-4b"
+
+    def default_teacher_vlm(self):
+        hidden = self.pipeline.text_encoder.config.hidden_size
+        return "Qwen/Qwen3-VL-8B-Instruct" if hidden >= 4096 else "Qwen/Qwen3-VL-4B-Instruct"
+
+    def encode_caption(self, caption):
+        embeds = self.pipeline._get_qwen3_prompt_embeds(
+            self.pipeline.text_encoder, self.pipeline.tokenizer, [caption], dtype=self.weight_dtype,
+            device=self.device, max_sequence_length=self.max_sequence_length,
+            hidden_states_layers=tuple(self.args.text_encoder_out_layers),
+        )
+        return embeds[0].to("cpu")
+
+    def encode_student_context(self, caption):
+        return {"prompt_embeds": self.encode_caption(caption)}
+
+    def build_teacher_context(self, image, caption):
+        if self.teacher_context == "vlm":
+            return self.vlm_teacher_context(image, caption)
+        # Edit teacher: the target as the pipeline's reference image, with the instruction suffix (SPEC §3).
+        reference_height, reference_width = self.reference_size(image.height, image.width)
+        if (reference_height, reference_width) != (image.height, image.width):
+            image = image.resize((reference_width, reference_height), Image.Resampling.LANCZOS)
+        pixels = image_to_tensor(image)
+        image_latents, image_latent_ids = self.pipeline.prepare_image_latents(
+            [pixels], batch_size=1, generator=None, device=self.device, dtype=self.pipeline.vae.dtype
+        )
+        teacher_caption = f"{caption} {self.args.teacher_prompt_suffix}".strip()
+        return {
+            "prompt_embeds": self.encode_caption(teacher_caption),
+            "image_latents": image_latents[0].to("cpu", self.weight_dtype),
+            "image_latent_ids": image_latent_ids[0].to("cpu"),
+        }
+
+    def reference_size(self, height, width):
+        """(height, width) of the edit teacher's reference image for a bucket: the bucket itself, or its aspect ratio
+        at --reference_resolution^2 pixels (fewer reference tokens, a shorter teacher pass)."""
+        if self.args.reference_resolution is None:
+            return height, width
+        scale = self.args.reference_resolution / math.sqrt(height * width)
+        multiple = self.resolution_multiple
+        return (max(multiple, round(height * scale / multiple) * multiple),
+                max(multiple, round(width * scale / multiple) * multiple))
+
+    def vlm_teacher_context(self, image, caption):
+        vision, num_image_tokens = self.vlm.vision_inputs(image)
+        text = self.pipeline.tokenizer.apply_chat_template(
+            [{"role": "user", "content": self.vlm.user_content(caption, num_image_tokens)}],
+            tokenize=False, add_generation_prompt=True, enable_thinking=False,
+        )
+        # Padded like the student's prompt (the caption keeps its 512-token budget after the image tokens).
+        hidden_states, _ = self.vlm.hidden_states(text, vision, self.max_sequence_length + num_image_tokens)
+        stacked = torch.stack([hidden_states[k] for k in self.args.text_encoder_out_layers], dim=1)[0]
+        return {"prompt_embeds": stacked.permute(1, 0, 2).flatten(1).to("cpu", self.weight_dtype)}
+
+    def collate(self, contexts):
+        return {key: self.to_model(torch.stack([c[key] for c in contexts])) for key in contexts[0]}
+
+    def initial_noise(self, batch_size, height, width, generator=None):
+        vae_scale = self.pipeline.vae_scale_factor
+        shape = (batch_size, self.transformer.config.in_channels, height // (vae_scale * 2),
+                 width // (vae_scale * 2))
+        # The pipeline samples its noise in the prompt embeddings' dtype.
+        return diffusers.utils.torch_utils.randn_tensor(shape, generator=generator, device=self.device,
+                                                        dtype=self.weight_dtype)
+
+    def rollout_schedule(self, num_steps, height, width):
+        vae_scale = self.pipeline.vae_scale_factor
+        image_seq_len = (height // (vae_scale * 2)) * (width // (vae_scale * 2))
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        if getattr(self.scheduler.config, "use_flow_sigmas", False):
+            sigmas = None
+        mu = compute_empirical_mu(image_seq_len=image_seq_len, num_steps=num_steps)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+        retrieve_timesteps(scheduler, num_steps, self.device, sigmas=sigmas, mu=mu)
+        return scheduler.timesteps, scheduler.sigmas
+
+    def predict(self, transformer, latents, timestep, context):
+        batch_size, channels, height, width = latents.shape
+        tokens = self.pipeline._pack_latents(latents)
+        token_ids = self.pipeline._prepare_latent_ids(latents).to(self.device)
+        num_tokens = tokens.shape[1]
+        if "image_latents" in context:  # edit teacher: reference tokens after the noisy ones
+            tokens = torch.cat([tokens, context["image_latents"].to(tokens.dtype)], dim=1)
+            token_ids = torch.cat([token_ids, context["image_latent_ids"]], dim=1)
+        prompt_embeds = context["prompt_embeds"]
+        output = transformer(
+            hidden_states=tokens.to(self.transformer.dtype),
+            timestep=timestep.expand(batch_size).to(latents.dtype) / 1000,
+            guidance=None,
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=self.pipeline._prepare_text_ids(prompt_embeds).to(self.device),
+            img_ids=token_ids,
+            return_dict=False,
+        )[0][:, :num_tokens]
+        velocity = output.permute(0, 2, 1).reshape(batch_size, channels, height, width)
+        return velocity.to(self.transformer.dtype)
+
+    def unnormalize(self, latents):
+        """Patchified, batch-norm-normalised latents -> the VAE's latent space (what output_type='latent' gives)."""
+        vae = self.pipeline.vae
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device,
+                                                                                              latents.dtype)
+        return self.pipeline._unpatchify_latents(latents * std + mean)
+
+    def decode(self, latents):
+        vae = self.pipeline.vae
+        latents = self.unnormalize(latents.to(vae.device, vae.dtype))
+        return self.pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
+
+    def generate(self, transformer, context, height, width, num_steps, generator):
+        self.pipeline.transformer = transformer
+        return self.pipeline(
+            prompt_embeds=self.to_model(context["prompt_embeds"].unsqueeze(0)),
+            height=height, width=width, num_inference_steps=num_steps, guidance_scale=self.guidance_scale,
+            generator=generator,
+        ).images
+
+
+# The registry: a new family is one class above and one entry here (README, "Adding a model family").
+MODEL_FAMILIES = {family.pipeline_class_name: family for family in (ZImageTurbo, Flux2Klein)}
+
+
 if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
     parse_args()  # --help answers here, before the imports below, which take seconds
 
@@ -336,7 +765,7 @@ from accelerate.utils import (  # noqa: E402
     is_wandb_available,
     set_seed,
 )
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, ZImagePipeline  # noqa: E402
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu  # noqa: E402
 from diffusers.pipelines.z_image.pipeline_z_image import (  # noqa: E402
@@ -366,7 +795,7 @@ logger = get_logger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model families: everything that differs between Z-Image-Turbo and FLUX.2-klein (SPEC §3-§5)
+# What the families load with: quantised layers, the grafted teacher VLM, the pipeline's family
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -552,344 +981,6 @@ class GraftedVLM:
         return output.hidden_states, attention_mask[0].bool()
 
 
-class ModelFamily:
-    """What differs between model families. Subclasses fill in the same handful of methods.
-
-    Latent states have the shape (batch, channels, height, width) in the space the pipeline's scheduler steps in.
-    Contexts are dicts of CPU-storable tensors for ONE sample; `collate` batches them for `predict`.
-    """
-
-    name = None
-    pipeline_class = None
-    default_learning_rate = None
-    default_validation_steps = None
-    default_lora_layers = None
-    default_teacher_context = None
-    teacher_contexts = ()
-    resolution_multiple = 16
-
-    def __init__(self, args, weight_dtype, device, pipeline=None):
-        """Load the pipeline named by the arguments, or wrap one built in code (the benchmark's random weights)."""
-        self.args = args
-        self.weight_dtype = weight_dtype
-        self.device = device
-        self.teacher_context = args.teacher_context or self.default_teacher_context
-        if self.teacher_context not in self.teacher_contexts:
-            raise UserError(f"--teacher_context {self.teacher_context} is not available for {self.name}"
-                            f" (choose from {', '.join(self.teacher_contexts)})")
-        if args.reference_resolution is not None and self.teacher_context != "edit":
-            raise UserError(f"--reference_resolution applies to FLUX.2-klein's edit teacher only, not to {self.name}"
-                            f" with the {self.teacher_context} teacher")
-        if pipeline is None:
-            try:
-                pipeline = self.pipeline_class.from_pretrained(
-                    args.pretrained_model_name_or_path,
-                    revision=args.revision,
-                    variant=args.variant,
-                    dtype=weight_dtype,
-                    cache_dir=args.cache_dir,
-                )
-            except Exception as error:
-                raise UserError(f"cannot load {args.pretrained_model_name_or_path} as {self.name}: {error}") from None
-        self.pipeline = pipeline
-        self.pipeline.set_progress_bar_config(disable=True)
-        self.transformer = self.pipeline.transformer
-        self.scheduler = self.pipeline.scheduler
-        self.vlm = None
-        if args.quantize_encoders != "none" and self.pipeline.text_encoder is not None:
-            quantize_linear_layers(self.pipeline.text_encoder, args.quantize_encoders, device, weight_dtype)
-        for module in (self.pipeline.text_encoder, self.pipeline.vae):
-            if module is not None:
-                module.to(device).requires_grad_(False).eval()
-        self.transformer.requires_grad_(False)
-        if args.attention_backend is not None:
-            try:
-                self.transformer.set_attention_backend(args.attention_backend)
-            except Exception as error:
-                raise UserError(f"--attention_backend {args.attention_backend}: {error}") from None
-
-    # -- loading -------------------------------------------------------------------------------------------------
-    def load_teacher_vlm(self, drop_text_encoder=False):
-        """The grafted Qwen3-VL on the accelerator. With `drop_text_encoder` (the student contexts are done) the text
-        encoder goes once its weights are grafted, before the VLM arrives: one large encoder on the device at a time."""
-        vlm_path = self.args.teacher_vlm_name_or_path or self.default_teacher_vlm()
-        self.vlm = GraftedVLM(vlm_path, self.pipeline.text_encoder, self.pipeline.tokenizer, self.weight_dtype,
-                              cache_dir=self.args.cache_dir, rope_theta=self.args.teacher_vlm_rope_theta)
-        if drop_text_encoder:
-            self.pipeline.text_encoder = None
-            free_memory()
-        self.vlm.to(self.device, self.args.quantize_encoders)
-
-    def prepare_teacher_contexts(self):
-        """Called between the student and the teacher contexts of the cache: the VLM teacher needs its VLM."""
-        if self.teacher_context == "vlm" and self.vlm is None:
-            self.load_teacher_vlm(drop_text_encoder=True)
-
-    def default_teacher_vlm(self):
-        return "Qwen/Qwen3-VL-4B-Instruct"
-
-    def free_encoders(self):
-        """Drop the text encoder and VLM and park the VAE on the CPU: the loop only needs the transformer."""
-        self.pipeline.text_encoder = None
-        self.vlm = None
-        self.pipeline.vae.to("cpu")
-        free_memory()
-
-    # -- contexts ------------------------------------------------------------------------------------------------
-    def encode_student_context(self, caption):
-        raise NotImplementedError
-
-    def build_teacher_context(self, image, caption):
-        raise NotImplementedError
-
-    def collate(self, contexts):
-        raise NotImplementedError
-
-    def to_model(self, tensor):
-        """A context tensor on the accelerator, floating point in the transformer's dtype (as the pipeline feeds it)."""
-        return tensor.to(self.device, self.transformer.dtype if tensor.is_floating_point() else None)
-
-    # -- roll-out ------------------------------------------------------------------------------------------------
-    def initial_noise(self, batch_size, height, width, generator=None):
-        raise NotImplementedError
-
-    def rollout_schedule(self, num_steps, height, width):
-        """(timesteps, sigmas) exactly as the pipeline sets them for `num_steps` at this size (SPEC §4)."""
-        raise NotImplementedError
-
-    def predict(self, transformer, latents, timestep, context):
-        """Velocity in the scheduler's convention and the pipeline's dtype: x_{k-1} = x_k + (s_{k-1} - s_k) v."""
-        raise NotImplementedError
-
-    # -- images --------------------------------------------------------------------------------------------------
-    def decode(self, latents):
-        raise NotImplementedError
-
-    def generate(self, transformer, context, height, width, num_steps, generator):
-        """Images from the stock pipeline for a cached student context."""
-        raise NotImplementedError
-
-
-class ZImageTurbo(ModelFamily):
-    """Z-Image-Turbo: 8-step distilled, Qwen3-4B text encoder, teacher context from a grafted Qwen3-VL."""
-
-    name = "Z-Image-Turbo"
-    pipeline_class = ZImagePipeline
-    modelspec_architecture = "Z-Image"  # the name musubi-tuner and LoRA managers use
-    hub_tags = ["z-image", "z-image-turbo"]
-    default_learning_rate = 1e-4
-    default_validation_steps = 8
-    # The released code lost w1/w2 to a missing comma; all three feed-forward projections are meant (SPEC §5).
-    default_lora_layers = "to_q,to_k,to_v,to_out.0,feed_forward.w1,feed_forward.w2,feed_forward.w3"
-    default_teacher_context = "vlm"
-    teacher_contexts = ("vlm",)
-    max_sequence_length = 512
-
-    def __init__(self, args, weight_dtype, device, pipeline=None):
-        super().__init__(args, weight_dtype, device, pipeline)
-        # Caption positions run 1..padded length and the image starts after them on the same RoPE axis, so the
-        # teacher context is capped below the transformer's first axis length (1024 -> 992), and at 1024 (SPEC §3).
-        axis_length = self.transformer.config.axes_lens[0]
-        self.max_teacher_tokens = min(1024, (axis_length - 2) // 32 * 32)
-
-    def encode_student_context(self, caption):
-        embeds = self.pipeline._encode_prompt([caption], device=self.device,
-                                              max_sequence_length=self.max_sequence_length)
-        return {"prompt_embeds": embeds[0].to("cpu", self.weight_dtype)}
-
-    def build_teacher_context(self, image, caption):
-        vision, num_image_tokens = self.vlm.vision_inputs(image)
-        text = self.pipeline.tokenizer.apply_chat_template(
-            [{"role": "user", "content": self.vlm.user_content(caption, num_image_tokens)}],
-            tokenize=False,
-            add_generation_prompt=True,
-            enable_thinking=True,
-        )
-        hidden_states, mask = self.vlm.hidden_states(text, vision)
-        features = hidden_states[-2][0][mask][: self.max_teacher_tokens]
-        return {"prompt_embeds": features.to("cpu", self.weight_dtype)}
-
-    def collate(self, contexts):
-        return {"prompt_embeds": [self.to_model(c["prompt_embeds"]) for c in contexts]}
-
-    def initial_noise(self, batch_size, height, width, generator=None):
-        vae_scale = self.pipeline.vae_scale_factor
-        shape = (batch_size, self.transformer.config.in_channels, 2 * (height // (vae_scale * 2)),
-                 2 * (width // (vae_scale * 2)))
-        return diffusers.utils.torch_utils.randn_tensor(shape, generator=generator, device=self.device,
-                                                        dtype=torch.float32)
-
-    def rollout_schedule(self, num_steps, height, width):
-        vae_scale = self.pipeline.vae_scale_factor
-        image_seq_len = (height // (vae_scale * 2)) * (width // (vae_scale * 2))
-        config = self.scheduler.config
-        mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
-                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                             config.get("max_shift", 1.15))
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-        retrieve_timesteps(scheduler, num_steps, self.device, sigmas=get_default_z_image_sigmas(num_steps), mu=mu)
-        return scheduler.timesteps, scheduler.sigmas
-
-    def predict(self, transformer, latents, timestep, context):
-        # The transformer takes t = 1 - sigma and returns the negative of the scheduler's velocity (SPEC §3).
-        t = ((1000 - timestep) / 1000).expand(latents.shape[0])
-        model_input = list(latents.to(self.transformer.dtype).unsqueeze(2).unbind(0))
-        output = transformer(model_input, t, context["prompt_embeds"], return_dict=False)[0]
-        return -torch.stack([o.float() for o in output]).squeeze(2)
-
-    def decode(self, latents):
-        vae = self.pipeline.vae
-        latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        return self.pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
-
-    def generate(self, transformer, context, height, width, num_steps, generator):
-        self.pipeline.transformer = transformer
-        return self.pipeline(
-            prompt_embeds=[self.to_model(context["prompt_embeds"])],
-            height=height, width=width, num_inference_steps=num_steps, guidance_scale=0.0, generator=generator,
-        ).images
-
-
-class Flux2Klein(ModelFamily):
-    """FLUX.2-klein 4B/9B: 4-step distilled, Qwen3 text encoder; edit (reference image) or VLM teacher."""
-
-    name = "FLUX.2-klein"
-    pipeline_class = Flux2KleinPipeline
-    hub_tags = ["flux2", "flux2-klein"]
-    default_learning_rate = 2e-5
-    default_validation_steps = 4
-    # Module names that exist in diffusers' Flux2 transformer (the released code named ff.net.*, which do not).
-    default_lora_layers = ("to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,"
-                           "to_qkv_mlp_proj,attn.to_out,ff.linear_in,ff.linear_out,ff_context.linear_in,"
-                           "ff_context.linear_out")
-    default_teacher_context = "edit"
-    teacher_contexts = ("edit", "vlm")
-    max_sequence_length = 512
-
-    @property
-    def modelspec_architecture(self):
-        config = self.transformer.config
-        return "Flux.2-klein-9b" if config.num_attention_heads * config.attention_head_dim > 3072 else "Flux.2-klein-4b"
-
-    def default_teacher_vlm(self):
-        hidden = self.pipeline.text_encoder.config.hidden_size
-        return "Qwen/Qwen3-VL-8B-Instruct" if hidden >= 4096 else "Qwen/Qwen3-VL-4B-Instruct"
-
-    def encode_caption(self, caption):
-        embeds = self.pipeline._get_qwen3_prompt_embeds(
-            self.pipeline.text_encoder, self.pipeline.tokenizer, [caption], dtype=self.weight_dtype,
-            device=self.device, max_sequence_length=self.max_sequence_length,
-            hidden_states_layers=tuple(self.args.text_encoder_out_layers),
-        )
-        return embeds[0].to("cpu")
-
-    def encode_student_context(self, caption):
-        return {"prompt_embeds": self.encode_caption(caption)}
-
-    def build_teacher_context(self, image, caption):
-        if self.teacher_context == "vlm":
-            return self.vlm_teacher_context(image, caption)
-        # Edit teacher: the target as the pipeline's reference image, with the instruction suffix (SPEC §3).
-        reference_height, reference_width = self.reference_size(image.height, image.width)
-        if (reference_height, reference_width) != (image.height, image.width):
-            image = image.resize((reference_width, reference_height), Image.Resampling.LANCZOS)
-        pixels = image_to_tensor(image)
-        image_latents, image_latent_ids = self.pipeline.prepare_image_latents(
-            [pixels], batch_size=1, generator=None, device=self.device, dtype=self.pipeline.vae.dtype
-        )
-        teacher_caption = f"{caption} {self.args.teacher_prompt_suffix}".strip()
-        return {
-            "prompt_embeds": self.encode_caption(teacher_caption),
-            "image_latents": image_latents[0].to("cpu", self.weight_dtype),
-            "image_latent_ids": image_latent_ids[0].to("cpu"),
-        }
-
-    def reference_size(self, height, width):
-        """(height, width) of the edit teacher's reference image for a bucket: the bucket itself, or its aspect ratio
-        at --reference_resolution^2 pixels (fewer reference tokens, a shorter teacher pass)."""
-        if self.args.reference_resolution is None:
-            return height, width
-        scale = self.args.reference_resolution / math.sqrt(height * width)
-        multiple = self.resolution_multiple
-        return (max(multiple, round(height * scale / multiple) * multiple),
-                max(multiple, round(width * scale / multiple) * multiple))
-
-    def vlm_teacher_context(self, image, caption):
-        vision, num_image_tokens = self.vlm.vision_inputs(image)
-        text = self.pipeline.tokenizer.apply_chat_template(
-            [{"role": "user", "content": self.vlm.user_content(caption, num_image_tokens)}],
-            tokenize=False, add_generation_prompt=True, enable_thinking=False,
-        )
-        # Padded like the student's prompt (the caption keeps its 512-token budget after the image tokens).
-        hidden_states, _ = self.vlm.hidden_states(text, vision, self.max_sequence_length + num_image_tokens)
-        stacked = torch.stack([hidden_states[k] for k in self.args.text_encoder_out_layers], dim=1)[0]
-        return {"prompt_embeds": stacked.permute(1, 0, 2).flatten(1).to("cpu", self.weight_dtype)}
-
-    def collate(self, contexts):
-        return {key: self.to_model(torch.stack([c[key] for c in contexts])) for key in contexts[0]}
-
-    def initial_noise(self, batch_size, height, width, generator=None):
-        vae_scale = self.pipeline.vae_scale_factor
-        shape = (batch_size, self.transformer.config.in_channels, height // (vae_scale * 2),
-                 width // (vae_scale * 2))
-        # The pipeline samples its noise in the prompt embeddings' dtype.
-        return diffusers.utils.torch_utils.randn_tensor(shape, generator=generator, device=self.device,
-                                                        dtype=self.weight_dtype)
-
-    def rollout_schedule(self, num_steps, height, width):
-        vae_scale = self.pipeline.vae_scale_factor
-        image_seq_len = (height // (vae_scale * 2)) * (width // (vae_scale * 2))
-        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-        if getattr(self.scheduler.config, "use_flow_sigmas", False):
-            sigmas = None
-        mu = compute_empirical_mu(image_seq_len=image_seq_len, num_steps=num_steps)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
-        retrieve_timesteps(scheduler, num_steps, self.device, sigmas=sigmas, mu=mu)
-        return scheduler.timesteps, scheduler.sigmas
-
-    def predict(self, transformer, latents, timestep, context):
-        batch_size, channels, height, width = latents.shape
-        tokens = self.pipeline._pack_latents(latents)
-        token_ids = self.pipeline._prepare_latent_ids(latents).to(self.device)
-        num_tokens = tokens.shape[1]
-        if "image_latents" in context:  # edit teacher: reference tokens after the noisy ones
-            tokens = torch.cat([tokens, context["image_latents"].to(tokens.dtype)], dim=1)
-            token_ids = torch.cat([token_ids, context["image_latent_ids"]], dim=1)
-        prompt_embeds = context["prompt_embeds"]
-        output = transformer(
-            hidden_states=tokens.to(self.transformer.dtype),
-            timestep=timestep.expand(batch_size).to(latents.dtype) / 1000,
-            guidance=None,
-            encoder_hidden_states=prompt_embeds,
-            txt_ids=self.pipeline._prepare_text_ids(prompt_embeds).to(self.device),
-            img_ids=token_ids,
-            return_dict=False,
-        )[0][:, :num_tokens]
-        velocity = output.permute(0, 2, 1).reshape(batch_size, channels, height, width)
-        return velocity.to(self.transformer.dtype)
-
-    def unnormalize(self, latents):
-        """Patchified, batch-norm-normalised latents -> the VAE's latent space (what output_type='latent' gives)."""
-        vae = self.pipeline.vae
-        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
-        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device,
-                                                                                              latents.dtype)
-        return self.pipeline._unpatchify_latents(latents * std + mean)
-
-    def decode(self, latents):
-        vae = self.pipeline.vae
-        latents = self.unnormalize(latents.to(vae.device, vae.dtype))
-        return self.pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
-
-    def generate(self, transformer, context, height, width, num_steps, generator):
-        self.pipeline.transformer = transformer
-        return self.pipeline(
-            prompt_embeds=self.to_model(context["prompt_embeds"].unsqueeze(0)),
-            height=height, width=width, num_inference_steps=num_steps, guidance_scale=1.0, generator=generator,
-        ).images
-
-
-MODEL_FAMILIES = {"ZImagePipeline": ZImageTurbo, "Flux2KleinPipeline": Flux2Klein}
 
 
 def hub_offline():
@@ -1083,10 +1174,10 @@ def read_caption_file(path, image_path):
     return captions
 
 
-def scan_instance_data_dir(args):
+def scan_instance_data_dir(folder):
     """(path, captions reader, image loader) for every image in --instance_data_dir, captioned by same-name .txt
     files or by metadata.jsonl. Folders and hidden files (such as macOS's "._photo.jpg") are not images."""
-    root = Path(args.instance_data_dir)
+    root = Path(folder)
     if not root.is_dir():
         raise UserError(f"--instance_data_dir {root} does not exist or is not a folder")
     metadata = root / "metadata.jsonl"
@@ -1155,7 +1246,8 @@ def with_trigger_word(caption, trigger_word):
 
 def collect_examples(args, resolution_multiple):
     """Scan and check the whole dataset up front: bad input stops here, before any model is loaded."""
-    entries = scan_instance_data_dir(args) if args.instance_data_dir is not None else scan_dataset(args)
+    entries = (scan_instance_data_dir(args.instance_data_dir) if args.instance_data_dir is not None
+               else scan_dataset(args))
     buckets = generate_aspect_ratio_buckets(args.resolution, divisibility=resolution_multiple)
     flips = (False, True) if args.random_flip else (False,)
     examples, long_captions = [], []
@@ -1265,33 +1357,20 @@ def model_fingerprint(name_or_path, revision=None, cache_dir=None):
 class ContextStore:
     """Per-example student and teacher contexts, as safetensors files under output_dir/context_cache.
 
-    The file name hashes everything the contexts depend on (the models' files, the settings that shape contexts,
-    the code's context format, the image, caption and bucket), so a resumed or repeated run reuses them and any
-    change computes new ones. With --no-cache_contexts nothing is stored and the encoders stay on the accelerator to
-    compute contexts for every batch.
+    The file name hashes everything the contexts depend on (the family's context_fingerprint: the models' files and
+    the settings that shape contexts; the code's context format; the image, caption and bucket), so a resumed or
+    repeated run reuses them and any change computes new ones. Not `enabled` (--no-cache_contexts): nothing is
+    stored and the encoders stay on the accelerator to compute contexts for every batch.
     """
 
-    def __init__(self, family, args, examples, accelerator):
+    def __init__(self, family, examples, accelerator, output_dir, enabled=True):
         self.family = family
         self.examples = examples
-        self.enabled = args.cache_contexts
-        self.folder = Path(args.output_dir) / "context_cache"
-        uses_vlm = family.teacher_context == "vlm"
-        fingerprint = {
-            "format": CONTEXT_FORMAT_VERSION,
-            "model": model_fingerprint(args.pretrained_model_name_or_path, args.revision, args.cache_dir),
-            "variant": args.variant, "teacher": family.teacher_context,
-            "vlm": model_fingerprint(args.teacher_vlm_name_or_path or family.default_teacher_vlm(),
-                                     cache_dir=args.cache_dir) if uses_vlm else None,
-            "vlm_rope_theta": args.teacher_vlm_rope_theta if uses_vlm else None,
-            "suffix": args.teacher_prompt_suffix if family.teacher_context == "edit" else None,
-            "layers": args.text_encoder_out_layers, "dtype": str(family.weight_dtype),
-            "quantize_encoders": args.quantize_encoders,
-        }
-        if args.reference_resolution is not None:  # absent by default, so earlier caches stay valid
-            fingerprint["reference_resolution"] = args.reference_resolution
-        self.fingerprint = json.dumps(fingerprint, sort_keys=True)
         self.accelerator = accelerator
+        self.folder = Path(output_dir) / "context_cache"
+        self.enabled = enabled
+        self.fingerprint = json.dumps({"format": CONTEXT_FORMAT_VERSION, **family.context_fingerprint()},
+                                      sort_keys=True)
 
     def path(self, example):
         key = hashlib.sha1(f"{self.fingerprint}|{example.image_key}|{example.caption}|{example.bucket}"
@@ -1525,9 +1604,13 @@ def rollout_step(latents, velocity, sigma, sigma_next):
     return (latents.float() + (sigma_next - sigma) * velocity).to(velocity.dtype)
 
 
-def dopsd_step(family, student, teacher_model, ema_teacher, batch, args, accelerator, generator=None,
+def dopsd_step(family, student, network, ema_teacher, batch, accelerator, rollout_steps, loss_space, generator=None,
                backward_per_step=True):
     """One D-OPSD iteration on a batch; returns the mean loss over the K roll-out steps and the final latents.
+
+    `network` is the transformer that plays both roles: the student's weights, or the teacher's while
+    `ema_teacher.swapped_in()`. `student` is the same network as accelerate prepared it (under DDP its wrapper,
+    which synchronises gradients), for the passes with grad.
 
     The student's forward with grad at x_k *is* the roll-out step: its velocity moves the state to x_{k-1}
     (detached: no backprop through the trajectory). Each step's loss is backpropagated at once, so only one
@@ -1538,20 +1621,20 @@ def dopsd_step(family, student, teacher_model, ema_teacher, batch, args, acceler
     height, width = batch["bucket"]
     student_context = family.collate(batch["student"])
     teacher_context = family.collate(batch["teacher"])
-    timesteps, sigmas = family.rollout_schedule(args.rollout_steps, height, width)
+    timesteps, sigmas = family.rollout_schedule(rollout_steps, height, width)
     latents = family.initial_noise(len(batch["student"]), height, width, generator)  # fresh noise: on-policy
     total_loss = torch.zeros((), device=latents.device)
-    for k in range(args.rollout_steps):
+    for k in range(rollout_steps):
         with torch.no_grad(), ema_teacher.swapped_in(), accelerator.autocast():
-            teacher_velocity = family.predict(teacher_model, latents, timesteps[k], teacher_context)
+            teacher_velocity = family.predict(network, latents, timesteps[k], teacher_context)
         # Gradients of all but the last step stay local; DDP averages them once, at the last backward.
-        last = k == args.rollout_steps - 1
+        last = k == rollout_steps - 1
         with nullcontext() if last or not backward_per_step else accelerator.no_sync(student):
             student_velocity = family.predict(student, latents, timesteps[k], student_context)
-            loss = dopsd_loss(student_velocity, teacher_velocity, latents, sigmas[k], args.loss_space)
+            loss = dopsd_loss(student_velocity, teacher_velocity, latents, sigmas[k], loss_space)
             if backward_per_step:
-                accelerator.backward(loss / args.rollout_steps)
-        total_loss = total_loss + (loss.detach() if backward_per_step else loss) / args.rollout_steps
+                accelerator.backward(loss / rollout_steps)
+        total_loss = total_loss + (loss.detach() if backward_per_step else loss) / rollout_steps
         latents = rollout_step(latents, student_velocity.detach(), sigmas[k], sigmas[k + 1])
     if not backward_per_step:
         accelerator.backward(total_loss)
@@ -1736,14 +1819,14 @@ def base_model_license(base_model):
     return dict(KNOWN_LICENSES.get(Path(base_model.rstrip("/")).name.lower(), {"license": "other"}))
 
 
-def card_gallery(args, images):
+def card_gallery(output_dir, images):
     """Save the final validation images beside the card; the widget entries that its <Gallery /> shows."""
     widget = []
     for i, (prompt, image_list) in enumerate(images.items()):
         if prompt.startswith("teacher view"):
             continue
         name = f"image_{i}.png"
-        image_list[0].save(Path(args.output_dir) / name)
+        image_list[0].save(Path(output_dir) / name)
         widget.append({"text": prompt, "output": {"url": name}})
     return widget
 
@@ -1762,9 +1845,8 @@ def write_model_card(args, repo_id, description, widget, tags):
 
 def save_model_card(args, family, repo_id, images):
     """README.md for the Hub: what was trained, how, and how to load it in diffusers, ComfyUI and Forge."""
-    widget = card_gallery(args, images)
+    widget = card_gallery(args.output_dir, images)
     pipeline_class = family.pipeline_class.__name__
-    guidance = 0.0 if family.name == "Z-Image-Turbo" else 1.0
     trigger = (f"Use `{args.trigger_word}` in the prompt to trigger the concept." if args.trigger_word else
                f"Instance prompt: `{args.instance_prompt}`." if args.instance_prompt else
                "No trigger word: the captions of the training data were used.")
@@ -1798,7 +1880,8 @@ from diffusers import {pipeline_class}
 
 pipe = {pipeline_class}.from_pretrained("{args.pretrained_model_name_or_path}", dtype=torch.bfloat16).to("cuda")
 pipe.load_lora_weights("{repo_id}")
-image = pipe("{prompt}", num_inference_steps={args.validation_inference_steps}, guidance_scale={guidance}).images[0]
+image = pipe("{prompt}", num_inference_steps={args.validation_inference_steps},
+             guidance_scale={family.guidance_scale}).images[0]
 ```
 
 ## Use it in ComfyUI / Forge
@@ -1957,10 +2040,11 @@ def prune_checkpoints(output_dir, limit):
         shutil.rmtree(old)
 
 
-def save_checkpoint(accelerator, args, global_step, noise_generator):
+def save_checkpoint(accelerator, output_dir, global_step, noise_generator, total_limit=None):
     """accelerate state (model hooks, optimizer, lr scheduler, RNGs) + the roll-out noise generator, written to
-    checkpoint-N.tmp and renamed when every process is done. Old checkpoints are pruned only after that."""
-    final = Path(args.output_dir) / f"checkpoint-{global_step}"
+    checkpoint-N.tmp and renamed when every process is done. Old checkpoints beyond `total_limit` are pruned only
+    after that."""
+    final = Path(output_dir) / f"checkpoint-{global_step}"
     temporary = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
         remove_path(temporary)
@@ -1978,7 +2062,7 @@ def save_checkpoint(accelerator, args, global_step, noise_generator):
     if failed.item() > 0:
         if accelerator.is_main_process:
             shutil.rmtree(temporary, ignore_errors=True)
-        previous = list_checkpoints(args.output_dir)
+        previous = list_checkpoints(output_dir)
         kept = f"{previous[-1].name} is intact" if previous else "no earlier checkpoint exists"
         raise UserError(f"could not write {final.name} ({reason or 'on another process'}); {kept}. Free disk space"
                         " and resume with --resume_from_checkpoint latest")
@@ -1986,8 +2070,8 @@ def save_checkpoint(accelerator, args, global_step, noise_generator):
         follow_umask(temporary)
         remove_path(final)
         os.replace(temporary, final)
-        if args.checkpoints_total_limit is not None:
-            prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
+        if total_limit is not None:
+            prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     logger.info(f"saved {final}")
 
@@ -2045,17 +2129,18 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def find_resume_checkpoint(args):
-    if args.resume_from_checkpoint is None:
+def find_resume_checkpoint(resume_from_checkpoint, output_dir):
+    """The checkpoint folder --resume_from_checkpoint names ("latest": the newest in output_dir, None if none)."""
+    if resume_from_checkpoint is None:
         return None
-    if args.resume_from_checkpoint != "latest":
-        path = Path(args.resume_from_checkpoint)
+    if resume_from_checkpoint != "latest":
+        path = Path(resume_from_checkpoint)
         if not path.is_dir():
-            path = Path(args.output_dir) / args.resume_from_checkpoint
+            path = Path(output_dir) / resume_from_checkpoint
         if not path.is_dir():
-            raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist")
+            raise UserError(f"--resume_from_checkpoint {resume_from_checkpoint} does not exist")
         return path
-    checkpoints = list_checkpoints(args.output_dir)
+    checkpoints = list_checkpoints(output_dir)
     return checkpoints[-1] if checkpoints else None
 
 
@@ -2102,30 +2187,26 @@ def release_output_dir(output_dir):
         lock.close()
 
 
-RUN_DEFINING_SETTINGS = (
+RUN_DEFINING_SETTINGS = (  # and every family's own flags (they shape the contexts)
     "pretrained_model_name_or_path", "revision", "variant", "teacher_context", "teacher_vlm_name_or_path",
-    "teacher_prompt_suffix", "text_encoder_out_layers", "rollout_steps", "loss_space", "ema_decay", "ema_dtype",
-    "rank", "lora_alpha", "lora_layers", "train_layers", "use_8bit_adam", "seed", "train_batch_size",
-    "gradient_accumulation_steps", "num_processes",
+    "rollout_steps", "loss_space", "ema_decay", "ema_dtype", "rank", "lora_alpha", "lora_layers", "train_layers",
+    "use_8bit_adam", "seed", "train_batch_size", "gradient_accumulation_steps", "num_processes",
 )
 SETTINGS_FILE = "run_settings.json"
 NOT_SETTINGS = ("resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "hub_model_id")
 
 
-def run_settings(args, family, accelerator):
+def run_settings(args, accelerator):
     """The run's flags as given (family defaults resolved, local paths absolute), for checkpoints and resume."""
     settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
-    settings["teacher_context"] = family.teacher_context
     settings["num_processes"] = accelerator.num_processes
-    if "lora_layers" in settings:
-        settings["lora_layers"] = settings["lora_layers"] or family.default_lora_layers
     for name in ("pretrained_model_name_or_path", "teacher_vlm_name_or_path", "instance_data_dir", "dataset_name"):
         if settings.get(name) and os.path.exists(settings[name]):
             settings[name] = os.path.abspath(settings[name])
     return json.loads(json.dumps(settings))
 
 
-def check_resume_settings(resume_path, settings):
+def check_resume_settings(resume_path, settings, family_class):
     """Refuse a resume that changes what the checkpoint means (all such flags in one line); log the other changes.
 
     RUN_DEFINING_SETTINGS are refused: the saved weights, teacher or optimizer state would be read as something they
@@ -2142,7 +2223,7 @@ def check_resume_settings(resume_path, settings):
         return
     saved = json.loads(saved_file.read_text())
     changed = [name for name in settings if name in saved and saved[name] != settings[name]]
-    refused = [name for name in changed if name in RUN_DEFINING_SETTINGS]
+    refused = [name for name in changed if name in RUN_DEFINING_SETTINGS or name in family_class.own_flag_defaults()]
     if refused:
         listing = ", ".join(f"--{name} {saved[name]} (now {settings[name]})" for name in refused)
         raise UserError(f"cannot resume from {resume_path}: it was trained with {listing}; resume with the"
@@ -2215,8 +2296,9 @@ def setup(args):
         if get_token() is None:
             raise UserError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
     family_class = detect_family(args)
+    family_class.apply_defaults(args, TRAINING)
     examples = collect_examples(args, family_class.resolution_multiple)
-    resume_path = find_resume_checkpoint(args)
+    resume_path = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     check_output_dir_is_free(args)
 
     accelerator = Accelerator(
@@ -2250,12 +2332,11 @@ def setup(args):
         args.compile = compile_by_default(accelerator.device)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     family = family_class(args, weight_dtype, accelerator.device)
-    args.validation_inference_steps = args.validation_inference_steps or family.default_validation_steps
     if args.resolution % family.resolution_multiple:
         raise UserError(f"--resolution must be a multiple of {family.resolution_multiple} for {family.name}")
-    settings = run_settings(args, family, accelerator)
+    settings = run_settings(args, accelerator)
     if resume_path is not None:
-        check_resume_settings(resume_path, settings)
+        check_resume_settings(resume_path, settings, family_class)
     if accelerator.is_main_process:
         try:
             os.makedirs(args.output_dir, exist_ok=True)
@@ -2285,9 +2366,9 @@ def cache_contexts(args, family, examples, accelerator):
     With --no-cache_contexts the text encoder and the VLM both stay, to compute contexts for every batch."""
     with torch.no_grad():
         prompts = [(prompt, family.encode_student_context(prompt)) for prompt in args.validation_prompt or []]
-    if family.teacher_context == "vlm" and not args.cache_contexts:
-        family.load_teacher_vlm()
-    store = ContextStore(family, args, examples, accelerator)
+    if not args.cache_contexts:
+        family.prepare_teacher_contexts(keep_text_encoder=True)
+    store = ContextStore(family, examples, accelerator, args.output_dir, enabled=args.cache_contexts)
     store.fill()
     validation = {
         "prompts": prompts,
@@ -2379,8 +2460,8 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
                                              collate_fn=collate_examples)
     transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader,
                                                                            lr_scheduler)
-    teacher_model = accelerator.unwrap_model(transformer)
-    compiled = CompiledBlocks(teacher_model, args.compile)
+    network = accelerator.unwrap_model(transformer)  # both roles, the teacher's passes and the validation images
+    compiled = CompiledBlocks(network, args.compile)
     backward_per_step = accelerator.distributed_type != DistributedType.DEEPSPEED
 
     if accelerator.is_main_process and args.report_to != "none":
@@ -2409,9 +2490,12 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
 
+    def checkpoint():
+        save_checkpoint(accelerator, args.output_dir, global_step, noise_generator, args.checkpoints_total_limit)
+
     def step(batch):
-        loss, _ = dopsd_step(family, transformer, teacher_model, ema_teacher, batch, args, accelerator,
-                             noise_generator, backward_per_step)
+        loss, _ = dopsd_step(family, transformer, network, ema_teacher, batch, accelerator, args.rollout_steps,
+                             args.loss_space, noise_generator, backward_per_step)
         return loss
 
     transformer.train()
@@ -2444,20 +2528,20 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
                                f" was skipped ({bad_steps} in a row)")
             last = global_step >= args.max_train_steps
             if global_step % args.checkpointing_steps == 0 or last or bad_steps >= args.max_bad_steps:
-                save_checkpoint(accelerator, args, global_step, noise_generator)
+                checkpoint()
             if bad_steps >= args.max_bad_steps:
                 raise UserError(f"stopped at step {global_step} after {bad_steps} consecutive non-finite steps:"
                                 " lower --learning_rate, or use --mixed_precision bf16 instead of fp16."
                                 f" checkpoint-{global_step} holds the last good weights")
             if accelerator.is_main_process and (global_step % args.validation_steps == 0 or last):
-                images, _ = compiled.call(lambda: log_validation(family, teacher_model, ema_teacher, validation, args,
+                images, _ = compiled.call(lambda: log_validation(family, network, ema_teacher, validation, args,
                                                                  accelerator, global_step))
                 compiled.log_new_graphs(f"validation at step {global_step}")
             if last:
                 break
             if stop.agreed(accelerator):
                 if global_step % args.checkpointing_steps:
-                    save_checkpoint(accelerator, args, global_step, noise_generator)
+                    checkpoint()
                 logger.warning(f"stopped at step {global_step}; checkpoint-{global_step} is saved. To continue:\n"
                                f"  {resume_command()}")
                 accelerator.end_training()
@@ -2483,10 +2567,11 @@ def finish(args, accelerator, family, images, save_outputs):
         sys.exit(1)
 
 
-def prepare_lora_student(args, family, accelerator, lora_targets):
-    """The transformer as training runs it: a LoRA on `lora_targets` (fp32 weights under mixed precision) and
-    gradient checkpointing if asked. A quantised base (--quantize_base) is shared by student and teacher: only the
-    LoRA weights swap."""
+def prepare_student(args, family, accelerator):
+    """The student as training runs it, and the (name, parameter) pairs that train: a LoRA on --lora_layers (fp32
+    weights under mixed precision) and gradient checkpointing if asked. A quantised base (--quantize_base) is shared
+    by student and teacher: only the LoRA weights swap."""
+    lora_targets = resolve_lora_targets(family.transformer, args.lora_layers)
     if args.quantize_base != "none":
         count = quantize_linear_layers(family.transformer, args.quantize_base, accelerator.device, family.weight_dtype)
         logger.info(f"base transformer: {count} linear layers quantised to {args.quantize_base}")
@@ -2505,21 +2590,17 @@ def prepare_lora_student(args, family, accelerator, lora_targets):
         for module in transformer.modules():
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
-    return transformer
+    return transformer, [(name, p) for name, p in transformer.named_parameters() if p.requires_grad]
 
 
 def main(args):
     """Train a LoRA with D-OPSD; returns the trained transformer (with its LoRA)."""
     accelerator, family, examples, resume_path = setup(args)
-    if args.learning_rate is None:
-        args.learning_rate = family.default_learning_rate
-    args.lora_layers = args.lora_layers or family.default_lora_layers
-    lora_targets = resolve_lora_targets(family.transformer, args.lora_layers)
+    lora_targets = resolve_lora_targets(family.transformer, args.lora_layers)  # a bad --lora_layers fails now
     store, validation = cache_contexts(args, family, examples, accelerator)
 
     # The student: a LoRA on the transformer. The teacher: the EMA of that LoRA (SPEC §2.4).
-    transformer = prepare_lora_student(args, family, accelerator, lora_targets)
-    lora = [(name, p) for name, p in transformer.named_parameters() if p.requires_grad]
+    transformer, lora = prepare_student(args, family, accelerator)
     ema_teacher = EMATeacher(lora, args.ema_decay)
     logger.info(f"LoRA on {len(lora_targets)} layers: {sum(p.numel() for _, p in lora) / 1e6:.2f} M parameters")
 
