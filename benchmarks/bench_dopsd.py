@@ -6,7 +6,7 @@ Z-Image, the 512 padded tokens klein always uses), the teacher's caption plus im
 for Z-Image; klein's edit teacher: the reference image's tokens appended to the noisy ones, at
 --reference_resolutions).
 
-The model is prepared with the trainer's own functions (train_dopsd_lora.prepare_lora_student, accelerate's
+The model is prepared with the trainer's own functions (train_dopsd_lora.prepare_student, accelerate's
 autocast, CompiledBlocks), and each configuration measures, in one process:
   (a) a vanilla-SFT LoRA step (same LoRA, same checkpointing): noise a latent, predict, MSE to the velocity, backward;
   (b) one D-OPSD iteration (train_dopsd_lora.dopsd_step) for each K;
@@ -89,6 +89,7 @@ def build_family(name, args, weight_dtype, device):
                                        else [])])
     if name in TINY:
         family_class = trainer.detect_family(train_args)
+        family_class.apply_defaults(train_args, trainer.TRAINING)
         family = family_class(train_args, weight_dtype, device)
     else:
         kind, config = FULL_SIZE[name]
@@ -102,8 +103,8 @@ def build_family(name, args, weight_dtype, device):
                 pipeline = Flux2KleinPipeline(FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
                                               small_vae(kind), None, None, transformer, is_distilled=True)
         family_class = trainer.ZImageTurbo if kind == "z-image" else trainer.Flux2Klein
+        family_class.apply_defaults(train_args, trainer.TRAINING)
         family = family_class(train_args, weight_dtype, device, pipeline=pipeline)
-    train_args.lora_layers = family.default_lora_layers
     return family, train_args
 
 
@@ -229,11 +230,10 @@ def bench_model(name, args, device, accelerator):
     weight_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     family, train_args = build_family(name, args, weight_dtype, device)
     train_args.gradient_checkpointing = args.gradient_checkpointing
-    targets = trainer.resolve_lora_targets(family.transformer, train_args.lora_layers)
     # The student exactly as training prepares it: LoRA, checkpointing, fp32 LoRA computed under autocast.
-    transformer = accelerator.prepare(trainer.prepare_lora_student(train_args, family, accelerator, targets))
+    transformer, lora = trainer.prepare_student(train_args, family, accelerator)
+    transformer = accelerator.prepare(transformer)
     transformer.train()
-    lora = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
     ema_teacher = trainer.EMATeacher(lora, 0.9999)
     # lr 0: the optimizer does all its work but the weights stay put, so eager and compiled losses are comparable.
     optimizer = torch.optim.AdamW([p for _, p in lora], lr=0.0)
@@ -259,8 +259,8 @@ def bench_model(name, args, device, accelerator):
         for resolution, reference, batch, (student_flops, teacher_flops, recompute_counted) in configs:
             def check_loss(steps):
                 train_args.rollout_steps = steps
-                loss, _ = trainer.dopsd_step(family, transformer, transformer, ema_teacher, batch, train_args,
-                                             accelerator, torch.Generator(device).manual_seed(0))
+                loss, _ = trainer.dopsd_step(family, transformer, transformer, ema_teacher, batch, accelerator, steps,
+                                             train_args.loss_space, torch.Generator(device).manual_seed(0))
                 optimizer.zero_grad(set_to_none=True)
                 return loss.item()
 
@@ -279,8 +279,8 @@ def bench_model(name, args, device, accelerator):
                     eager_losses[key] = loss
 
                 def iteration():
-                    trainer.dopsd_step(family, transformer, transformer, ema_teacher, batch, train_args,
-                                       accelerator, generator)
+                    trainer.dopsd_step(family, transformer, transformer, ema_teacher, batch, accelerator,
+                                       train_args.rollout_steps, train_args.loss_space, generator)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     ema_teacher.update()
@@ -331,8 +331,8 @@ def compile_warmup(family, transformer, ema_teacher, train_args, accelerator, ar
                                 else None)
         graphs = compiled_graphs()
         start = time.perf_counter()
-        trainer.dopsd_step(family, transformer, transformer, ema_teacher, batch, train_args, accelerator,
-                           torch.Generator(device).manual_seed(0))
+        trainer.dopsd_step(family, transformer, transformer, ema_teacher, batch, accelerator, train_args.rollout_steps,
+                           train_args.loss_space, torch.Generator(device).manual_seed(0))
         synchronize(device)
         accelerator.unwrap_model(transformer).zero_grad(set_to_none=True)
         report["compile_buckets"].append(f"{height}x{width}")

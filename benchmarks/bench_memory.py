@@ -92,7 +92,8 @@ class Run:
         """One D-OPSD iteration and optimizer step; returns (loss, gradients finite)."""
         with self.accelerator.autocast():
             loss, _ = trainer.dopsd_step(self.family, self.transformer, self.transformer, self.ema_teacher, batch,
-                                         self.train_args, self.accelerator, self.generator)
+                                         self.accelerator, self.train_args.rollout_steps, self.train_args.loss_space,
+                                         self.generator)
         parameters = [p for _, p in self.lora]
         finite = all(torch.isfinite(p.grad).all() for p in parameters if p.grad is not None)
         scaler = self.accelerator.scaler

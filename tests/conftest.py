@@ -44,13 +44,10 @@ def script_args(output_dir, model=TINY_ZIMAGE, *extra, data=CONCEPT):
 def load_family(output_dir, model=TINY_ZIMAGE, *extra, script=lora_script):
     """Parsed args and the model family, loaded in float32 on the CPU as the script would."""
     args = script.parse_args(script_args(output_dir, model, *extra))
-    family = script.detect_family(args)(args, torch.float32, torch.device("cpu"))
-    args.learning_rate = args.learning_rate or family.default_learning_rate
-    args.validation_inference_steps = args.validation_inference_steps or family.default_validation_steps
-    if hasattr(args, "lora_layers"):
-        args.lora_layers = args.lora_layers or family.default_lora_layers
-    if family.teacher_context == "vlm":
-        family.load_teacher_vlm()
+    family_class = script.detect_family(args)
+    family_class.apply_defaults(args, script.TRAINING)
+    family = family_class(args, torch.float32, torch.device("cpu"))
+    family.prepare_teacher_contexts(keep_text_encoder=True)
     return args, family
 
 
@@ -88,7 +85,7 @@ def load_lora_into_pipeline(pipe, folder):
 def student_and_differing_teacher(family, args, accelerator):
     """Cached contexts, a non-zero LoRA student and an EMA teacher nudged away from it (so the loss is not ~0)."""
     examples = lora_script.collect_examples(args, family.resolution_multiple)
-    store = lora_script.ContextStore(family, args, examples, accelerator)
+    store = lora_script.ContextStore(family, examples, accelerator, args.output_dir)
     store.fill()
     lora = add_random_lora(family.transformer, args)
     ema = lora_script.EMATeacher([(n, p) for n, p in family.transformer.named_parameters() if p.requires_grad],
@@ -99,25 +96,28 @@ def student_and_differing_teacher(family, args, accelerator):
     return store, lora, ema
 
 
-def train_in_process(family, args, examples, accelerator, steps, learning_rate, script=lora_script):
-    """A short D-OPSD run with the script's own pieces (LoRA config, step, EMA), for claims about learning."""
-    targets = script.resolve_lora_targets(family.transformer, args.lora_layers)
-    family.transformer.add_adapter(script.LoraConfig(r=args.rank, lora_alpha=args.lora_alpha,
-                                                     init_lora_weights="gaussian", target_modules=targets))
-    named = [(n, p) for n, p in family.transformer.named_parameters() if p.requires_grad]
-    ema = script.EMATeacher(named, args.ema_decay)
+def train_in_process(family, args, examples, accelerator, steps, learning_rate, script=lora_script,
+                     after_step=None, **ema_options):
+    """A short D-OPSD run with the script's own pieces (its student: a LoRA or the whole transformer; the step; the
+    EMA teacher, with `ema_options` such as dtype), for claims about learning. after_step(named_parameters) runs
+    after every EMA update."""
+    transformer, named = script.prepare_student(args, family, accelerator)
+    ema = script.EMATeacher(named, args.ema_decay, **ema_options)
     optimizer = torch.optim.AdamW([p for _, p in named], lr=learning_rate)
-    store = script.ContextStore(family, args, examples, accelerator)
+    store = script.ContextStore(family, examples, accelerator, args.output_dir)
     store.fill()
     dataset = script.ContextDataset(examples, store)
     generator = torch.Generator().manual_seed(0)
     for step in range(steps):
         batch = script.collate_examples([dataset[step % len(dataset)]])
-        script.dopsd_step(family, family.transformer, family.transformer, ema, batch, args, accelerator, generator)
+        script.dopsd_step(family, transformer, transformer, ema, batch, accelerator, args.rollout_steps,
+                          args.loss_space, generator)
         torch.nn.utils.clip_grad_norm_([p for _, p in named], args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
         ema.update()
+        if after_step is not None:
+            after_step(named)
     return ema, dataset
 
 

@@ -73,14 +73,15 @@ def test_teacher_weight_swap_causes_no_recompiles(tmp_path, monkeypatch, backend
     accelerator = Accelerator(cpu=True)
     args, family = load_family(tmp_path, TINY_ZIMAGE)
     examples = script.collect_examples(args, family.resolution_multiple)
-    store = script.ContextStore(family, args, examples, accelerator)
+    store = script.ContextStore(family, examples, accelerator, args.output_dir)
     store.fill()
     add_random_lora(family.transformer, args)
     ema = script.EMATeacher([(n, p) for n, p in family.transformer.named_parameters() if p.requires_grad], 0.5)
     batch = script.collate_examples([script.ContextDataset(examples, store)[0]])
 
     def step(batch):
-        return script.dopsd_step(family, family.transformer, family.transformer, ema, batch, args, accelerator,
+        return script.dopsd_step(family, family.transformer, family.transformer, ema, batch, accelerator,
+                                 args.rollout_steps, args.loss_space,
                                  torch.Generator().manual_seed(1))[0]
 
     def move_teacher():

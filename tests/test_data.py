@@ -68,7 +68,7 @@ def test_a_model_replaced_at_the_same_path_gets_new_contexts(tmp_path, accelerat
     shutil.copytree(TINY_KLEIN, model)
     args = script.parse_args(script_args(tmp_path / "out", model))
     example = script.collect_examples(args, klein.resolution_multiple)[0]
-    store = script.ContextStore(klein, args, [example], accelerator)
+    store = script.ContextStore(klein, [example], accelerator, args.output_dir)
     store.fill()
     assert store.path(example).exists()
     weights = model / "text_encoder" / "model.safetensors"
@@ -76,11 +76,11 @@ def test_a_model_replaced_at_the_same_path_gets_new_contexts(tmp_path, accelerat
     state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"] * 1.5
     save_file(state, weights)  # same path, same size, new contents
 
-    replaced = script.ContextStore(klein, args, [example], accelerator)
+    replaced = script.ContextStore(klein, [example], accelerator, args.output_dir)
     assert replaced.path(example) != store.path(example) and not replaced.path(example).exists()
     # and every setting that shapes a context is part of the key
     args.text_encoder_out_layers = [9, 18, 26]
-    assert script.ContextStore(klein, args, [example], accelerator).path(example) != replaced.path(example)
+    assert script.ContextStore(klein, [example], accelerator, args.output_dir).path(example) != replaced.path(example)
 
 
 def test_a_hub_model_is_keyed_on_its_cached_commit(tmp_path):
@@ -102,14 +102,14 @@ def test_a_hub_model_is_keyed_on_its_cached_commit(tmp_path):
 def test_an_unreadable_cache_file_is_computed_again_with_one_warning(tmp_path, accelerator, klein, caplog):
     args, family = script.parse_args(script_args(tmp_path, TINY_KLEIN)), klein
     examples = script.collect_examples(args, family.resolution_multiple)[:2]
-    store = script.ContextStore(family, args, examples, accelerator)
+    store = script.ContextStore(family, examples, accelerator, args.output_dir)
     store.fill()
     good = [{k: v.clone() for k, v in load_file(store.path(e)).items()} for e in examples]  # not mmapped
     truncated, empty = (store.path(e) for e in examples)
     truncated.write_bytes(truncated.read_bytes()[:-100])
     empty.write_bytes(b"")
     with caplog.at_level(logging.WARNING):
-        script.ContextStore(family, args, examples, accelerator).fill()
+        script.ContextStore(family, examples, accelerator, args.output_dir).fill()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and str(truncated) in warnings[0] and str(empty) in warnings[1]
     for example, expected in zip(examples, good):
@@ -162,7 +162,7 @@ def test_random_flip_shows_the_teacher_the_mirrored_image(tmp_path, accelerator,
     plain, flipped = examples[:2]
     mirrored = script.training_image(plain).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     assert np.array_equal(np.asarray(script.training_image(flipped)), np.asarray(mirrored))
-    store = script.ContextStore(klein, args, examples[:2], accelerator)
+    store = script.ContextStore(klein, examples[:2], accelerator, args.output_dir)
     assert store.path(plain) != store.path(flipped)
     (plain_student, plain_teacher), (student, teacher) = store.compute(plain), store.compute(flipped)
     torch.testing.assert_close(student["prompt_embeds"], plain_student["prompt_embeds"])  # the caption's, unchanged

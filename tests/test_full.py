@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import ROOT, TINY_KLEIN, TINY_ZIMAGE, load_family, run_script, script_args
+from conftest import ROOT, TINY_KLEIN, TINY_ZIMAGE, load_family, run_script, script_args, train_in_process
 from safetensors.torch import load_file
 
 import train_dopsd_full as full_script
@@ -55,22 +55,9 @@ def test_full_ema_is_the_closed_form_and_cpu_or_other_dtype_ema_trains_the_same(
     for ema_dtype in (None, torch.float64):
         args, family = load_family(tmp_path, TINY_ZIMAGE, "--ema_decay", 0.5, script=full_script)
         examples = full_script.collect_examples(args, family.resolution_multiple)
-        store = full_script.ContextStore(family, args, examples, accelerator)
-        store.fill()
-        transformer = family.transformer.requires_grad_(True)
-        named = list(transformer.named_parameters())
-        ema = full_script.EMATeacher(named, args.ema_decay, dtype=ema_dtype)
-        optimizer = torch.optim.AdamW([p for _, p in named], lr=1e-3)
-        history = [[p.detach().clone() for _, p in named]]
-        dataset = full_script.ContextDataset(examples, store)
-        generator = torch.Generator().manual_seed(0)
-        for step in range(3):
-            batch = full_script.collate_examples([dataset[step]])
-            full_script.dopsd_step(family, transformer, transformer, ema, batch, args, accelerator, generator)
-            optimizer.step()
-            optimizer.zero_grad()
-            ema.update()
-            history.append([p.detach().clone() for _, p in named])
+        history = [[p.detach().clone() for p in family.transformer.parameters()]]  # the student before step 1
+        ema, _ = train_in_process(family, args, examples, accelerator, 3, 1e-3, script=full_script, dtype=ema_dtype,
+                                  after_step=lambda named: history.append([p.detach().clone() for _, p in named]))
         for i, shadow in enumerate(ema.shadow[:20]):
             expected = 0.125 * history[0][i] + sum(0.5 * 0.5 ** (3 - j) * history[j][i] for j in (1, 2, 3))
             torch.testing.assert_close(shadow.float(), expected, rtol=1e-5, atol=1e-6)

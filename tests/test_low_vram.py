@@ -22,6 +22,7 @@ from diffusers import ZImagePipeline
 def tiny_family(output_dir):
     """The un-quantised tiny Z-Image-Turbo family (float32, CPU), without its VLM."""
     args = script.parse_args(script_args(output_dir, TINY_ZIMAGE))
+    script.ZImageTurbo.apply_defaults(args, script.TRAINING)
     return script.ZImageTurbo(args, torch.float32, torch.device("cpu"))
 
 

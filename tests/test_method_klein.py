@@ -31,9 +31,10 @@ def test_rollout_reproduces_the_stock_pipeline_latents(tmp_path, accelerator, he
     ema = script.EMATeacher([(str(i), p) for i, p in enumerate(lora)], 0.9999)
     example = script.collect_examples(args, family.resolution_multiple)[0]
     example.bucket = (height, width)
-    student, teacher = script.ContextStore(family, args, [example], accelerator).compute(example)
+    student, teacher = script.ContextStore(family, [example], accelerator, args.output_dir).compute(example)
     batch = {"student": [student], "teacher": [teacher], "bucket": (height, width)}
-    _, latents = script.dopsd_step(family, family.transformer, family.transformer, ema, batch, args, accelerator,
+    _, latents = script.dopsd_step(family, family.transformer, family.transformer, ema, batch, accelerator,
+                                   args.rollout_steps, args.loss_space,
                                    torch.Generator().manual_seed(5))
     expected = family.pipeline(prompt_embeds=student["prompt_embeds"][None], height=height, width=width,
                                num_inference_steps=args.rollout_steps, output_type="latent", guidance_scale=1.0,

@@ -28,7 +28,7 @@ def test_rollout_reproduces_the_stock_pipeline_latents(tmp_path, accelerator, st
     """On-policy exactness: same noise, current student weights -> the pipeline's own K-step latents."""
     args, family = load_family(tmp_path, TINY_ZIMAGE, "--rollout_steps", steps)
     examples = script.collect_examples(args, family.resolution_multiple)
-    store = script.ContextStore(family, args, examples, accelerator)
+    store = script.ContextStore(family, examples, accelerator, args.output_dir)
     store.fill()
     add_random_lora(family.transformer, args)
     ema = script.EMATeacher([(n, p) for n, p in family.transformer.named_parameters() if p.requires_grad], 0.9999)
@@ -36,7 +36,8 @@ def test_rollout_reproduces_the_stock_pipeline_latents(tmp_path, accelerator, st
     height, width = batch["bucket"]
 
     generator = torch.Generator().manual_seed(123)
-    _, latents = script.dopsd_step(family, family.transformer, family.transformer, ema, batch, args, accelerator,
+    _, latents = script.dopsd_step(family, family.transformer, family.transformer, ema, batch, accelerator,
+                                   args.rollout_steps, args.loss_space,
                                    generator)
     expected = family.pipeline(
         prompt_embeds=[batch["student"][0]["prompt_embeds"]], height=height, width=width,
@@ -98,7 +99,7 @@ def test_teacher_context_is_capped_to_what_the_transformer_can_place(tmp_path):
 def test_cached_contexts_equal_fresh_ones(tmp_path, accelerator):
     args, family = load_family(tmp_path)
     examples = script.collect_examples(args, family.resolution_multiple)
-    store = script.ContextStore(family, args, examples, accelerator)
+    store = script.ContextStore(family, examples, accelerator, args.output_dir)
     store.fill()
     assert len(list(store.folder.glob("*.safetensors"))) == len(examples) == 6  # 4 images, 2 with 2 captions
     for example in examples:
@@ -157,7 +158,8 @@ def test_per_step_backward_gives_the_gradient_of_the_mean(tmp_path, accelerator)
     args, family = load_family(tmp_path)
     store, lora, ema = student_and_differing_teacher(family, args, accelerator)
     batch = example_batch(family, store)
-    loss, _ = script.dopsd_step(family, family.transformer, family.transformer, ema, batch, args, accelerator,
+    loss, _ = script.dopsd_step(family, family.transformer, family.transformer, ema, batch, accelerator,
+                                args.rollout_steps, args.loss_space,
                                 torch.Generator().manual_seed(7))
     per_step = [p.grad.clone() for p in lora]
     for p in lora:
@@ -224,7 +226,8 @@ def test_single_backward_mode_gives_the_same_gradient(tmp_path, accelerator):
     batch = example_batch(family, store, 2)
     grads, losses = [], []
     for per_step in (True, False):
-        loss, _ = script.dopsd_step(family, family.transformer, family.transformer, ema, batch, args, accelerator,
+        loss, _ = script.dopsd_step(family, family.transformer, family.transformer, ema, batch, accelerator,
+                                    args.rollout_steps, args.loss_space,
                                     torch.Generator().manual_seed(3), backward_per_step=per_step)
         grads.append([p.grad.clone() for p in lora])
         losses.append(loss)

@@ -112,12 +112,11 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkey
 
     monkeypatch.setattr(accelerator, "save_state", fill_the_disk)
     with pytest.raises(script.UserError) as error:
-        script.save_checkpoint(accelerator, args, 4, torch.Generator())
+        script.save_checkpoint(accelerator, args.output_dir, 4, torch.Generator())
     assert "could not write checkpoint-4 (No space left on device); checkpoint-2 is intact" in str(error.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
     assert (previous / "ema_teacher.safetensors").read_bytes() == b"complete"
-    assert script.find_resume_checkpoint(script.parse_args(
-        script_args(tmp_path, TINY_ZIMAGE, "--resume_from_checkpoint", "latest"))) == previous
+    assert script.find_resume_checkpoint("latest", tmp_path) == previous
 
 
 def test_a_failed_final_save_keeps_the_previous_output(tmp_path):

@@ -48,7 +48,8 @@ def test_one_backward_with_a_copy_swapped_teacher_gives_the_per_step_gradient(tm
     batch = caption_only_batch(family)
     grads, losses = [], []
     for per_step in (True, False):
-        loss, _ = script.dopsd_step(family, transformer, transformer, ema, batch, args, accelerator,
+        loss, _ = script.dopsd_step(family, transformer, transformer, ema, batch, accelerator, args.rollout_steps,
+                                    args.loss_space,
                                     torch.Generator().manual_seed(3), backward_per_step=per_step)
         grads.append([p.grad.clone() for _, p in named])
         losses.append(loss)
@@ -64,10 +65,9 @@ def test_one_backward_with_a_copy_swapped_teacher_gives_the_per_step_gradient(tm
 def tiny_family(output_dir, *extra, script=lora_script):
     """Parsed args and the tiny Z-Image family without its teacher VLM (for tests that need no image context)."""
     args = script.parse_args(script_args(output_dir, TINY_ZIMAGE, *extra))
-    family = script.detect_family(args)(args, torch.float32, torch.device("cpu"))
-    if hasattr(args, "lora_layers"):
-        args.lora_layers = family.default_lora_layers
-    return args, family
+    family_class = script.detect_family(args)
+    family_class.apply_defaults(args, script.TRAINING)
+    return args, family_class(args, torch.float32, torch.device("cpu"))
 
 
 def caption_only_batch(family):
@@ -304,12 +304,12 @@ def test_a_really_full_disk_keeps_the_previous_checkpoint_and_leaves_no_partial_
     model(torch.ones(1, 256)).sum().backward()
     optimizer.step()
     args = lora_script.parse_args(script_args(small_disk, TINY_ZIMAGE, "--checkpoints_total_limit", 1))
-    lora_script.save_checkpoint(accelerator, args, 2, torch.Generator())
+    lora_script.save_checkpoint(accelerator, args.output_dir, 2, torch.Generator())
     previous = {p.name: p.read_bytes() for p in (small_disk / "checkpoint-2").iterdir()}
     for step, leave in ((4, 400 << 10), (6, 0)):  # the weights fit but not the optimizer (torch.save); nothing fits
         fill(small_disk, leave)
         with pytest.raises(lora_script.UserError) as error:
-            lora_script.save_checkpoint(accelerator, args, step, torch.Generator())
+            lora_script.save_checkpoint(accelerator, args.output_dir, step, torch.Generator())
         assert str(error.value).startswith(f"could not write checkpoint-{step} (No space left on device);"
                                            " checkpoint-2 is intact")
         assert sorted(p.name for p in small_disk.iterdir() if not p.name.startswith("filler")) == ["checkpoint-2"]
@@ -328,11 +328,11 @@ def test_a_really_full_disk_keeps_the_previous_output_and_the_context_cache(smal
     assert output.read_bytes() == b"previous lora" and not temporary.exists()
 
     args = lora_script.parse_args(script_args(small_disk, TINY_ZIMAGE))
-    family = SimpleNamespace(teacher_context="vlm", weight_dtype=torch.float32,
+    family = SimpleNamespace(context_fingerprint=lambda: {"model": "stand-in"},
                              encode_student_context=lambda caption: {"prompt_embeds": torch.zeros(256, 256)},
                              build_teacher_context=lambda image, caption: {"prompt_embeds": torch.zeros(256, 256)})
     example = lora_script.Example("a.png", "a cat", (64, 64), "a", 0, load=lambda: Image.new("RGB", (64, 64)))
-    store = lora_script.ContextStore(family, args, [example], Accelerator(cpu=True))
+    store = lora_script.ContextStore(family, [example], Accelerator(cpu=True), args.output_dir)
     with pytest.raises(lora_script.UserError, match=r"could not write the context cache .* \(No space left on"):
         store.fill()
     assert list((small_disk / "context_cache").iterdir()) == []

@@ -23,8 +23,7 @@ def test_lora_without_the_fp32_input_cast_predicts_what_the_cast_path_did(tmp_pa
     args, family = load_family(tmp_path, TINY_ZIMAGE)
     family.transformer.to(torch.bfloat16)
     mixed = SimpleNamespace(device=torch.device("cpu"), mixed_precision="bf16", native_amp=True)
-    transformer = script.prepare_lora_student(args, family, mixed, script.resolve_lora_targets(
-        family.transformer, args.lora_layers))
+    transformer, _ = script.prepare_student(args, family, mixed)
     lora = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
     assert lora and all(p.dtype == torch.float32 for p in lora.values())
     with torch.no_grad():
@@ -104,7 +103,7 @@ def test_reference_resolution_shrinks_the_edit_teachers_reference_tokens(tmp_pat
     assert torch.equal(context["image_latent_ids"], ids[0])
     # The contexts differ, so the cache must not mix them up.
     examples = script.collect_examples(args, family.resolution_multiple)
-    stores = [script.ContextStore(f, a, examples, SimpleNamespace()) for a, f in
+    stores = [script.ContextStore(f, examples, SimpleNamespace(), a.output_dir) for a, f in
               ((load_family(tmp_path, TINY_KLEIN, "--resolution", 128)[0], full), (args, family))]
     assert stores[0].path(examples[0]) != stores[1].path(examples[0])
 
