@@ -5,7 +5,9 @@ The paper's second setting: adapt the whole model to a domain (its example: anim
 keeping the base model's few-step sampling and general knowledge. The student is the full transformer; the teacher
 is an EMA of all its trained weights, conditioned on the caption and the training image. Everything else (the
 roll-out on the inference schedule, contexts, data, checkpoints, validation, Hub) is the LoRA script's, shared
-block for block: blocks marked "# Copied from train_dopsd_lora.NAME" are kept identical by utils/check_copies.py.
+block for block: blocks marked "# Copied from train_dopsd_lora.NAME" are kept identical by utils/check_copies.py
+(never edit them here: edit the LoRA script and run `python utils/check_copies.py --fix`); the few marked "# Own
+version of train_dopsd_lora.NAME" are what full fine-tuning does differently.
 
     accelerate launch train_dopsd_full.py --pretrained_model_name_or_path Tongyi-MAI/Z-Image-Turbo \
         --dataset_name my/anime-dataset --caption_column text --output_dir z-image-anime \
@@ -34,7 +36,9 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Copied from train_dopsd_lora.IMAGE_EXTENSIONS
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+# Copied from train_dopsd_lora.MIN_IMAGE_SIDE
 MIN_IMAGE_SIDE = 64  # smaller photos carry too little detail for a ~1 MP teacher context
 # Copied from train_dopsd_lora.LR_SCHEDULERS
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
@@ -64,6 +68,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# Own version of train_dopsd_lora.parse_args
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="D-OPSD full fine-tuning for Z-Image-Turbo and FLUX.2-klein.",
                                      formatter_class=HelpFormatter)
@@ -483,7 +488,7 @@ class ModelFamily:
         raise NotImplementedError
 
     def rollout_schedule(self, num_steps, height, width):
-        """(timesteps, sigmas) exactly as the pipeline sets them for `num_steps` at this size (SPEC §4)."""
+        """(timesteps, sigmas) exactly as the pipeline sets them for `num_steps` at this size (docs/method.md §4)."""
         raise NotImplementedError
 
     def predict(self, transformer, latents, timestep, context):
@@ -510,7 +515,7 @@ class ZImageTurbo(ModelFamily):
     guidance_scale = 0.0
     default_inference_steps = 8
     default_learning_rate = 1e-4
-    # The released code lost w1/w2 to a missing comma; all three feed-forward projections are meant (SPEC §5).
+    # The released code lost w1/w2 to a missing comma; all three feed-forward projections are meant (docs/method.md §6).
     default_lora_layers = "to_q,to_k,to_v,to_out.0,feed_forward.w1,feed_forward.w2,feed_forward.w3"
     default_teacher_context = "vlm"
     teacher_contexts = ("vlm",)
@@ -519,7 +524,8 @@ class ZImageTurbo(ModelFamily):
     def __init__(self, args, weight_dtype, device, pipeline=None):
         super().__init__(args, weight_dtype, device, pipeline)
         # Caption positions run 1..padded length and the image starts after them on the same RoPE axis, so the
-        # teacher context is capped below the transformer's first axis length (1024 -> 992), and at 1024 (SPEC §3).
+        # teacher context is capped below the transformer's first axis length (1024 -> 992), and at 1024
+        # (docs/method.md §3.1).
         axis_length = self.transformer.config.axes_lens[0]
         self.max_teacher_tokens = min(1024, (axis_length - 2) // 32 * 32)
 
@@ -562,7 +568,8 @@ class ZImageTurbo(ModelFamily):
         return scheduler.timesteps, scheduler.sigmas
 
     def predict(self, transformer, latents, timestep, context):
-        # The transformer takes t = 1 - sigma and returns the negative of the scheduler's velocity (SPEC §3).
+        # The transformer takes t = 1 - sigma and returns the negative of the scheduler's velocity
+        # (docs/method.md §3.1).
         t = ((1000 - timestep) / 1000).expand(latents.shape[0])
         model_input = list(latents.to(self.transformer.dtype).unsqueeze(2).unbind(0))
         output = transformer(model_input, t, context["prompt_embeds"], return_dict=False)[0]
@@ -644,7 +651,7 @@ class Flux2Klein(ModelFamily):
     def build_teacher_context(self, image, caption):
         if self.teacher_context == "vlm":
             return self.vlm_teacher_context(image, caption)
-        # Edit teacher: the target as the pipeline's reference image, with the instruction suffix (SPEC §3).
+        # Edit teacher: the target as the pipeline's reference image, with the instruction suffix (docs/method.md §3.2).
         reference_height, reference_width = self.reference_size(image.height, image.width)
         if (reference_height, reference_width) != (image.height, image.width):
             image = image.resize((reference_width, reference_height), Image.Resampling.LANCZOS)
@@ -791,6 +798,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoConfig, Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration  # noqa: E402
 
 
+# Copied from train_dopsd_lora.logger
 logger = get_logger(__name__)
 
 
@@ -889,7 +897,7 @@ def full_precision_state(model):
 
 # Copied from train_dopsd_lora.GraftedVLM
 class GraftedVLM:
-    """Qwen3-VL whose language model is replaced by the pipeline's Qwen3 text encoder (SPEC §3).
+    """Qwen3-VL whose language model is replaced by the pipeline's Qwen3 text encoder (docs/method.md §3.1).
 
     The vision tower and mergers stay Qwen3-VL's. Text-only, the grafted model reproduces the text encoder's
     features exactly, so whatever differs in the teacher's context comes from the image tokens.
@@ -962,7 +970,7 @@ class GraftedVLM:
 
     @staticmethod
     def user_content(caption, num_image_tokens):
-        """[image, caption]: the image's placeholder tokens first, then the caption (SPEC §3)."""
+        """[image, caption]: the image's placeholder tokens first, then the caption (docs/method.md §3.1)."""
         return "<|vision_start|>" + "<|image_pad|>" * num_image_tokens + "<|vision_end|>" + caption
 
     @torch.no_grad()
@@ -1517,7 +1525,7 @@ def collate_examples(items):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The D-OPSD step: roll out, ask the teacher, pull the student (SPEC §2)
+# The D-OPSD step: roll out, ask the teacher, pull the student (docs/method.md §2)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -1629,7 +1637,8 @@ def to_x0(latents, velocity, sigma):
 
 # Copied from train_dopsd_lora.dopsd_loss
 def dopsd_loss(student_velocity, teacher_velocity, latents, sigma, loss_space):
-    """mean((f(u_s) - f(u_t))^2); f = x0-prediction (== sigma^2-weighted velocity MSE) or identity (SPEC §2)."""
+    """mean((f(u_s) - f(u_t))^2); f = x0-prediction (== sigma^2-weighted velocity MSE) or identity
+    (docs/method.md §2.2)."""
     if loss_space == "x0":
         return F.mse_loss(to_x0(latents, student_velocity, sigma), to_x0(latents, teacher_velocity, sigma))
     return F.mse_loss(student_velocity.float(), teacher_velocity.float())
@@ -1652,7 +1661,7 @@ def dopsd_step(family, student, network, ema_teacher, batch, accelerator, rollou
 
     The student's forward with grad at x_k *is* the roll-out step: its velocity moves the state to x_{k-1}
     (detached: no backprop through the trajectory). Each step's loss is backpropagated at once, so only one
-    step's graph is alive; the gradient equals that of the mean over the K steps (SPEC §2.3). With
+    step's graph is alive; the gradient equals that of the mean over the K steps (docs/method.md §2.3). With
     backward_per_step=False the K graphs are kept and one backward runs at the end (same gradient, memory O(K)):
     what DeepSpeed needs, which allows one backward per micro-batch.
     """
@@ -1872,6 +1881,7 @@ def resolve_trainable(transformer, train_layers):
     return [name for name in names if name in chosen]
 
 
+# Own version of train_dopsd_lora.save_model_card
 def save_model_card(args, family, repo_id, images):
     """README.md for the Hub: what was trained, how, and how to load it."""
     widget = card_gallery(args, images)
@@ -2623,7 +2633,7 @@ def main(args):
     store, validation = cache_contexts(args, family, examples, accelerator)
 
     # The student: the transformer itself. The teacher: the EMA of every trained weight, on the accelerator or the
-    # CPU (SPEC §2.4).
+    # CPU (docs/method.md §2.4).
     transformer, trained = prepare_student(args, family, accelerator)
     ema_teacher = EMATeacher(trained, args.ema_decay, device="cpu" if args.ema_device == "cpu" else None,
                              dtype=torch.bfloat16 if args.ema_dtype == "bf16" else torch.float32, seed=args.seed)

@@ -13,7 +13,12 @@ afterwards is the unchanged text-only pipeline.
 
 The file reads top to bottom in the order data flows: arguments -> model family -> data -> contexts cache ->
 D-OPSD step -> validation -> saving/Hub -> main. Everything that differs between model families lives in one
-small class per family; the rest of the file only calls its methods.
+small class per family; the rest of the file only calls its methods. docs/method.md describes the method as this
+code implements it; "docs/method.md §N" in comments points there.
+
+This file is the source of train_dopsd_full.py's shared code: every block, constant, import and statement the two
+have in common is mirrored there under "# Copied from train_dopsd_lora.NAME". Edit here, then regenerate and check
+the copies with `python utils/check_copies.py --fix` and `python utils/check_copies.py` (the tests run the check).
 """
 
 import argparse
@@ -476,7 +481,7 @@ class ModelFamily:
         raise NotImplementedError
 
     def rollout_schedule(self, num_steps, height, width):
-        """(timesteps, sigmas) exactly as the pipeline sets them for `num_steps` at this size (SPEC §4)."""
+        """(timesteps, sigmas) exactly as the pipeline sets them for `num_steps` at this size (docs/method.md §4)."""
         raise NotImplementedError
 
     def predict(self, transformer, latents, timestep, context):
@@ -502,7 +507,7 @@ class ZImageTurbo(ModelFamily):
     guidance_scale = 0.0
     default_inference_steps = 8
     default_learning_rate = 1e-4
-    # The released code lost w1/w2 to a missing comma; all three feed-forward projections are meant (SPEC §5).
+    # The released code lost w1/w2 to a missing comma; all three feed-forward projections are meant (docs/method.md §6).
     default_lora_layers = "to_q,to_k,to_v,to_out.0,feed_forward.w1,feed_forward.w2,feed_forward.w3"
     default_teacher_context = "vlm"
     teacher_contexts = ("vlm",)
@@ -511,7 +516,8 @@ class ZImageTurbo(ModelFamily):
     def __init__(self, args, weight_dtype, device, pipeline=None):
         super().__init__(args, weight_dtype, device, pipeline)
         # Caption positions run 1..padded length and the image starts after them on the same RoPE axis, so the
-        # teacher context is capped below the transformer's first axis length (1024 -> 992), and at 1024 (SPEC §3).
+        # teacher context is capped below the transformer's first axis length (1024 -> 992), and at 1024
+        # (docs/method.md §3.1).
         axis_length = self.transformer.config.axes_lens[0]
         self.max_teacher_tokens = min(1024, (axis_length - 2) // 32 * 32)
 
@@ -554,7 +560,8 @@ class ZImageTurbo(ModelFamily):
         return scheduler.timesteps, scheduler.sigmas
 
     def predict(self, transformer, latents, timestep, context):
-        # The transformer takes t = 1 - sigma and returns the negative of the scheduler's velocity (SPEC §3).
+        # The transformer takes t = 1 - sigma and returns the negative of the scheduler's velocity
+        # (docs/method.md §3.1).
         t = ((1000 - timestep) / 1000).expand(latents.shape[0])
         model_input = list(latents.to(self.transformer.dtype).unsqueeze(2).unbind(0))
         output = transformer(model_input, t, context["prompt_embeds"], return_dict=False)[0]
@@ -635,7 +642,7 @@ class Flux2Klein(ModelFamily):
     def build_teacher_context(self, image, caption):
         if self.teacher_context == "vlm":
             return self.vlm_teacher_context(image, caption)
-        # Edit teacher: the target as the pipeline's reference image, with the instruction suffix (SPEC §3).
+        # Edit teacher: the target as the pipeline's reference image, with the instruction suffix (docs/method.md §3.2).
         reference_height, reference_width = self.reference_size(image.height, image.width)
         if (reference_height, reference_width) != (image.height, image.width):
             image = image.resize((reference_width, reference_height), Image.Resampling.LANCZOS)
@@ -885,7 +892,7 @@ def full_precision_state(model):
 
 
 class GraftedVLM:
-    """Qwen3-VL whose language model is replaced by the pipeline's Qwen3 text encoder (SPEC §3).
+    """Qwen3-VL whose language model is replaced by the pipeline's Qwen3 text encoder (docs/method.md §3.1).
 
     The vision tower and mergers stay Qwen3-VL's. Text-only, the grafted model reproduces the text encoder's
     features exactly, so whatever differs in the teacher's context comes from the image tokens.
@@ -958,7 +965,7 @@ class GraftedVLM:
 
     @staticmethod
     def user_content(caption, num_image_tokens):
-        """[image, caption]: the image's placeholder tokens first, then the caption (SPEC §3)."""
+        """[image, caption]: the image's placeholder tokens first, then the caption (docs/method.md §3.1)."""
         return "<|vision_start|>" + "<|image_pad|>" * num_image_tokens + "<|vision_end|>" + caption
 
     @torch.no_grad()
@@ -1485,7 +1492,7 @@ def collate_examples(items):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The D-OPSD step: roll out, ask the teacher, pull the student (SPEC §2)
+# The D-OPSD step: roll out, ask the teacher, pull the student (docs/method.md §2)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -1593,7 +1600,8 @@ def to_x0(latents, velocity, sigma):
 
 
 def dopsd_loss(student_velocity, teacher_velocity, latents, sigma, loss_space):
-    """mean((f(u_s) - f(u_t))^2); f = x0-prediction (== sigma^2-weighted velocity MSE) or identity (SPEC §2)."""
+    """mean((f(u_s) - f(u_t))^2); f = x0-prediction (== sigma^2-weighted velocity MSE) or identity
+    (docs/method.md §2.2)."""
     if loss_space == "x0":
         return F.mse_loss(to_x0(latents, student_velocity, sigma), to_x0(latents, teacher_velocity, sigma))
     return F.mse_loss(student_velocity.float(), teacher_velocity.float())
@@ -1614,7 +1622,7 @@ def dopsd_step(family, student, network, ema_teacher, batch, accelerator, rollou
 
     The student's forward with grad at x_k *is* the roll-out step: its velocity moves the state to x_{k-1}
     (detached: no backprop through the trajectory). Each step's loss is backpropagated at once, so only one
-    step's graph is alive; the gradient equals that of the mean over the K steps (SPEC §2.3). With
+    step's graph is alive; the gradient equals that of the mean over the K steps (docs/method.md §2.3). With
     backward_per_step=False the K graphs are kept and one backward runs at the end (same gradient, memory O(K)):
     what DeepSpeed needs, which allows one backward per micro-batch.
     """
@@ -2599,7 +2607,7 @@ def main(args):
     lora_targets = resolve_lora_targets(family.transformer, args.lora_layers)  # a bad --lora_layers fails now
     store, validation = cache_contexts(args, family, examples, accelerator)
 
-    # The student: a LoRA on the transformer. The teacher: the EMA of that LoRA (SPEC §2.4).
+    # The student: a LoRA on the transformer. The teacher: the EMA of that LoRA (docs/method.md §2.4).
     transformer, lora = prepare_student(args, family, accelerator)
     ema_teacher = EMATeacher(lora, args.ema_decay)
     logger.info(f"LoRA on {len(lora_targets)} layers: {sum(p.numel() for _, p in lora) / 1e6:.2f} M parameters")

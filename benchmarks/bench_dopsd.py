@@ -49,7 +49,8 @@ from diffusers import (  # noqa: E402
 )
 
 
-# Full-size configs (SPEC §8). klein-9B: 32 heads x 128 = 4096, which with 8 double and 24 single blocks gives 9.1 B.
+# Full-size configs (docs/method.md §8). klein-9B: 32 heads x 128 = 4096, which with 8 double and 24 single blocks
+# gives 9.1 B.
 FULL_SIZE = {
     "z-image": ("z-image", {}),
     "klein-4b": ("klein", dict(num_layers=5, num_single_layers=20, num_attention_heads=24, attention_head_dim=128,

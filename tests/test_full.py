@@ -120,3 +120,35 @@ def test_copy_check_passes_and_catches_a_drifted_copy(tmp_path):
     assert drifted.read_text() == text
     cli = subprocess.run([sys.executable, str(ROOT / "utils" / "check_copies.py")], capture_output=True, text=True)
     assert cli.returncode == 0 and "all copies match" in cli.stdout
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    # a shared constant that lost its marker
+    ("# Copied from train_dopsd_lora.MIN_IMAGE_SIDE\n", "",
+     "MIN_IMAGE_SIDE is also defined in train_dopsd_lora.py: mark it '# Copied from"),
+    # an import that differs from the source's
+    ("import numpy as np  # noqa: E402", "import numpy as npy  # noqa: E402",
+     "'import numpy' (as npy) is not imported so by train_dopsd_lora.py"),
+    ("from safetensors.torch import load_file, save_file", "from torch import load as load_file\nfrom safetensors.torch"
+     " import save_file", "'from torch import load' (as load_file) is not imported so"),
+    # a statement outside any block that drifted
+    ('warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")',
+     'warnings.filterwarnings("ignore", message="MatMul8bitLt")', "this statement is not in train_dopsd_lora.py"),
+])
+def test_copy_check_covers_constants_imports_and_statements(tmp_path, old, new, expected):
+    text = (ROOT / "train_dopsd_full.py").read_text()
+    assert text.count(old) == 1
+    drifted = tmp_path / "train_dopsd_full.py"
+    drifted.write_text(text.replace(old, new))
+    problems = check_copies(drifted)
+    assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_an_own_version_may_differ_but_must_be_declared(tmp_path):
+    text = (ROOT / "train_dopsd_full.py").read_text()
+    assert "# Own version of train_dopsd_lora.main\ndef main(args):" in text  # main differs from the LoRA script's
+    drifted = tmp_path / "train_dopsd_full.py"
+    drifted.write_text(text.replace("# Own version of train_dopsd_lora.main\n", ""))
+    assert [p.split(": ", 1)[1] for p in check_copies(drifted)] == [
+        "main is also defined in train_dopsd_lora.py: mark it '# Copied from train_dopsd_lora.main' or '# Own version"
+        " of train_dopsd_lora.main'"]

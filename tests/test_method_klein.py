@@ -1,4 +1,4 @@
-"""FLUX.2-klein behind the same seam (SPEC §3-§5): inference schedule, edit and VLM teachers, LoRA targets."""
+"""FLUX.2-klein behind the same seam (docs/method.md §3-§5): inference schedule, edit and VLM teachers, LoRA targets."""
 
 import numpy as np
 import pytest
@@ -15,7 +15,7 @@ def accelerator():
 def test_schedule_is_the_pipelines_not_the_released_codes(tmp_path):
     _, family = load_family(tmp_path, TINY_KLEIN)
     _, sigmas = family.rollout_schedule(4, 1024, 1024)
-    # SPEC §4: linspace sigmas with dynamic shift mu(4096 tokens, 4 steps) -> 1, 0.967, 0.908, 0.767 -> 0 ...
+    # docs/method.md §4: linspace sigmas with dynamic shift mu(4096 tokens, 4 steps) -> 1, 0.967, 0.908, 0.767 -> 0 ...
     torch.testing.assert_close(sigmas, torch.tensor([1.0, 0.9674, 0.9081, 0.7672, 0.0]), atol=1e-4, rtol=0)
     # ... not the released code's set_timesteps(4, mu=mu) grid, 1, 0.952, 0.832, 0.010
     released = script.FlowMatchEulerDiscreteScheduler.from_config(family.scheduler.config)
@@ -74,7 +74,7 @@ def test_edit_teacher_is_the_pipelines_reference_image_path(tmp_path):
     torch.testing.assert_close(kwargs["hidden_states"][0, num_noisy:], context["image_latents"])
     torch.testing.assert_close(kwargs["img_ids"][0, num_noisy:], context["image_latent_ids"])
     assert int(context["image_latent_ids"][:, 0].unique()) == 10  # the first reference image's time offset
-    # teacher caption = caption + suffix (SPEC §3)
+    # teacher caption = caption + suffix (docs/method.md §3.2)
     suffixed = family.encode_caption(f"{example.caption} {args.teacher_prompt_suffix}")
     torch.testing.assert_close(context["prompt_embeds"], suffixed)
     # the teacher's prediction at the pipeline's state, sliced to the noisy tokens

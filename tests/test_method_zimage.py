@@ -1,4 +1,5 @@
-"""The method's claims (SPEC §2-§4) on the tiny Z-Image-Turbo: on-policy roll-out, teacher context, EMA, loss."""
+"""The method's claims (docs/method.md §2-§4) on the tiny Z-Image-Turbo: on-policy roll-out, teacher context, EMA,
+loss."""
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ def example_batch(family, store, index=0):
 def test_rollout_schedule_is_the_pipelines_for_k_steps(tmp_path):
     _, family = load_family(tmp_path)
     _, sigmas = family.rollout_schedule(4, 1024, 1024)
-    # SPEC §4: N=4 -> 1, 0.9, 0.75, 0.5 -> 0 (shift 3.0, no dynamic shift)
+    # docs/method.md §4: N=4 -> 1, 0.9, 0.75, 0.5 -> 0 (shift 3.0, no dynamic shift)
     torch.testing.assert_close(sigmas, torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))
 
 
@@ -75,7 +76,8 @@ def test_teacher_context_holds_the_image(tmp_path):
     teacher = family.build_teacher_context(image, example.caption)["prompt_embeds"]
     student = family.encode_student_context(example.caption)["prompt_embeds"]
     _, num_image_tokens = family.vlm.vision_inputs(image)
-    # each image token covers 32x32 pixels; the processor keeps the image between 512^2 and 768^2 pixels (SPEC §3)
+    # each image token covers 32x32 pixels; the processor keeps the image between 512^2 and 768^2 pixels
+    # (docs/method.md §3.1)
     assert 512 * 512 <= num_image_tokens * 32 * 32 <= 768 * 768
     assert teacher.shape[0] == student.shape[0] + num_image_tokens + 2
     # another image gives another teacher context for the same caption

@@ -5,7 +5,7 @@ exactly like a real checkpoint: there is no "tiny" code path anywhere in the tra
 
     python examples/tiny/make_tiny_models.py            # rewrites examples/tiny/{z-image-turbo,flux2-klein,qwen3-vl}
 
-Shapes follow the real models where the trainer depends on them (SPEC §7):
+Shapes follow the real models where the trainer depends on them (docs/method.md §7):
 - one byte-level Qwen2 tokenizer with the Qwen3 / Qwen3-VL special tokens and a Qwen3-style chat template;
 - text encoders with 28 layers, so that FLUX.2-klein's default hidden layers (9, 18, 27) and Z-Image's
   `hidden_states[-2]` both exist;
