@@ -1,20 +1,20 @@
 """Data (both scripts share this code): every image weighs the same whatever its caption variants, augmentation and
-buckets as diffusers/kohya users expect, the context cache keyed on what determines a context, and bad data as one
-line naming the file."""
+buckets as diffusers/kohya users expect, the context cache keyed on what determines a context, and --skip_bad_images.
+(Bad data as one line naming the file: tests/test_bad_inputs.py.)"""
 
 import collections
 import json
 import logging
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import CONCEPT, TINY_KLEIN, TINY_ZIMAGE, load_family, lora_script as script, script_args
+from conftest import CONCEPT, TINY_KLEIN, TINY_VLM, TINY_ZIMAGE, load_family, lora_script as script, script_args
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_bad_inputs import TRUNCATED_ROW
 
 
 def data_folder(path, captions):
@@ -218,56 +218,14 @@ def test_images_and_captions_of_every_kind_are_read_correctly(tmp_path, caplog):
     assert [e.caption for e in script.collect_examples(args, 16)] == ["sks one", "sks two"]
 
 
-def test_bad_data_gets_one_line_naming_the_file(tmp_path, capsys, monkeypatch, caplog):
-    jpeg = (CONCEPT / "chelsea-1.jpg").read_bytes()
-
-    def folder(files):
-        path = tmp_path / f"data{len(list(tmp_path.iterdir()))}"
-        path.mkdir()
-        for name, content in files.items():
-            if content is None:
-                (path / name).mkdir()
-            else:
-                (path / name).write_bytes(content)
-        return path
-
-    def dataset(*extra):
-        path = folder({"a.jpg": jpeg, "b.jpg": jpeg[:3000], "metadata.jsonl": b'{"file_name": "a.jpg", "text": "x"}\n'
-                       b'{"file_name": "b.jpg", "text": "y"}\n'})
-        return ["--dataset_name", str(path), "--caption_column", "text", *extra]
-
-    loop = tmp_path / "loop"
-    loop.mkdir()
-    (loop / "a.jpg").symlink_to(loop / "a.jpg")
-    cases = [
-        (folder({"a.jpg": jpeg, "a.txt": "sks caf\xe9".encode("latin-1")}), [], "a.txt is not UTF-8 text (byte 0xe9"),
-        (folder({"a.jpg": jpeg, "a.txt": None}), [], "cannot read caption file"),
-        (folder({"a.jpg": jpeg, "metadata.jsonl": b'{"file_name": "a.jpg", "text": 42}'}), [],
-         "metadata.jsonl:1 text: a caption must be a text or a list of texts, not 42"),
-        (folder({"a.jpg": jpeg, "metadata.jsonl": b'{"file_name": "a.jpg", "text": ["sks", 7]}'}), [],
-         "metadata.jsonl:1 text: a caption must be a text or a list of texts, not ['sks', 7]"),
-        (folder({"a.jpg": jpeg, "metadata.jsonl": b'{"file_name": "a.jpg", "text": "caf\xe9"}'}), [],
-         "metadata.jsonl ('utf-8' codec can't decode"),
-        (None, dataset(), "cannot read the image of dataset row 1"),
-        (None, dataset("--image_column", "text"), "dataset column 'text' holds no images; set --image_column to image"),
-        (loop, ["--instance_prompt", "sks"], "cannot read image"),
-    ]
-    for data, extra, expected in cases:
-        argv = script_args(tmp_path / "out", TINY_ZIMAGE, *extra, data=data or CONCEPT)
-        if data is None:
-            index = argv.index("--instance_data_dir")
-            argv = argv[:index] + argv[index + 2:]
-        monkeypatch.setattr(sys, "argv", ["train_dopsd_lora.py", *argv])
-        with pytest.raises(SystemExit) as exit_info:
-            script.run()
-        err = capsys.readouterr().err.strip()
-        assert exit_info.value.code == 2 and "Traceback" not in err, (expected, err)
-        assert err.splitlines()[-1].startswith("error: ") and expected in err.splitlines()[-1], (expected, err)
-        assert not (tmp_path / "out").exists()
-    # with --skip_bad_images the truncated dataset image is skipped with a warning, also before accelerate's state
-    # exists (as in a command-line run, where the data scan comes first)
-    args = script.parse_args(script_args(tmp_path / "out", TINY_ZIMAGE, "--skip_bad_images")[:4] + dataset(
-        "--skip_bad_images", "--resolution", "64", "--output_dir", str(tmp_path / "out")))
+def test_skip_bad_images_skips_a_truncated_dataset_image_with_a_warning(tmp_path, monkeypatch, caplog):
+    """The dataset that is a bad input in tests/test_bad_inputs.py, with --skip_bad_images: its truncated image is
+    skipped with a warning, also before accelerate's state exists (as in a command-line run, where the data scan comes
+    first)."""
+    data = TRUNCATED_ROW(tmp_path)
+    args = script.parse_args(["--pretrained_model_name_or_path", str(TINY_ZIMAGE), "--teacher_vlm_name_or_path",
+                              str(TINY_VLM), "--dataset_name", str(data), "--caption_column", "text",
+                              "--skip_bad_images", "--resolution", "64", "--output_dir", str(tmp_path / "out")])
     monkeypatch.setattr(script.PartialState, "_shared_state", {})
     with caplog.at_level(logging.WARNING):
         assert [e.source for e in script.collect_examples(args, 16)] == ["dataset:0"]

@@ -7,7 +7,6 @@ student; quantised encoders must change the contexts only a little.
 import importlib.util
 import json
 import shutil
-import sys
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from conftest import CONCEPT, TINY_ZIMAGE, lora_script as script, script_args
 from safetensors.torch import load_file
 
 import benchmarks.bench_memory as bench_memory
-import train_dopsd_full as full_script
 from diffusers import ZImagePipeline
 
 
@@ -148,22 +146,6 @@ def test_each_base_quantisation_keeps_the_prediction_close_and_the_lora_trainabl
     assert 0 < difference < 0.1
     prediction.square().mean().backward()
     assert all(p.grad is not None for p in lora) and any(p.grad.abs().max() > 0 for p in lora)
-
-
-def test_full_fine_tuning_refuses_a_quantised_base_before_loading(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        full_script.parse_args(script_args(tmp_path, "no-such-model", "--quantize_base", "nf4"))
-    assert exit_info.value.code == 2
-    assert "use train_dopsd_lora.py for a quantised base" in capsys.readouterr().err
-
-
-def test_missing_backend_is_one_line_before_loading(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torchao", None)
-    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
-    with pytest.raises(SystemExit) as exit_info:
-        script.parse_args(script_args(tmp_path, "no-such-model", "--quantize_base", "fp8"))
-    assert exit_info.value.code == 2
-    assert "--quantize_base fp8 needs torchao" in capsys.readouterr().err
 
 
 def test_memory_benchmark_rows_and_fp16_check_run_on_the_cpu(tmp_path):

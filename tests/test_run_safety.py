@@ -1,5 +1,5 @@
-"""Run safety (both scripts): a copy-swapped or bf16 EMA teacher, resume, full disks, used output folders,
-numeric flags and file modes."""
+"""Run safety (both scripts): a copy-swapped or bf16 EMA teacher, resume, full disks, used output folders and file
+modes. (Bad numeric flags: tests/test_bad_inputs.py.)"""
 
 import fcntl
 import logging
@@ -102,41 +102,6 @@ def test_a_bf16_teacher_tracks_the_fp32_teacher():
 def bf16_step(values):
     """The spacing of bf16 numbers around each value."""
     return torch.finfo(torch.bfloat16).eps * 2.0 ** torch.floor(torch.log2(values.abs().clamp_min(1e-30)))
-
-
-# -- arguments -------------------------------------------------------------------------------------------------------
-
-BAD_FLAGS = [
-    (("--learning_rate", 0), "--learning_rate must be positive"),
-    (("--learning_rate", -1e-4), "--learning_rate must be positive"),
-    (("--learning_rate", "nan"), "--learning_rate must be positive"),
-    (("--max_grad_norm", -1), "--max_grad_norm must be positive"),
-    (("--max_grad_norm", 0), "--max_grad_norm must be positive"),
-    (("--seed", -1), "--seed must lie in [0, 2^31)"),
-    (("--lr_scheduler", "cosine_annealing"), "argument --lr_scheduler: invalid choice"),
-    (("--report_to", "tensorbord"), "argument --report_to: invalid choice"),
-    (("--lr_warmup_steps", -5), "--lr_warmup_steps must not be negative"),
-    (("--lr_num_cycles", 0), "--lr_num_cycles must be at least 1"),
-    (("--adam_beta2", 1.0), "--adam_beta2 must lie in [0, 1)"),
-    (("--adam_epsilon=-1e-8",), "--adam_epsilon must not be negative"),
-    (("--checkpoints_total_limit", 0), "--checkpoints_total_limit must be at least 1"),
-    (("--lora_alpha", 0), "--lora_alpha must be at least 1"),
-]
-
-
-@pytest.mark.parametrize("script", [lora_script, full_script], ids=["lora", "full"])
-def test_every_bad_number_is_one_line_before_anything_is_loaded(tmp_path, capsys, script, monkeypatch):
-    monkeypatch.setattr(script, "detect_family", lambda args: pytest.fail("loaded a model"))
-    for extra, expected in BAD_FLAGS:
-        if script is full_script and extra[0] == "--lora_alpha":  # a LoRA flag
-            continue
-        with pytest.raises(SystemExit) as exit_info:
-            script.main(script.parse_args(script_args(tmp_path / "out", TINY_ZIMAGE, *extra)))
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert exit_info.value.code == 2 and expected in lines[-1], (extra, lines)
-    assert not (tmp_path / "out").exists()
-    args = script.parse_args(script_args(tmp_path / "out", TINY_ZIMAGE, "--learning_rate", 3e-6))
-    assert args.learning_rate == 3e-6
 
 
 # -- one short run, then what may and may not follow it --------------------------------------------------------------

@@ -1,0 +1,235 @@
+"""Every bad input, in one table, run through both scripts' command line (in-process, `script.run()`).
+
+The table proves, for each row and for each script the row applies to: the run stops with exit status 2, prints no
+traceback, and its last line on stderr says what to fix (the text in the row). Where each check lives is part of the
+row, and decides what else is proved:
+
+- "parse_args": the argument parser refuses it; stderr is argparse's usage, then `<script>: error: ...`. The model is
+  not even looked at (`detect_family` fails the test if called) and nothing is written.
+- "setup": refused while the model folder, the data, the checkpoints and the model family are read; the last line is
+  `error: ...` (a loading progress bar may come before it), and nothing is written: no output folder, no change at
+  all under the row's folder.
+- "main": refused once the transformer is loaded, which is after setup has prepared the output folder; the last line
+  is `error: ...`.
+
+A row applies to both scripts unless it names one: "lora" for the LoRA flags (--rank, --lora_alpha, --lora_layers),
+"full" for what only full fine-tuning refuses (--quantize_base, a --train_layers prefix).
+"""
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import CONCEPT, TINY_ZIMAGE, script_args
+
+import train_dopsd_full as full_script
+import train_dopsd_lora as lora_script
+
+
+JPEG = (CONCEPT / "chelsea-1.jpg").read_bytes()
+
+
+# -- what a row's files are: builders that make them in the row's own folder -----------------------------------------
+
+
+def folder(files, name="data"):
+    """A folder holding `files` ({name: bytes, or None for a sub-folder})."""
+    def build(case):
+        path = case / name
+        path.mkdir()
+        for file_name, content in files.items():
+            if content is None:
+                (path / file_name).mkdir()
+            else:
+                (path / file_name).write_bytes(content)
+        return path
+    return build
+
+
+def missing(name):
+    """A path that does not exist."""
+    return lambda case: case / name
+
+
+def a_file(case):
+    """A plain file where a folder is expected."""
+    (case / "a-file").write_text("x")
+    return case / "a-file"
+
+
+def below_a_file(case):
+    """A folder that cannot be made: its parent is a plain file."""
+    return a_file(case) / "below"
+
+
+def symlink_loop(case):
+    """A folder whose only image is a symlink to itself."""
+    path = case / "loop"
+    path.mkdir()
+    (path / "a.jpg").symlink_to(path / "a.jpg")
+    return path
+
+
+def metadata(*records):
+    """metadata.jsonl with one JSON object (or raw bytes) a line."""
+    return b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in records)
+
+
+# a dataset (--dataset_name) whose second image is truncated
+TRUNCATED_ROW = folder({"a.jpg": JPEG, "b.jpg": JPEG[:3000], "metadata.jsonl": metadata(
+    {"file_name": "a.jpg", "text": "x"}, {"file_name": "b.jpg", "text": "y"})}, name="dataset")
+STABLE_DIFFUSION = folder({"model_index.json": json.dumps({"_class_name": "StableDiffusionPipeline"}).encode()},
+                          name="sd")
+NO_TORCHAO = ("torchao", "torchao.quantization")
+NO_BITSANDBYTES = ("bitsandbytes",)
+
+
+@dataclass(frozen=True)
+class Bad:
+    """One bad input: where it is refused, the extra flags (split on spaces), the text of the last stderr line, and
+    what differs from a good run (builders or paths; the output folder's placeholder `{output}` may appear in
+    `expected`)."""
+
+    stage: str
+    flags: str
+    expected: str
+    data: object = CONCEPT  # --instance_data_dir
+    dataset: object = None  # --dataset_name instead of --instance_data_dir
+    model: object = TINY_ZIMAGE
+    output: object = None  # default: a fresh "out" folder
+    only: str = None  # "lora" or "full"; None: both scripts
+    hide: tuple = ()  # modules made unimportable for this row
+
+
+BAD_INPUTS = [
+    # -- refused by the argument parser, before the model is looked at --
+    Bad("parse_args", "--learning_rate 0", "--learning_rate must be positive"),
+    Bad("parse_args", "--learning_rate -0.0001", "--learning_rate must be positive"),  # argparse takes -1e-4 for a flag
+    Bad("parse_args", "--learning_rate nan", "--learning_rate must be positive"),
+    Bad("parse_args", "--max_grad_norm -1", "--max_grad_norm must be positive"),
+    Bad("parse_args", "--max_grad_norm 0", "--max_grad_norm must be positive"),
+    Bad("parse_args", "--seed -1", "--seed must lie in [0, 2^31)"),
+    Bad("parse_args", "--lr_scheduler cosine_annealing", "argument --lr_scheduler: invalid choice"),
+    Bad("parse_args", "--report_to tensorbord", "argument --report_to: invalid choice"),
+    Bad("parse_args", "--lr_warmup_steps -5", "--lr_warmup_steps must not be negative"),
+    Bad("parse_args", "--lr_num_cycles 0", "--lr_num_cycles must be at least 1"),
+    Bad("parse_args", "--adam_beta2 1.0", "--adam_beta2 must lie in [0, 1)"),
+    Bad("parse_args", "--adam_epsilon=-1e-8", "--adam_epsilon must not be negative"),
+    Bad("parse_args", "--checkpoints_total_limit 0", "--checkpoints_total_limit must be at least 1"),
+    Bad("parse_args", "--rollout_steps 0", "--rollout_steps must be at least 1"),
+    Bad("parse_args", "--resolution 32", "--resolution 32 is too small"),
+    Bad("parse_args", "", "--output_dir {output} is a file; give a folder", output=a_file),
+    Bad("parse_args", "--rank 0", "--rank must be at least 1", only="lora"),
+    Bad("parse_args", "--lora_alpha 0", "--lora_alpha must be at least 1", only="lora"),
+    Bad("parse_args", "--quantize_encoders int8", "--quantize_encoders int8 needs bitsandbytes", hide=NO_BITSANDBYTES),
+    # full fine-tuning refuses every --quantize_base (so the missing-backend row below is the LoRA script's)
+    Bad("parse_args", "--quantize_base nf4", "use train_dopsd_lora.py for a quantised base",
+        model=missing("no-such-model"), only="full"),
+    Bad("parse_args", "--quantize_base fp8", "--quantize_base fp8 needs torchao", model=missing("no-such-model"),
+        only="lora", hide=NO_TORCHAO),
+
+    # -- refused while setup reads the model folder, the data and the checkpoints and builds the model family, before
+    #    anything is written --
+    Bad("setup", "", "no-model does not exist: check the path", model=missing("no-model")),
+    Bad("setup", "", "is a StableDiffusionPipeline; D-OPSD supports Z-Image-Turbo, FLUX.2-klein",
+        model=STABLE_DIFFUSION),
+    Bad("setup", "", "does not exist", data=missing("missing")),
+    Bad("setup", "", "holds no images", data=folder({})),
+    Bad("setup", "--instance_prompt sks", "broken.jpg",
+        data=folder({"broken.jpg": b"\xff\xd8\xff\xe0 not really a jpeg"})),
+    Bad("setup", "--instance_prompt sks", "truncated.jpg", data=folder({"truncated.jpg": JPEG[:2000]})),
+    Bad("setup", "--instance_prompt sks", "cannot read image", data=symlink_loop),
+    Bad("setup", "", "a.jpg has no caption: add a .txt caption or pass --instance_prompt",
+        data=folder({"a.jpg": JPEG})),
+    Bad("setup", "", "caption file for", data=folder({"a.jpg": JPEG, "a.txt": b"\n  \n"})),
+    Bad("setup", "", "a.txt is not UTF-8 text (byte 0xe9",
+        data=folder({"a.jpg": JPEG, "a.txt": "sks caf\xe9".encode("latin-1")})),
+    Bad("setup", "", "cannot read caption file", data=folder({"a.jpg": JPEG, "a.txt": None})),
+    Bad("setup", "", "names missing.jpg, which does not exist", data=folder({"a.jpg": JPEG, "metadata.jsonl": metadata(
+        {"file_name": "a.jpg", "text": "x"}, {"file_name": "missing.jpg"})})),
+    Bad("setup", "", "is not a JSON object", data=folder({"a.jpg": JPEG, "metadata.jsonl": b"{oops\n"})),
+    Bad("setup", "", "metadata.jsonl:1 text: a caption must be a text or a list of texts, not 42",
+        data=folder({"a.jpg": JPEG, "metadata.jsonl": metadata({"file_name": "a.jpg", "text": 42})})),
+    Bad("setup", "", "metadata.jsonl:1 text: a caption must be a text or a list of texts, not ['sks', 7]",
+        data=folder({"a.jpg": JPEG, "metadata.jsonl": metadata({"file_name": "a.jpg", "text": ["sks", 7]})})),
+    Bad("setup", "", "metadata.jsonl ('utf-8' codec can't decode",
+        data=folder({"a.jpg": JPEG, "metadata.jsonl": b'{"file_name": "a.jpg", "text": "caf\xe9"}'})),
+    Bad("setup", "--caption_column text", "cannot read the image of dataset row 1", dataset=TRUNCATED_ROW),
+    Bad("setup", "--caption_column text --image_column text",
+        "dataset column 'text' holds no images; set --image_column to image", dataset=TRUNCATED_ROW),
+    Bad("setup", "--resume_from_checkpoint checkpoint-7", "--resume_from_checkpoint checkpoint-7 does not exist"),
+    Bad("setup", "--teacher_context edit", "--teacher_context edit is not available"),
+    Bad("setup", "--resolution 72", "--resolution must be a multiple of 16"),
+    Bad("setup", "", "cannot write to --output_dir", output=below_a_file),
+
+    # -- refused once the transformer is loaded (setup has made the output folder by then) --
+    Bad("main", "--lora_layers to_q,not_a_layer", "'not_a_layer' matches no linear layer", only="lora"),
+    Bad("main", "--train_layers not_a_layer", "--train_layers entry 'not_a_layer' matches no parameter", only="full"),
+]
+
+SCRIPTS = {"lora": lora_script, "full": full_script}
+
+
+def build(what, case):
+    return what(case) if callable(what) else what
+
+
+def tree(path):
+    """Every entry below `path` with its kind, size and modification time (symlinks not followed)."""
+    entries = {}
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            stat = os.lstat(os.path.join(root, name))
+            entries[os.path.relpath(os.path.join(root, name), path)] = (stat.st_mode, stat.st_size, stat.st_mtime_ns)
+    return entries
+
+
+def looked_at_the_model(args):
+    pytest.fail("the model was looked at before the flags were checked")
+
+
+@pytest.mark.parametrize("kind", SCRIPTS)
+def test_every_bad_input_is_one_clear_line(kind, tmp_path, capsys):
+    script = SCRIPTS[kind]
+    prog = Path(script.__file__).name
+    rows = [row for row in BAD_INPUTS if row.only in (None, kind)]
+    for index, row in enumerate(rows):
+        case = tmp_path / f"row-{index:02d}"
+        case.mkdir()
+        output = build(row.output, case) if row.output else case / "out"
+        argv = script_args(output, build(row.model, case), *row.flags.split(), data=build(row.data, case))
+        if row.dataset:
+            at = argv.index("--instance_data_dir")
+            argv[at:at + 2] = ["--dataset_name", str(build(row.dataset, case))]
+        before = tree(case)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sys, "argv", [prog, *argv])
+            for module in row.hide:
+                patch.setitem(sys.modules, module, None)
+            if row.stage == "parse_args":
+                patch.setattr(script, "detect_family", looked_at_the_model)
+            with pytest.raises(SystemExit) as exit_info:
+                script.run()
+        script.release_output_dir(output)
+        err = capsys.readouterr().err.strip()
+        context = f"{kind} row {index}: {row}\nstderr ends:\n{err[-1500:]}"
+        assert exit_info.value.code == 2, context
+        assert "Traceback" not in err, context
+        last = err.splitlines()[-1]
+        assert row.expected.format(output=output) in last, context
+        if row.stage == "parse_args":
+            assert err.startswith("usage: ") and last.startswith(f"{prog}: error: "), context
+        else:
+            assert last.startswith("error: "), context
+        if row.stage != "main":
+            assert not (case / "out").exists(), context  # nothing is written before the input is checked
+            assert tree(case) == before, context
+
+
+@pytest.mark.parametrize("kind", SCRIPTS)
+def test_a_good_learning_rate_parses_exactly(kind, tmp_path):
+    script = SCRIPTS[kind]
+    assert script.parse_args(script_args(tmp_path / "out", TINY_ZIMAGE, "--learning_rate", 3e-6)).learning_rate == 3e-6
