@@ -162,6 +162,9 @@ BAD_INPUTS = [
         "dataset column 'text' holds no images; set --image_column to image", dataset=TRUNCATED_ROW),
     Bad("setup", "--resume_from_checkpoint checkpoint-7", "--resume_from_checkpoint checkpoint-7 does not exist"),
     Bad("setup", "--teacher_context edit", "--teacher_context edit is not available"),
+    Bad("setup", "--text_encoder_out_layers 1 2", "--text_encoder_out_layers applies to FLUX.2-klein only, not to"
+        " Z-Image-Turbo"),  # another family's own flag
+    Bad("setup", "--reference_resolution 64", "--reference_resolution applies to FLUX.2-klein's edit teacher only"),
     Bad("setup", "--resolution 72", "--resolution must be a multiple of 16"),
     Bad("setup", "", "cannot write to --output_dir", output=below_a_file),
 
