@@ -1884,7 +1884,7 @@ def resolve_trainable(transformer, train_layers):
 # Own version of train_dopsd_lora.save_model_card
 def save_model_card(args, family, repo_id, images):
     """README.md for the Hub: what was trained, how, and how to load it."""
-    widget = card_gallery(args, images)
+    widget = card_gallery(args.output_dir, images)
     pipeline_class = family.pipeline_class.__name__
     transformer_class = type(family.transformer).__name__
     trigger = (f"Use `{args.trigger_word}` in the prompt to trigger the concept." if args.trigger_word else

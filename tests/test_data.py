@@ -63,10 +63,11 @@ def klein(tmp_path_factory):
     return load_family(tmp_path_factory.mktemp("klein"), TINY_KLEIN)[1]
 
 
-def test_a_model_replaced_at_the_same_path_gets_new_contexts(tmp_path, accelerator, klein):
+def test_a_model_replaced_at_the_same_path_gets_new_contexts(tmp_path, accelerator, klein, monkeypatch):
     model = tmp_path / "model"
     shutil.copytree(TINY_KLEIN, model)
     args = script.parse_args(script_args(tmp_path / "out", model))
+    monkeypatch.setattr(klein, "args", args)  # the family's context fingerprint reads its flags
     example = script.collect_examples(args, klein.resolution_multiple)[0]
     store = script.ContextStore(klein, [example], accelerator, args.output_dir)
     store.fill()
