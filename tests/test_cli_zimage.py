@@ -7,7 +7,8 @@ import sys
 
 import pytest
 import torch
-from conftest import load_lora_into_pipeline, CONCEPT, TINY_ZIMAGE, lora_script as script, run_script, script_args
+from conftest import load_lora_into_pipeline, CONCEPT, TINY_ZIMAGE, lora_script as script, run_in_process, run_script
+from conftest import script_args
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -88,12 +89,13 @@ def test_lora_loads_in_the_stock_pipeline_and_changes_its_images(trained):
     assert abs(after - before).max() > 1e-3
 
 
-def test_resume_continues_from_the_latest_checkpoint(trained, tmp_path):
+def test_resume_continues_from_the_latest_checkpoint(trained, tmp_path, caplog):
     output_dir, _ = trained
-    result = run_script(script_args(output_dir, TINY_ZIMAGE, "--max_train_steps", 4, "--checkpointing_steps", 1,
-                                    "--validation_steps", 100, "--ema_decay", 0.5, "--learning_rate", 1e-3,
-                                    "--rank", 8, "--lora_alpha", 16, "--resume_from_checkpoint", "latest"))
-    assert "resuming from" in result.stderr and "checkpoint-3" in result.stderr
+    with caplog.at_level(logging.INFO):
+        run_in_process(script_args(output_dir, TINY_ZIMAGE, "--max_train_steps", 4, "--checkpointing_steps", 1,
+                                   "--validation_steps", 100, "--ema_decay", 0.5, "--learning_rate", 1e-3,
+                                   "--rank", 8, "--lora_alpha", 16, "--resume_from_checkpoint", "latest"))
+    assert "resuming from" in caplog.text and "checkpoint-3" in caplog.text
     assert (output_dir / "checkpoint-4").is_dir()
     resumed = load_file(output_dir / "checkpoint-4" / script.LORA_WEIGHT_NAME)
     previous = load_file(output_dir / "checkpoint-3" / script.LORA_WEIGHT_NAME)
@@ -173,7 +175,7 @@ def test_uncached_contexts_train_exactly_like_cached_ones(tmp_path):
     runs = {}
     for flag in ("--cache_contexts", "--no-cache_contexts"):
         output_dir = tmp_path / flag.strip("-")
-        run_script(script_args(output_dir, TINY_ZIMAGE, "--max_train_steps", 2, "--learning_rate", 1e-3, flag))
+        run_in_process(script_args(output_dir, TINY_ZIMAGE, "--max_train_steps", 2, "--learning_rate", 1e-3, flag))
         runs[flag] = load_file(output_dir / script.LORA_WEIGHT_NAME)
         assert (output_dir / "context_cache").exists() == (flag == "--cache_contexts")
     cached, uncached = runs.values()

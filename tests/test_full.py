@@ -1,6 +1,7 @@
 """train_dopsd_full.py: full fine-tuning on both tiny families, EMA of all weights, two processes, resume, and the
 copy check that keeps its shared blocks identical to the LoRA script's."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import sys
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import ROOT, TINY_KLEIN, TINY_ZIMAGE, load_family, run_script, script_args, train_in_process
+from conftest import ROOT, TINY_KLEIN, TINY_ZIMAGE, load_family, run_in_process, script_args, train_in_process
 from safetensors.torch import load_file
 
 import train_dopsd_full as full_script
@@ -25,9 +26,9 @@ FAMILIES = {
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_fine_tune_loads_into_the_stock_pipeline_and_changes_its_images(tmp_path, family):
     model, pipeline_class, transformer_class, call = FAMILIES[family]
-    run_script(script_args(tmp_path, model, "--max_train_steps", 2, "--learning_rate", 1e-3, "--save_ema",
-                           "--ema_decay", 0.5, "--validation_prompt", "sks cat", "--validation_steps", 2),
-               script="train_dopsd_full.py")
+    run_in_process(script_args(tmp_path, model, "--max_train_steps", 2, "--learning_rate", 1e-3, "--save_ema",
+                               "--ema_decay", 0.5, "--validation_prompt", "sks cat", "--validation_steps", 2),
+                   full_script)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
         "step-000002-prompt0-0.png", "step-000002-teacher-view.png"]
 
@@ -83,13 +84,13 @@ def test_two_processes_train_and_end_with_identical_weights(tmp_path):
     assert any((rank0[k] - base[k]).abs().max() > 0 for k in rank0)
 
 
-def test_full_resume_restores_weights_and_teacher(tmp_path):
+def test_full_resume_restores_weights_and_teacher(tmp_path, caplog):
     argv = script_args(tmp_path, TINY_ZIMAGE, "--learning_rate", 1e-3, "--ema_decay", 0.5,
                        "--checkpointing_steps", 1, "--validation_steps", 100)
-    run_script([*argv, "--max_train_steps", 2], script="train_dopsd_full.py")
-    result = run_script([*argv, "--max_train_steps", 3, "--resume_from_checkpoint", "latest"],
-                        script="train_dopsd_full.py")
-    assert "resuming from" in result.stderr and "checkpoint-2" in result.stderr
+    run_in_process([*argv, "--max_train_steps", 2], full_script)
+    with caplog.at_level(logging.INFO):
+        run_in_process([*argv, "--max_train_steps", 3, "--resume_from_checkpoint", "latest"], full_script)
+    assert "resuming from" in caplog.text and "checkpoint-2" in caplog.text
     old_teacher = load_file(tmp_path / "checkpoint-2" / "ema_teacher.safetensors")
     teacher = load_file(tmp_path / "checkpoint-3" / "ema_teacher.safetensors")
     student = ZImageTransformer2DModel.from_pretrained(tmp_path / "checkpoint-3", subfolder="transformer")
@@ -99,8 +100,8 @@ def test_full_resume_restores_weights_and_teacher(tmp_path):
 
 
 def test_train_layers_trains_only_those_layers(tmp_path):
-    run_script(script_args(tmp_path, TINY_ZIMAGE, "--max_train_steps", 1, "--learning_rate", 1e-3,
-                           "--train_layers", "layers.1,all_final_layer"), script="train_dopsd_full.py")
+    run_in_process(script_args(tmp_path, TINY_ZIMAGE, "--max_train_steps", 1, "--learning_rate", 1e-3,
+                               "--train_layers", "layers.1,all_final_layer"), full_script)
     tuned = ZImageTransformer2DModel.from_pretrained(tmp_path / "transformer").state_dict()
     base = ZImageTransformer2DModel.from_pretrained(TINY_ZIMAGE, subfolder="transformer").state_dict()
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_VLM, TINY_ZIMAGE, lora_script as script, run_script, script_args
+from conftest import ROOT, TINY_VLM, TINY_ZIMAGE, lora_script as script, run_in_process, run_script, script_args
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -181,12 +181,15 @@ def test_a_teacher_vlm_of_another_size_is_refused(tmp_path, capsys, monkeypatch)
     assert "does not match the pipeline's text encoder" in err and "0 missing, 286 unexpected" in err
 
 
-def test_resuming_a_checkpoint_of_another_lora_rank_is_refused(tmp_path):
-    run_script(script_args(tmp_path, TINY_ZIMAGE, "--max_train_steps", 1, "--rank", 8))
-    result = run_script(script_args(tmp_path, TINY_ZIMAGE, "--max_train_steps", 2, "--rank", 4,
-                                    "--resume_from_checkpoint", "latest"), check=False)
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
+def test_resuming_a_checkpoint_of_another_lora_rank_is_refused(tmp_path, capsys, monkeypatch):
+    run_in_process(script_args(tmp_path, TINY_ZIMAGE, "--max_train_steps", 1, "--rank", 8))
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["train_dopsd_lora.py", *script_args(
+        tmp_path, TINY_ZIMAGE, "--max_train_steps", 2, "--rank", 4, "--resume_from_checkpoint", "latest")])
+    with pytest.raises(SystemExit) as exit_info:
+        script.run()  # the command line's entry point, in this process
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: cannot resume from") and "checkpoint-1" in last
     assert "it was trained with --rank 8 (now 4)" in last
 
@@ -199,7 +202,7 @@ def test_weights_are_safetensors_and_nothing_unpickles_unsafely():
 
 
 def test_checkpoints_total_limit_keeps_the_newest_complete_ones(tmp_path):
-    run_script(script_args(tmp_path, TINY_ZIMAGE, "--max_train_steps", 4, "--checkpointing_steps", 1,
-                           "--checkpoints_total_limit", 2, "--validation_steps", 100))
+    run_in_process(script_args(tmp_path, TINY_ZIMAGE, "--max_train_steps", 4, "--checkpointing_steps", 1,
+                               "--checkpoints_total_limit", 2, "--validation_steps", 100))
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
     assert all((tmp_path / name / "ema_teacher.safetensors").is_file() for name in ("checkpoint-3", "checkpoint-4"))
