@@ -2231,7 +2231,8 @@ def check_resume_settings(resume_path, settings, family_class):
         return
     saved = json.loads(saved_file.read_text())
     changed = [name for name in settings if name in saved and saved[name] != settings[name]]
-    refused = [name for name in changed if name in RUN_DEFINING_SETTINGS or name in family_class.own_flag_defaults()]
+    defining = {*RUN_DEFINING_SETTINGS, *family_class.own_flag_defaults()}
+    refused = [name for name in changed if name in defining]
     if refused:
         listing = ", ".join(f"--{name} {saved[name]} (now {settings[name]})" for name in refused)
         raise UserError(f"cannot resume from {resume_path}: it was trained with {listing}; resume with the"

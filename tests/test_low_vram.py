@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import CONCEPT, TINY_ZIMAGE, lora_script as script, script_args
+from conftest import CONCEPT, TINY_ZIMAGE, lora_script as script, run_in_process, script_args
 from safetensors.torch import load_file
 
 import benchmarks.bench_memory as bench_memory
@@ -54,7 +54,7 @@ def qlora_run(tmp_path_factory, monkeypatch_module):
     argv = script_args(output_dir, TINY_ZIMAGE, "--max_train_steps", 1, "--gradient_accumulation_steps", 1,
                        "--rollout_steps", 2, "--learning_rate", 1e-2, "--validation_inference_steps", 1,
                        "--quantize_base", "nf4", "--quantize_encoders", "int8", data=data)
-    transformer = script.main(script.parse_args(argv))
+    transformer = run_in_process(argv)
     return output_dir, data, transformer, present
 
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import CONCEPT, TINY_ZIMAGE, add_random_lora, script_args
+from conftest import CONCEPT, TINY_ZIMAGE, add_random_lora, run_in_process, script_args
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -121,7 +121,7 @@ def finished_run(tmp_path_factory):
                        "--validation_inference_steps", 1, data=data)
     previous = os.umask(UMASK)
     try:
-        lora_script.main(lora_script.parse_args([*argv, "--resume_from_checkpoint", "latest"]))
+        run_in_process([*argv, "--resume_from_checkpoint", "latest"])
     finally:
         os.umask(previous)
     return output_dir, argv
@@ -199,7 +199,7 @@ def test_resuming_a_finished_run_only_writes_its_outputs(finished_run, caplog):
     trained = load_file(lora_file)
     lora_file.unlink()
     with caplog.at_level(logging.INFO):
-        lora_script.main(lora_script.parse_args([*argv, "--resume_from_checkpoint", "latest"]))
+        run_in_process([*argv, "--resume_from_checkpoint", "latest"])
     assert "checkpoint-2 is at step 2 of --max_train_steps 2: nothing left to train" in caplog.text
     assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     again = load_file(lora_file)

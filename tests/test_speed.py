@@ -11,6 +11,7 @@ from conftest import (
     TINY_ZIMAGE,
     load_family,
     lora_script as script,
+    run_in_process,
     script_args,
 )
 from PIL import Image
@@ -64,10 +65,10 @@ def test_a_failing_compile_warns_once_and_trains_eager(tmp_path, monkeypatch, ca
     for flag in ("--no-compile", "--compile"):  # one output folder: the second run reuses the contexts
         with caplog.at_level(logging.WARNING):
             try:
-                script.main(script.parse_args(script_args(
+                run_in_process(script_args(
                     tmp_path, TINY_ZIMAGE, "--max_train_steps", 1, "--gradient_accumulation_steps", 1,
                     "--rollout_steps", 2, "--validation_inference_steps", 1, "--learning_rate", 1e-3, flag,
-                    "--overwrite_output_dir")))
+                    "--overwrite_output_dir"))
             finally:
                 torch._dynamo.reset()
         outputs[flag] = load_file(tmp_path / script.LORA_WEIGHT_NAME)
