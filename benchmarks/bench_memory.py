@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import train_dopsd_lora as trainer  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
-from benchmarks.bench_dopsd import FULL_SIZE, TINY, build_family, synthetic_batch  # noqa: E402
+from benchmarks.bench_dopsd import FULL_SIZE, TINY, build_family, synchronize, synthetic_batch  # noqa: E402
 
 
 CONTEXT_RESERVE_GIB = 0.5  # the CUDA context and libraries, outside what the allocator cap counts
@@ -41,11 +41,6 @@ CONTEXT_RESERVE_GIB = 0.5  # the CUDA context and libraries, outside what the al
 
 def relative_difference(prediction, reference):
     return ((prediction.float() - reference.float()).norm() / reference.float().norm()).item()
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Run:
