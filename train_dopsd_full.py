@@ -44,6 +44,16 @@ MIN_IMAGE_SIDE = 64  # smaller photos carry too little detail for a ~1 MP teache
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 # Copied from train_dopsd_lora.QUANTIZATION_BACKENDS
 QUANTIZATION_BACKENDS = {"none": None, "int8": "bitsandbytes", "nf4": "bitsandbytes", "fp8": "torchao"}
+# Copied from train_dopsd_lora.PRIOR_PROMPTS
+PRIOR_PROMPTS = ["a photo of a dog in a park", "a portrait of an old man", "a city street at night",
+                 "a bowl of fruit on a wooden table"]  # --prior_prompts: everyday subjects a concept LoRA should leave
+# Copied from train_dopsd_lora.OBJECTIVES
+OBJECTIVES = {  # --objective: D-OPSD, and the two baselines it is measured against (docs/method.md §2.5)
+    "dopsd": "the teacher's predictions on the student's own roll-out (D-OPSD)",
+    "sft": "plain fine-tuning, the training image noised to a random sigma with the caption only (DreamBooth)",
+    "offpolicy": "the teacher's predictions on states noised from the training image (the paper's off-policy"
+                 " ablation)",
+}
 # Own version of train_dopsd_lora.TRAINING
 TRAINING = "full"  # what this script trains (family defaults differ for LoRA)
 
@@ -186,6 +196,8 @@ def add_common_arguments(parser):
                        " on the inference schedule for K steps.")
     group.add_argument("--loss_space", type=str, default="x0", choices=["x0", "v"], help="x0: match x0-predictions"
                        " (released code; sigma^2-weighted velocity MSE). v: match velocities (the paper's equation).")
+    group.add_argument("--objective", type=str, default="dopsd", choices=list(OBJECTIVES), help="What the student"
+                       " learns from: " + "; ".join(f"{name}: {text}" for name, text in OBJECTIVES.items()) + ".")
     group.add_argument("--ema_decay", type=float, default=0.9999, help="Teacher = EMA of the student with this decay"
                        " (1.0 keeps the teacher frozen at the base model).")
     group.add_argument("--cache_contexts", action=argparse.BooleanOptionalAction, default=True, help="Compute the"
@@ -241,6 +253,9 @@ def add_common_arguments(parser):
     group.add_argument("--validation_inference_steps", type=int, default=None, help="Default: the family's"
                        " few-step sampling, " + per_family("default_inference_steps") + ".")
     group.add_argument("--num_validation_images", type=int, default=1, help="Images per validation prompt.")
+    group.add_argument("--prior_prompts", type=str, nargs="*", default=PRIOR_PROMPTS, help="Prompts without the"
+                       " concept whose few-step samples are compared with the base model's at each validation (prior"
+                       " drift); the flag alone turns the measure off.")
     group.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "none"],
                        help="Where to log losses and validation images.")
     group.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder inside --output_dir.")
@@ -479,6 +494,10 @@ class ModelFamily:
     def collate(self, contexts):
         raise NotImplementedError
 
+    def encode_target(self, image):
+        """The training image as a clean latent state x0 (one sample), for the objectives that noise it."""
+        raise NotImplementedError
+
     def to_model(self, tensor):
         """A context tensor on the accelerator, floating point in the transformer's dtype (as the pipeline feeds it)."""
         return tensor.to(self.device, self.transformer.dtype if tensor.is_floating_point() else None)
@@ -487,9 +506,18 @@ class ModelFamily:
     def initial_noise(self, batch_size, height, width, generator=None):
         raise NotImplementedError
 
-    def rollout_schedule(self, num_steps, height, width):
-        """(timesteps, sigmas) exactly as the pipeline sets them for `num_steps` at this size (docs/method.md §4)."""
+    def rollout_schedule(self, num_steps, height, width, sigmas=None):
+        """(timesteps, sigmas) exactly as the pipeline sets them for `num_steps` at this size (docs/method.md §4);
+        given `sigmas` (decreasing, in (0, 1]), the pipeline's shift of those instead of its own grid."""
         raise NotImplementedError
+
+    def training_sigmas(self, batch_size, height, width, generator=None):
+        """Random noise levels for the objectives that noise the training image: uniform, then shifted as the
+        pipeline shifts its schedule at this size (so they fall where the few-step sampler visits)."""
+        uniform = torch.rand(batch_size, generator=generator, device=self.device, dtype=torch.float64)
+        uniform = 1 - uniform * (1 - 1e-3)  # (0.001, 1]: never the clean image itself
+        _, sigmas = self.rollout_schedule(self.default_inference_steps, height, width, sigmas=uniform.tolist())
+        return sigmas[:batch_size].float()
 
     def predict(self, transformer, latents, timestep, context):
         """Velocity in the scheduler's convention and the pipeline's dtype: x_{k-1} = x_k + (s_{k-1} - s_k) v."""
@@ -549,6 +577,12 @@ class ZImageTurbo(ModelFamily):
     def collate(self, contexts):
         return {"prompt_embeds": [self.to_model(c["prompt_embeds"]) for c in contexts]}
 
+    def encode_target(self, image):
+        vae = self.pipeline.vae
+        latents = vae.encode(image_to_tensor(image).to(vae.device, vae.dtype)).latent_dist.mode()
+        return {"latents": ((latents - vae.config.shift_factor) * vae.config.scaling_factor)[0].to("cpu",
+                                                                                                 torch.float32)}
+
     def initial_noise(self, batch_size, height, width, generator=None):
         vae_scale = self.pipeline.vae_scale_factor
         shape = (batch_size, self.transformer.config.in_channels, 2 * (height // (vae_scale * 2)),
@@ -556,7 +590,7 @@ class ZImageTurbo(ModelFamily):
         return diffusers.utils.torch_utils.randn_tensor(shape, generator=generator, device=self.device,
                                                         dtype=torch.float32)
 
-    def rollout_schedule(self, num_steps, height, width):
+    def rollout_schedule(self, num_steps, height, width, sigmas=None):
         vae_scale = self.pipeline.vae_scale_factor
         image_seq_len = (height // (vae_scale * 2)) * (width // (vae_scale * 2))
         config = self.scheduler.config
@@ -564,7 +598,8 @@ class ZImageTurbo(ModelFamily):
                              config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                              config.get("max_shift", 1.15))
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-        retrieve_timesteps(scheduler, num_steps, self.device, sigmas=get_default_z_image_sigmas(num_steps), mu=mu)
+        sigmas = get_default_z_image_sigmas(num_steps) if sigmas is None else sigmas
+        retrieve_timesteps(scheduler, num_steps, self.device, sigmas=sigmas, mu=mu)
         return scheduler.timesteps, scheduler.sigmas
 
     def predict(self, transformer, latents, timestep, context):
@@ -690,6 +725,11 @@ class Flux2Klein(ModelFamily):
     def collate(self, contexts):
         return {key: self.to_model(torch.stack([c[key] for c in contexts])) for key in contexts[0]}
 
+    def encode_target(self, image):
+        vae = self.pipeline.vae
+        latents = self.pipeline._encode_vae_image(image_to_tensor(image).to(vae.device, vae.dtype), generator=None)
+        return {"latents": latents[0].to("cpu", torch.float32)}
+
     def initial_noise(self, batch_size, height, width, generator=None):
         vae_scale = self.pipeline.vae_scale_factor
         shape = (batch_size, self.transformer.config.in_channels, height // (vae_scale * 2),
@@ -698,12 +738,13 @@ class Flux2Klein(ModelFamily):
         return diffusers.utils.torch_utils.randn_tensor(shape, generator=generator, device=self.device,
                                                         dtype=self.weight_dtype)
 
-    def rollout_schedule(self, num_steps, height, width):
+    def rollout_schedule(self, num_steps, height, width, sigmas=None):
         vae_scale = self.pipeline.vae_scale_factor
         image_seq_len = (height // (vae_scale * 2)) * (width // (vae_scale * 2))
-        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-        if getattr(self.scheduler.config, "use_flow_sigmas", False):
-            sigmas = None
+        if sigmas is None:
+            sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+            if getattr(self.scheduler.config, "use_flow_sigmas", False):
+                sigmas = None
         mu = compute_empirical_mu(image_seq_len=image_seq_len, num_steps=num_steps)
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
         retrieve_timesteps(scheduler, num_steps, self.device, sigmas=sigmas, mu=mu)
@@ -1400,9 +1441,10 @@ class ContextStore:
     stored and the encoders stay on the accelerator to compute contexts for every batch.
     """
 
-    def __init__(self, family, examples, accelerator, output_dir, enabled=True):
+    def __init__(self, family, examples, accelerator, output_dir, enabled=True, targets=False):
         self.family = family
         self.examples = examples
+        self.roles = ("student", "teacher", "target") if targets else ("student", "teacher")
         self.accelerator = accelerator
         self.folder = Path(output_dir) / "context_cache"
         self.enabled = enabled
@@ -1416,10 +1458,14 @@ class ContextStore:
 
     @torch.no_grad()
     def compute(self, example):
+        """{role: {name: tensor}} of one example: the student and teacher contexts, and the clean target latents
+        where the objective needs them."""
         image = training_image(example)
-        student = self.family.encode_student_context(example.caption)
-        teacher = self.family.build_teacher_context(image, example.caption)
-        return student, teacher
+        computed = {"student": self.family.encode_student_context(example.caption),
+                    "teacher": self.family.build_teacher_context(image, example.caption)}
+        if "target" in self.roles:
+            computed["target"] = self.family.encode_target(image)
+        return computed
 
     def fill(self):
         """Compute every missing context; each process takes its share and writes each file atomically.
@@ -1432,7 +1478,8 @@ class ContextStore:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         accelerator = self.accelerator
-        todo = [e for e in self.examples if not self.readable(self.path(e))]
+        # One entry per file: duplicate photos with the same caption share their contexts.
+        todo = list({self.path(e): e for e in self.examples if not self.readable(self.path(e), self.roles)}.values())
         accelerator.wait_for_everyone()  # every process splits the same list before any of them writes
         mine = todo[accelerator.process_index:: accelerator.num_processes]
         quiet = not accelerator.is_local_main_process
@@ -1446,9 +1493,12 @@ class ContextStore:
                 self.family.prepare_teacher_contexts()
             for example in tqdm(mine, desc="caching teacher contexts", disable=quiet):
                 path = self.path(example)
-                teacher = self.family.build_teacher_context(training_image(example), example.caption)
+                image = training_image(example)
                 tensors = load_file(f"{path}.student")
-                tensors.update({f"teacher.{k}": v for k, v in teacher.items()})
+                tensors.update({f"teacher.{k}": v for k, v in
+                                self.family.build_teacher_context(image, example.caption).items()})
+                if "target" in self.roles:
+                    tensors.update({f"target.{k}": v for k, v in self.family.encode_target(image).items()})
                 self.write(path, tensors)
                 os.remove(f"{path}.student")
         accelerator.wait_for_everyone()
@@ -1478,9 +1528,12 @@ class ContextStore:
             return False
         try:
             with safe_open(path, "pt") as cached:
-                if {key.split(".", 1)[0] for key in cached.keys()} == set(roles):
+                held = {key.split(".", 1)[0] for key in cached.keys()}
+                if set(roles) <= held:
                     return True
-                reason = "it lacks the student or the teacher context"
+                if held == {"student", "teacher"}:  # written for D-OPSD; --objective sft/offpolicy adds the target
+                    return False
+                reason = f"it lacks the {' and '.join(sorted(set(roles) - held))} context"
         except Exception as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         logger.warning(f"context cache file {path} is unreadable ({reason}); computing it again")
@@ -1495,10 +1548,11 @@ class ContextStore:
         except Exception as error:  # damaged during the run (the encoders are gone by now)
             raise UserError(f"context cache file {path} cannot be read ({error}): delete it and resume with"
                             " --resume_from_checkpoint latest") from None
-        split = ({}, {})
+        split = {role: {} for role in self.roles}
         for key, value in tensors.items():
             role, name = key.split(".", 1)
-            split[role == "teacher"][name] = value
+            if role in split:
+                split[role][name] = value
         return split
 
 
@@ -1512,15 +1566,15 @@ class ContextDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, index):
-        student, teacher = self.store.get(self.examples[index])
-        return {"student": student, "teacher": teacher, "bucket": self.examples[index].bucket}
+        return {**self.store.get(self.examples[index]), "bucket": self.examples[index].bucket}
 
 
 # Copied from train_dopsd_lora.collate_examples
 def collate_examples(items):
+    """A batch: per role (student, teacher, target) the list of the items' tensors; the items' common bucket."""
     assert len({item["bucket"] for item in items}) == 1, "a batch mixes buckets"
-    return {"student": [i["student"] for i in items], "teacher": [i["teacher"] for i in items],
-            "bucket": items[0]["bucket"]}
+    roles = [role for role in ("student", "teacher", "target") if role in items[0]]
+    return {**{role: [item[role] for item in items] for role in roles}, "bucket": items[0]["bucket"]}
 
 
 
@@ -1652,7 +1706,7 @@ def rollout_step(latents, velocity, sigma, sigma_next):
 
 # Copied from train_dopsd_lora.dopsd_step
 def dopsd_step(family, student, network, ema_teacher, batch, accelerator, rollout_steps, loss_space, generator=None,
-               backward_per_step=True):
+               backward_per_step=True, objective="dopsd"):
     """One D-OPSD iteration on a batch; returns the mean loss over the K roll-out steps and the final latents.
 
     `network` is the transformer that plays both roles: the student's weights, or the teacher's while
@@ -1664,14 +1718,20 @@ def dopsd_step(family, student, network, ema_teacher, batch, accelerator, rollou
     step's graph is alive; the gradient equals that of the mean over the K steps (docs/method.md §2.3). With
     backward_per_step=False the K graphs are kept and one backward runs at the end (same gradient, memory O(K)):
     what DeepSpeed needs, which allows one backward per micro-batch.
+
+    objective="offpolicy" (the paper's ablation) asks the same teacher on the same K noise levels, but at states
+    noised from the training image (x_k = (1 - s_k) x0 + s_k noise) instead of the student's roll-out.
     """
     height, width = batch["bucket"]
     student_context = family.collate(batch["student"])
     teacher_context = family.collate(batch["teacher"])
     timesteps, sigmas = family.rollout_schedule(rollout_steps, height, width)
     latents = family.initial_noise(len(batch["student"]), height, width, generator)  # fresh noise: on-policy
+    noise = latents
     total_loss = torch.zeros((), device=latents.device)
     for k in range(rollout_steps):
+        if objective == "offpolicy":
+            latents = noised_target(batch, noise, sigmas[k])
         with torch.no_grad(), ema_teacher.swapped_in(), accelerator.autocast():
             teacher_velocity = family.predict(network, latents, timesteps[k], teacher_context)
         # Gradients of all but the last step stay local; DDP averages them once, at the last backward.
@@ -1686,6 +1746,35 @@ def dopsd_step(family, student, network, ema_teacher, batch, accelerator, rollou
     if not backward_per_step:
         accelerator.backward(total_loss)
     return total_loss.detach(), latents
+
+
+# Copied from train_dopsd_lora.target_latents
+def target_latents(batch, device):
+    """The batch's clean training-image latents x0 (fp32)."""
+    return torch.stack([target["latents"] for target in batch["target"]]).to(device, torch.float32)
+
+
+# Copied from train_dopsd_lora.noised_target
+def noised_target(batch, noise, sigma):
+    """The training image's latents noised to `sigma` (one, or one per sample) on the flow-matching path:
+    (1 - sigma) x0 + sigma noise, in the noise's dtype."""
+    sigma = sigma.view(-1, 1, 1, 1) if sigma.dim() else sigma
+    return ((1 - sigma) * target_latents(batch, noise.device) + sigma * noise.float()).to(noise.dtype)
+
+
+# Copied from train_dopsd_lora.sft_step
+def sft_step(family, student, batch, accelerator, generator=None):
+    """One step of plain fine-tuning (--objective sft), what diffusers' DreamBooth scripts train: the training
+    image noised to a random sigma, the caption alone as context, the flow-matching target velocity noise - x0.
+    Returns the loss."""
+    height, width = batch["bucket"]
+    noise = family.initial_noise(len(batch["student"]), height, width, generator)
+    sigmas = family.training_sigmas(len(batch["student"]), height, width, generator)
+    latents = noised_target(batch, noise, sigmas)
+    velocity = family.predict(student, latents, sigmas * 1000, family.collate(batch["student"]))
+    loss = F.mse_loss(velocity.float(), noise.float() - target_latents(batch, noise.device))
+    accelerator.backward(loss)
+    return loss.detach()
 
 
 
@@ -1727,10 +1816,64 @@ def heldout_teacher_gap(family, transformer, ema_teacher, batch, num_steps, seed
     return torch.stack(gaps).mean().item()
 
 
+# Copied from train_dopsd_lora.prior_samples
+@torch.no_grad()
+def prior_samples(family, transformer, prior, args):
+    """{prompt index: latents} of the validation roll-out for each prior prompt, each from its own fixed noise."""
+    return {f"prompt{p}": sample(family, transformer, context, args.resolution, args.resolution,
+                                 args.validation_inference_steps,
+                                 torch.Generator(family.device).manual_seed(args.seed + p)).float().cpu()
+            for p, (_, context) in enumerate(prior)}
+
+
+# Copied from train_dopsd_lora.PRIOR_REFERENCE_FILE
+PRIOR_REFERENCE_FILE = "prior_reference.safetensors"
+
+
+# Copied from train_dopsd_lora.base_prior_samples
+def base_prior_samples(family, transformer, validation, args, resumed):
+    """The base model's samples of the prior prompts, the reference prior drift is measured against: made before
+    the first step (when the student is still the base model) and kept in output_dir for resumed runs."""
+    if not validation["prior"]:
+        return None
+    path = Path(args.output_dir) / PRIOR_REFERENCE_FILE
+    key = json.dumps([[prompt for prompt, _ in validation["prior"]], args.resolution,
+                      args.validation_inference_steps, args.seed])
+    if path.exists():
+        try:
+            with safe_open(path, "pt") as file:
+                if (file.metadata() or {}).get("key") == key:
+                    return load_file(path)
+        except Exception:
+            pass
+    if resumed:
+        logger.warning(f"prior drift is not measured: {path} is missing, damaged or made with other prior prompts,"
+                       " resolution, sampling steps or seed, and a resumed run no longer holds the base model")
+        return None
+    reference = prior_samples(family, transformer, validation["prior"], args)
+    with atomic_output(path) as temporary:
+        save_file(reference, temporary, metadata={"key": key})
+    return reference
+
+
+# Copied from train_dopsd_lora.prior_drift
+def prior_drift(family, transformer, validation, args):
+    """How far the current model's few-step samples of the prior prompts moved from the base model's, from the same
+    noise: the mean relative distance |x - x_base| / |x_base| of the latents (0: unchanged). A concept that bleeds
+    into every prompt, or forgetting, makes it grow."""
+    reference = validation["prior_reference"]
+    current = prior_samples(family, transformer, validation["prior"], args)
+    return float(np.mean([((current[k] - reference[k]).norm() / reference[k].norm()).item() for k in reference]))
+
+
+# Copied from train_dopsd_lora.METRICS_FILE
+METRICS_FILE = "validation_metrics.jsonl"
+
+
 # Copied from train_dopsd_lora.log_validation
 def log_validation(family, transformer, ema_teacher, validation, args, accelerator, step):
-    """Student images from the stock pipeline, and the teacher's view of the first training example."""
-    logger.info(f"validation at step {step}")
+    """Student images from the stock pipeline, the teacher's view of the first training example, and the two
+    measures a user watches (docs/method.md §2.6): the concept gap and the prior drift."""
     transformer.eval()
     family.pipeline.vae.to(accelerator.device)
     samples = Path(args.output_dir) / "samples"
@@ -1753,8 +1896,15 @@ def log_validation(family, transformer, ema_teacher, validation, args, accelerat
     teacher_image = family.decode(latents)[0]
     teacher_image.save(samples / f"step-{step:06d}-teacher-view.png")
     logged[f"teacher view: {first['caption']}"] = [teacher_image]
-    gap = heldout_teacher_gap(family, transformer, ema_teacher, collate_examples([first]), args.rollout_steps,
-                              seeds=range(10_000, 10_004))
+    metrics = {"step": step, "concept_gap": heldout_teacher_gap(
+        family, transformer, ema_teacher, collate_examples([first]), args.rollout_steps, seeds=range(10_000, 10_004))}
+    if validation["prior_reference"] is not None:
+        metrics["prior_drift"] = prior_drift(family, transformer, validation, args)
+    logger.info(f"validation at step {step}: concept gap {metrics['concept_gap']:.4g} (student vs teacher on held-out"
+                " noise; falls as the concept is learned)" + (f", prior drift {metrics['prior_drift']:.4f} (prior"
+                " prompts vs the base model; 0 = unchanged)" if "prior_drift" in metrics else ""))
+    with open(Path(args.output_dir) / METRICS_FILE, "a") as file:
+        file.write(json.dumps(metrics) + "\n")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             for name, images in logged.items():
@@ -1764,11 +1914,11 @@ def log_validation(family, transformer, ema_teacher, validation, args, accelerat
 
             tracker.log({"validation": [wandb.Image(i, caption=n) for n, imgs in logged.items() for i in imgs]},
                         step=step)
-    accelerator.log({"heldout_teacher_gap": gap}, step=step)
+    accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
     family.pipeline.vae.to("cpu" if args.cache_contexts else accelerator.device)
     transformer.train()
     free_memory()
-    return logged, gap
+    return logged, metrics
 
 
 
@@ -1819,6 +1969,34 @@ def card_gallery(output_dir, images):
         image_list[0].save(Path(output_dir) / name)
         widget.append({"text": prompt, "output": {"url": name}})
     return widget
+
+
+# Copied from train_dopsd_lora.metrics_table
+def metrics_table(output_dir, rows=12):
+    """The model card's table of the validation measures (the last record of each step; at most `rows`, evenly
+    spread, the last step always shown), or "" when no validation ran."""
+    records = {}
+    try:
+        for line in (Path(output_dir) / METRICS_FILE).read_text().splitlines():
+            record = json.loads(line)
+            records[record["step"]] = record
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    steps = sorted(records)
+    if not steps:
+        return ""
+    count = min(rows, len(steps))
+    shown = sorted({steps[round(i * (len(steps) - 1) / max(count - 1, 1))] for i in range(count)})
+    lines = ["## Validation measures", "",
+             "Concept gap: the student's distance from the teacher (which sees the training image) on held-out noise;"
+             " it falls as the concept is learned. Prior drift: how far few-step samples of prompts without the"
+             " concept moved from the base model's, from the same noise (0: unchanged); growth means the concept"
+             " bleeds into other prompts or the model forgets.", "",
+             "| step | concept gap | prior drift |", "|---|---|---|"]
+    for step in shown:
+        drift = records[step].get("prior_drift")
+        lines.append(f"| {step} | {records[step]['concept_gap']:.4g} | {'-' if drift is None else f'{drift:.4f}'} |")
+    return "\n".join(lines) + "\n"
 
 
 # Copied from train_dopsd_lora.write_model_card
@@ -1881,6 +2059,19 @@ def resolve_trainable(transformer, train_layers):
     return [name for name in names if name in chosen]
 
 
+# Copied from train_dopsd_lora.CARD_OBJECTIVE
+CARD_OBJECTIVE = {  # how the weights were trained, per --objective: the model card's "... trained with <this>"
+    "dopsd": "**D-OPSD** (on-policy self-distillation, arXiv 2605.05204): the student rolled out its own {k}-step"
+             " trajectories and was pulled toward an EMA teacher that also saw the training image, so the base model's"
+             " few-step sampling is kept.",
+    "sft": "**plain fine-tuning** (`--objective sft`: DreamBooth's flow-matching loss), the baseline D-OPSD is measured"
+           " against: its few-step sampling may be weaker than a D-OPSD run's.",
+    "offpolicy": "**off-policy self-distillation** (`--objective offpolicy`, the D-OPSD paper's ablation): the EMA"
+                 " teacher's predictions on states noised from the training images instead of the student's own"
+                 " roll-out.",
+}
+
+
 # Own version of train_dopsd_lora.save_model_card
 def save_model_card(args, family, repo_id, images):
     """README.md for the Hub: what was trained, how, and how to load it."""
@@ -1897,9 +2088,7 @@ def save_model_card(args, family, repo_id, images):
 ## Model description
 
 The transformer of [{args.pretrained_model_name_or_path}](https://huggingface.co/{args.pretrained_model_name_or_path})
-fine-tuned with **D-OPSD** (on-policy self-distillation, arXiv 2605.05204): the student rolled out its own
-{args.rollout_steps}-step trajectories and was pulled toward an EMA teacher that also saw the training image, so the
-base model's few-step sampling is kept.
+fine-tuned with {CARD_OBJECTIVE[args.objective].format(k=args.rollout_steps)}
 
 ## Trigger words
 
@@ -1927,7 +2116,7 @@ image = pipe("your prompt", num_inference_steps={args.validation_inference_steps
 
 | setting | value |
 |---|---|
-| method | D-OPSD (arXiv 2605.05204) |
+| objective | {args.objective}: {OBJECTIVES[args.objective]} |
 | roll-out steps K | {args.rollout_steps} |
 | teacher context | {family.teacher_context} |
 | loss space | {args.loss_space} |
@@ -1936,7 +2125,8 @@ image = pipe("your prompt", num_inference_steps={args.validation_inference_steps
 | learning rate | {args.learning_rate} |
 | steps x batch x accumulation | {args.max_train_steps} x {args.train_batch_size} x {args.gradient_accumulation_steps} |
 | resolution | {args.resolution} |
-"""
+
+{metrics_table(args.output_dir)}"""
     tags = ["text-to-image", "diffusers", "d-opsd", "diffusers-training", *family.hub_tags]
     write_model_card(args, repo_id, description, widget, tags)
 
@@ -2214,8 +2404,8 @@ def release_output_dir(output_dir):
 # Copied from train_dopsd_lora.RUN_DEFINING_SETTINGS
 RUN_DEFINING_SETTINGS = (  # and every family's own flags (they shape the contexts)
     "pretrained_model_name_or_path", "revision", "variant", "teacher_context", "teacher_vlm_name_or_path",
-    "rollout_steps", "loss_space", "ema_decay", "ema_dtype", "rank", "lora_alpha", "lora_layers", "train_layers",
-    "use_8bit_adam", "seed", "train_batch_size", "gradient_accumulation_steps", "num_processes",
+    "objective", "rollout_steps", "loss_space", "ema_decay", "ema_dtype", "rank", "lora_alpha", "lora_layers",
+    "train_layers", "use_8bit_adam", "seed", "train_batch_size", "gradient_accumulation_steps", "num_processes",
 )
 
 
@@ -2404,13 +2594,17 @@ def cache_contexts(args, family, examples, accelerator):
     With --no-cache_contexts the text encoder and the VLM both stay, to compute contexts for every batch."""
     with torch.no_grad():
         prompts = [(prompt, family.encode_student_context(prompt)) for prompt in args.validation_prompt or []]
+        prior = [(prompt, family.encode_student_context(prompt)) for prompt in args.prior_prompts]
     if not args.cache_contexts:
         family.prepare_teacher_contexts(keep_text_encoder=True)
-    store = ContextStore(family, examples, accelerator, args.output_dir, enabled=args.cache_contexts)
+    store = ContextStore(family, examples, accelerator, args.output_dir, enabled=args.cache_contexts,
+                         targets=args.objective != "dopsd")
     store.fill()
     validation = {
         "prompts": prompts,
-        "teacher_view": {**dict(zip(("student", "teacher"), store.get(examples[0]))),
+        "prior": prior,
+        "prior_reference": None,  # the base model's samples of the prior prompts (base_prior_samples)
+        "teacher_view": {**store.get(examples[0]),
                          "bucket": examples[0].bucket, "caption": examples[0].caption},
     }
     if args.cache_contexts:
@@ -2529,8 +2723,9 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
     batches = epoch_batches(dataloader, batch_sampler, accelerator, global_step // updates_per_epoch, num_epochs,
                             (global_step % updates_per_epoch) * args.gradient_accumulation_steps)
 
-    logger.info(f"{family.name}: {len(examples)} examples, {args.max_train_steps} steps, K={args.rollout_steps},"
-                f" teacher={family.teacher_context}, loss={args.loss_space}, lr={args.learning_rate}")
+    logger.info(f"{family.name}: {len(examples)} examples, {args.max_train_steps} steps, objective={args.objective},"
+                f" K={args.rollout_steps}, teacher={family.teacher_context}, loss={args.loss_space},"
+                f" lr={args.learning_rate}")
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
 
@@ -2538,10 +2733,16 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
         save_checkpoint(accelerator, args.output_dir, global_step, noise_generator, args.checkpoints_total_limit)
 
     def step(batch):
+        if args.objective == "sft":
+            return sft_step(family, transformer, batch, accelerator, noise_generator)
         loss, _ = dopsd_step(family, transformer, network, ema_teacher, batch, accelerator, args.rollout_steps,
-                             args.loss_space, noise_generator, backward_per_step)
+                             args.loss_space, noise_generator, backward_per_step, args.objective)
         return loss
 
+    if accelerator.is_main_process:
+        network.eval()
+        validation["prior_reference"] = compiled.call(lambda: base_prior_samples(family, network, validation, args,
+                                                                                 resumed=resume_path is not None))
     transformer.train()
     images, bad_steps, stop, first_step = {}, 0, StopRequest(), True
     try:
