@@ -909,6 +909,10 @@ def quantize_linear_layers(model, method, device, compute_dtype):
                                               quant_type="nf4", device="meta")
             quantized.weight = backend.nn.Params4bit(linear.weight.data, requires_grad=False,
                                                      compress_statistics=True, quant_type="nf4")
+            # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its CPU inference kernel at the first
+            # no-grad call; the repacking fails for layers narrower than its block, and the repacked weight no longer
+            # serves the training passes. It only speeds up CPU inference: off, so every CPU computes alike.
+            quantized.support_avx512bf16_for_cpu = False
         if has_bias:
             quantized.bias = linear.bias
         setattr(model.get_submodule(parent_name), child_name, quantized.to(device).requires_grad_(False))
