@@ -24,6 +24,7 @@ the copies with `python utils/check_copies.py --fix` and `python utils/check_cop
 import argparse
 import fcntl
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ import shutil
 import signal
 import sys
 import time
+import unicodedata
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -75,28 +77,89 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def number(kind, low=None, high=None, low_open=False, high_open=False):
+    """A flag type: the text as `kind` (int or float) within its bounds, so the rule is read where the flag is
+    defined. Open bounds exclude the bound itself; NaN is never within bounds."""
+    if low is not None and high is not None:
+        rule = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        rule = f"{'greater than' if low_open else 'at least'} {low}"
+    else:
+        rule = f"{'less than' if high_open else 'at most'} {high}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {'a whole number' if kind is int else 'a number'}"
+                                             ) from None
+        within = value == value  # False for NaN
+        if low is not None:
+            within = within and (value > low if low_open else value >= low)
+        if high is not None:
+            within = within and (value < high if high_open else value <= high)
+        if not within:
+            raise argparse.ArgumentTypeError(f"must be {rule} (got {text})")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse names in its own messages
+    return parse
+
+
+def has_visible(text):
+    """Whether the text shows anything: some character that is not a space, a control or a format character (such
+    as a zero-width space or a byte-order mark)."""
+    return any(unicodedata.category(character)[0] not in "CZ" for character in text)
+
+
+def one_line(text):
+    """A flag type for a word or prompt: visible, and on one line."""
+    if not has_visible(text):
+        raise argparse.ArgumentTypeError("is empty or shows no visible character")
+    if len(text.splitlines()) > 1:
+        raise argparse.ArgumentTypeError("must be one line (it holds a line break)")
+    return text.strip()
+
+
+def name_list(text):
+    """A flag type for comma-separated module names: at least one name; blanks around names are dropped."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one comma-separated module name")
+    return ",".join(names)
+
+
+MAX_RESOLUTION = 4096  # 16 MP: four times the area both families were trained at
+
+
+def resolution(text):
+    """A flag type for a training side: a multiple of 16 from MIN_IMAGE_SIDE to MAX_RESOLUTION."""
+    value = number(int, MIN_IMAGE_SIDE, MAX_RESOLUTION)(text)
+    if value % 16:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 16 (got {text})")
+    return value
+
+
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="D-OPSD LoRA training for Z-Image-Turbo and FLUX.2-klein.",
                                      formatter_class=HelpFormatter)
     add_common_arguments(parser)
 
     group = parser.add_argument_group("LoRA")
-    group.add_argument("--rank", type=int, default=64, help="LoRA rank r.")
-    group.add_argument("--lora_alpha", type=int, default=128, help="LoRA alpha: training scales the LoRA by alpha/r"
+    group.add_argument("--rank", type=number(int, 1), default=64, help="LoRA rank r.")
+    group.add_argument("--lora_alpha", type=number(int, 1), default=128,
+                       help="LoRA alpha: training scales the LoRA by alpha/r"
                        " (the exported file has it folded in).")
     group.add_argument("--save_dtype", type=str, default="bf16", choices=sorted(SAVE_DTYPES), help="Precision of the"
                        " exported LoRA file (checkpoints keep full precision).")
-    group.add_argument("--lora_layers", type=str, default=None, help="Comma-separated module-name suffixes to adapt"
+    group.add_argument("--lora_layers", type=name_list, default=None,
+                       help="Comma-separated module-name suffixes to adapt"
                        " (default: the family's attention and feed-forward projections).")
 
     parser.set_defaults(output_dir="dopsd-lora")
 
     args = parser.parse_args(input_args)
     check_args(parser, args)
-    if args.rank < 1:
-        parser.error(f"--rank must be at least 1 (got {args.rank})")
-    if args.lora_alpha < 1:
-        parser.error(f"--lora_alpha must be at least 1 (got {args.lora_alpha})")
     return args
 
 
@@ -137,7 +200,7 @@ def add_common_arguments(parser):
     )
     group.add_argument(
         "--reference_resolution",
-        type=int,
+        type=resolution,
         default=None,
         help="Edit teacher: encode the reference image at this area resolution^2, with the bucket's"
         " aspect ratio (default: --resolution). 512 at --resolution 1024 gives a quarter of the reference tokens: a"
@@ -171,10 +234,11 @@ def add_common_arguments(parser):
     group.add_argument("--image_column", type=str, default="image", help="Dataset column with images.")
     group.add_argument("--caption_column", type=str, default=None, help="Dataset column with captions.")
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
-    group.add_argument("--instance_prompt", type=str, default=None, help="Caption for images that have none.")
-    group.add_argument("--resolution", type=int, default=1024, help="Training area is resolution^2 pixels, in"
+    group.add_argument("--instance_prompt", type=one_line, default=None, help="Caption for images that have none.")
+    group.add_argument("--resolution", type=resolution, default=1024, help="Training area is resolution^2 pixels, in"
                        " aspect-ratio buckets.")
-    group.add_argument("--repeats", type=int, default=1, help="How many times each image is repeated per epoch.")
+    group.add_argument("--repeats", type=number(int, 1), default=1,
+                       help="How many times each image is repeated per epoch.")
     group.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable or too-small images (and"
                        " images whose caption file cannot be read) with a warning instead of stopping.")
     group.add_argument("--random_flip", action="store_true", help="On a random half of the visits (seeded), the"
@@ -183,17 +247,20 @@ def add_common_arguments(parser):
     group.add_argument("--bucket_no_upscale", action="store_true", help="Do not enlarge images smaller than their"
                        " aspect-ratio bucket: such an image trains at its own size, cropped to a multiple of 16"
                        " (kohya's bucket_no_upscale).")
-    group.add_argument("--trigger_word", type=str, default=None, help="Word put in front of every caption that does"
+    group.add_argument("--trigger_word", type=one_line, default=None,
+                       help="Word put in front of every caption that does"
                        " not already contain it (any case); named on the model card and in the LoRA file.")
 
     group = parser.add_argument_group("D-OPSD")
-    group.add_argument("--rollout_steps", type=int, default=4, help="K: steps of the student's on-policy roll-out,"
+    group.add_argument("--rollout_steps", type=number(int, 1), default=4,
+                       help="K: steps of the student's on-policy roll-out,"
                        " on the inference schedule for K steps.")
     group.add_argument("--loss_space", type=str, default="x0", choices=["x0", "v"], help="x0: match x0-predictions"
                        " (released code; sigma^2-weighted velocity MSE). v: match velocities (the paper's equation).")
     group.add_argument("--objective", type=str, default="dopsd", choices=list(OBJECTIVES), help="What the student"
                        " learns from: " + "; ".join(f"{name}: {text}" for name, text in OBJECTIVES.items()) + ".")
-    group.add_argument("--ema_decay", type=float, default=0.9999, help="Teacher = EMA of the student with this decay"
+    group.add_argument("--ema_decay", type=number(float, 0.0, 1.0), default=0.9999,
+                       help="Teacher = EMA of the student with this decay"
                        " (1.0 keeps the teacher frozen at the base model).")
     group.add_argument("--cache_contexts", action=argparse.BooleanOptionalAction, default=True, help="Compute the"
                        " student and teacher contexts once, then free the text encoder, VLM and VAE from the"
@@ -201,26 +268,30 @@ def add_common_arguments(parser):
 
     group = parser.add_argument_group("training")
     group.add_argument("--output_dir", type=str, default=None, help="Where outputs, checkpoints and caches go.")
-    group.add_argument("--seed", type=int, default=0, help="Random seed.")
-    group.add_argument("--train_batch_size", type=int, default=1, help="Images per device per step.")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=4, help="Batches per optimizer step.")
-    group.add_argument("--max_train_steps", type=int, default=2000, help="Optimizer steps to train.")
-    group.add_argument("--learning_rate", type=float, default=None, help="LoRA default: "
+    group.add_argument("--seed", type=number(int, 0, 2**31, high_open=True), default=0, help="Random seed.")
+    group.add_argument("--train_batch_size", type=number(int, 1), default=1, help="Images per device per step.")
+    group.add_argument("--gradient_accumulation_steps", type=number(int, 1), default=4,
+                       help="Batches per optimizer step.")
+    group.add_argument("--max_train_steps", type=number(int, 1), default=2000, help="Optimizer steps to train.")
+    group.add_argument("--learning_rate", type=number(float, 0.0, low_open=True), default=None, help="LoRA default: "
                        + per_family("default_learning_rate") + "; full fine-tuning: a tenth of that.")
     group.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by accumulation x"
                        " batch x GPUs.")
     group.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate"
                        " schedule.")
-    group.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the lr schedule.")
-    group.add_argument("--lr_num_cycles", type=int, default=1, help="Cycles of cosine_with_restarts.")
-    group.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    group.add_argument("--lr_warmup_steps", type=number(int, 0), default=0, help="Warm-up steps of the lr schedule.")
+    group.add_argument("--lr_num_cycles", type=number(int, 1), default=1, help="Cycles of cosine_with_restarts.")
+    group.add_argument("--lr_power", type=number(float, 0.0, low_open=True), default=1.0,
+                       help="Power of the polynomial schedule.")
     group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
-    group.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    group.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    group.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
-    group.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
-    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
-    group.add_argument("--max_bad_steps", type=int, default=10, help="Stop (with a checkpoint) after this many"
+    group.add_argument("--adam_beta1", type=number(float, 0.0, 1.0, high_open=True), default=0.9, help="AdamW beta1.")
+    group.add_argument("--adam_beta2", type=number(float, 0.0, 1.0, high_open=True), default=0.999, help="AdamW beta2.")
+    group.add_argument("--adam_weight_decay", type=number(float, 0.0), default=0.0, help="AdamW weight decay.")
+    group.add_argument("--adam_epsilon", type=number(float, 0.0), default=1e-8, help="AdamW epsilon.")
+    group.add_argument("--max_grad_norm", type=number(float, 0.0, low_open=True), default=1.0,
+                       help="Gradient clipping norm.")
+    group.add_argument("--max_bad_steps", type=number(int, 1), default=10,
+                       help="Stop (with a checkpoint) after this many"
                        " consecutive steps with non-finite loss or gradients; each one is skipped.")
     group.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in the backward"
                        " pass: far less memory, more compute.")
@@ -235,19 +306,22 @@ def add_common_arguments(parser):
                        " run goes on eager after one warning.")
 
     group = parser.add_argument_group("checkpoints")
-    group.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N"
+    group.add_argument("--checkpointing_steps", type=number(int, 1), default=500,
+                       help="Save a resumable checkpoint every N"
                        " steps.")
-    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    group.add_argument("--checkpoints_total_limit", type=number(int, 1), default=None,
+                       help="Keep only the newest N checkpoints.")
     group.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint folder.')
     group.add_argument("--overwrite_output_dir", action="store_true", help="Start a new run in an --output_dir that"
                        " holds another run's results: its checkpoints are deleted, its outputs replaced at the end.")
 
     group = parser.add_argument_group("validation and logging")
     group.add_argument("--validation_prompt", type=str, action="append", default=None, help="Repeatable.")
-    group.add_argument("--validation_steps", type=int, default=100, help="Sample the validation prompts every N steps.")
-    group.add_argument("--validation_inference_steps", type=int, default=None, help="Default: the family's"
+    group.add_argument("--validation_steps", type=number(int, 1), default=100,
+                       help="Sample the validation prompts every N steps.")
+    group.add_argument("--validation_inference_steps", type=number(int, 1), default=None, help="Default: the family's"
                        " few-step sampling, " + per_family("default_inference_steps") + ".")
-    group.add_argument("--num_validation_images", type=int, default=1, help="Images per validation prompt.")
+    group.add_argument("--num_validation_images", type=number(int, 1), default=1, help="Images per validation prompt.")
     group.add_argument("--prior_prompts", type=str, nargs="*", default=PRIOR_PROMPTS, help="Prompts without the"
                        " concept whose few-step samples are compared with the base model's at each validation (prior"
                        " drift); the flag alone turns the measure off.")
@@ -270,46 +344,16 @@ def per_family(attribute):
 
 
 def check_args(parser, args):
-    """Reject inconsistent flags before anything is loaded or written."""
+    """Reject inconsistent flags before anything is loaded or written (each flag's own bounds are on the flag)."""
     if (args.instance_data_dir is None) == (args.dataset_name is None):
         parser.error("give exactly one of --instance_data_dir or --dataset_name")
-    if args.rollout_steps < 1:
-        parser.error(f"--rollout_steps must be at least 1 (got {args.rollout_steps})")
-    if not 0.0 <= args.ema_decay <= 1.0:
-        parser.error(f"--ema_decay must lie in [0, 1] (got {args.ema_decay})")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "repeats", "max_bad_steps",
-                 "checkpointing_steps", "validation_steps", "num_validation_images"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    if args.validation_inference_steps is not None and args.validation_inference_steps < 1:
-        parser.error("--validation_inference_steps must be at least 1")
-    if args.resolution < MIN_IMAGE_SIDE:
-        parser.error(f"--resolution {args.resolution} is too small: use at least {MIN_IMAGE_SIDE}")
-    if args.reference_resolution is not None and (args.reference_resolution < MIN_IMAGE_SIDE
-                                                  or args.reference_resolution % 16):
-        parser.error(f"--reference_resolution must be a multiple of 16 and at least {MIN_IMAGE_SIDE}"
-                     f" (got {args.reference_resolution})")
     if os.path.isfile(args.output_dir):
         parser.error(f"--output_dir {args.output_dir} is a file; give a folder")
-    # `not x > 0` also catches NaN. A zero learning rate would silently train at the default; a clipping norm <= 0
-    # zeroes or reverses every update.
-    for name in ("learning_rate", "max_grad_norm", "lr_power"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            parser.error(f"--{name} must be positive (got {value})")
-    for name in ("lr_warmup_steps", "adam_weight_decay", "adam_epsilon"):
-        if not getattr(args, name) >= 0:
-            parser.error(f"--{name} must not be negative (got {getattr(args, name)})")
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(args, name) < 1:
-            parser.error(f"--{name} must lie in [0, 1) (got {getattr(args, name)})")
-    if args.lr_num_cycles < 1:
-        parser.error(f"--lr_num_cycles must be at least 1 (got {args.lr_num_cycles})")
-    if not 0 <= args.seed < 2**31:
-        parser.error(f"--seed must lie in [0, 2^31) (got {args.seed})")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error(f"--checkpoints_total_limit must be at least 1 (got {args.checkpoints_total_limit}); leave it"
-                     " out to keep every checkpoint")
+    data = args.instance_data_dir or args.dataset_name
+    output_dir = Path(args.output_dir).resolve()
+    if os.path.isdir(data) and Path(data).resolve() in (output_dir, *output_dir.parents):
+        parser.error(f"--output_dir {args.output_dir} lies inside the training data {data}: the run's sample images"
+                     " would become training photos; choose an --output_dir outside it")
     if args.report_to == "tensorboard" and not is_tensorboard_available():
         parser.error("--report_to tensorboard needs the tensorboard package: pip install tensorboard, or pass"
                      " --report_to none")
@@ -321,8 +365,8 @@ def check_args(parser, args):
             try:
                 quantization_backend(method)
             except ImportError as error:
-                parser.error(f"--{flag} {method} needs {QUANTIZATION_BACKENDS[method]} ({error}); install it or"
-                             f" drop the flag")
+                parser.error(f"--{flag} {method} needs {QUANTIZATION_BACKENDS[method]} ({error}); install or repair"
+                             " it, or drop the flag")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -799,6 +843,29 @@ from PIL import Image, ImageOps  # noqa: E402
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
+
+def hide_broken_optional_libraries():
+    """bitsandbytes and torchao are optional. diffusers and peft import them whenever they are installed, so one that
+    is installed but fails to import with anything but ImportError (a CUDA set-up error, a version clash) would
+    break the imports below. Such a library is hidden instead (every library then sees it as absent); the flags that
+    need it say why in one line. Returns {name: why it is hidden}."""
+    broken = {}
+    for name in ("bitsandbytes", "torchao"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
+        except Exception as error:
+            broken[name] = f"it is installed but fails to import: {type(error).__name__}: " + (
+                str(error).strip().splitlines() or [""])[0][:200]
+            for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+                del sys.modules[module]
+            sys.modules[name] = None  # `import name` now raises ImportError and find_spec finds nothing
+    return broken
+
+
+BROKEN_LIBRARIES = hide_broken_optional_libraries()
+
 import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from accelerate import Accelerator, PartialState  # noqa: E402
@@ -856,7 +923,9 @@ def image_to_tensor(image):
 
 
 def quantization_backend(method):
-    """The imported library that quantises with `method` (ImportError when it is missing)."""
+    """The imported library that quantises with `method` (ImportError when it is missing or broken)."""
+    if QUANTIZATION_BACKENDS[method] in BROKEN_LIBRARIES:
+        raise ImportError(BROKEN_LIBRARIES[QUANTIZATION_BACKENDS[method]])
     if QUANTIZATION_BACKENDS[method] == "bitsandbytes":
         import bitsandbytes
 
@@ -1206,7 +1275,8 @@ def caption_variants(value, source):
         value = value.splitlines()
     if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
         raise UserError(f"{source}: a caption must be a text or a list of texts, not {value!r:.60}")
-    captions = [line.strip() for line in value or [] if line.strip()]
+    # Each variant once (a caption file that repeats a line trains it no more often); invisible lines are no caption.
+    captions = list(dict.fromkeys(line.strip() for line in value or [] if has_visible(line)))
     return captions or None
 
 
@@ -2584,7 +2654,8 @@ def make_optimizer(args, parameters, accelerator):
 
             optimizer_class = bnb.optim.AdamW8bit
         except Exception as error:
-            raise UserError(f"--use_8bit_adam needs a working bitsandbytes ({error}); drop the flag") from None
+            reason = BROKEN_LIBRARIES.get("bitsandbytes", error)
+            raise UserError(f"--use_8bit_adam needs a working bitsandbytes ({reason}); drop the flag") from None
     else:
         optimizer_class = torch.optim.AdamW
     return optimizer_class(parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),

@@ -94,7 +94,7 @@ class Bad:
     `expected`)."""
 
     stage: str
-    flags: str
+    flags: object  # a string split on spaces, or a tuple of arguments
     expected: str
     data: object = CONCEPT  # --instance_data_dir
     dataset: object = None  # --dataset_name instead of --instance_data_dir
@@ -106,24 +106,41 @@ class Bad:
 
 BAD_INPUTS = [
     # -- refused by the argument parser, before the model is looked at --
-    Bad("parse_args", "--learning_rate 0", "--learning_rate must be positive"),
-    Bad("parse_args", "--learning_rate -0.0001", "--learning_rate must be positive"),  # argparse takes -1e-4 for a flag
-    Bad("parse_args", "--learning_rate nan", "--learning_rate must be positive"),
-    Bad("parse_args", "--max_grad_norm -1", "--max_grad_norm must be positive"),
-    Bad("parse_args", "--max_grad_norm 0", "--max_grad_norm must be positive"),
-    Bad("parse_args", "--seed -1", "--seed must lie in [0, 2^31)"),
+    Bad("parse_args", "--learning_rate 0", "argument --learning_rate: must be greater than 0.0 (got 0)"),
+    Bad("parse_args", "--learning_rate -0.0001", "--learning_rate: must be greater than 0.0"),  # not taken for a flag
+    Bad("parse_args", "--learning_rate nan", "--learning_rate: must be greater than 0.0 (got nan)"),
+    Bad("parse_args", "--learning_rate fast", "argument --learning_rate: 'fast' is not a number"),
+    Bad("parse_args", "--max_grad_norm -1", "argument --max_grad_norm: must be greater than 0.0"),
+    Bad("parse_args", "--max_grad_norm 0", "argument --max_grad_norm: must be greater than 0.0"),
+    Bad("parse_args", "--seed -1", "argument --seed: must be in [0, 2147483648) (got -1)"),
     Bad("parse_args", "--lr_scheduler cosine_annealing", "argument --lr_scheduler: invalid choice"),
     Bad("parse_args", "--report_to tensorbord", "argument --report_to: invalid choice"),
-    Bad("parse_args", "--lr_warmup_steps -5", "--lr_warmup_steps must not be negative"),
-    Bad("parse_args", "--lr_num_cycles 0", "--lr_num_cycles must be at least 1"),
-    Bad("parse_args", "--adam_beta2 1.0", "--adam_beta2 must lie in [0, 1)"),
-    Bad("parse_args", "--adam_epsilon=-1e-8", "--adam_epsilon must not be negative"),
-    Bad("parse_args", "--checkpoints_total_limit 0", "--checkpoints_total_limit must be at least 1"),
-    Bad("parse_args", "--rollout_steps 0", "--rollout_steps must be at least 1"),
-    Bad("parse_args", "--resolution 32", "--resolution 32 is too small"),
+    Bad("parse_args", "--lr_warmup_steps -5", "argument --lr_warmup_steps: must be at least 0 (got -5)"),
+    Bad("parse_args", "--lr_num_cycles 0", "argument --lr_num_cycles: must be at least 1 (got 0)"),
+    Bad("parse_args", "--adam_beta2 1.0", "argument --adam_beta2: must be in [0.0, 1.0) (got 1.0)"),
+    Bad("parse_args", "--adam_epsilon=-1e-8", "argument --adam_epsilon: must be at least 0.0 (got -1e-8)"),
+    Bad("parse_args", "--checkpoints_total_limit 0", "argument --checkpoints_total_limit: must be at least 1"),
+    Bad("parse_args", "--rollout_steps 0", "argument --rollout_steps: must be at least 1 (got 0)"),
+    Bad("parse_args", "--max_train_steps 2.5", "argument --max_train_steps: '2.5' is not a whole number"),
+    Bad("parse_args", "--resolution 32", "argument --resolution: must be in [64, 4096] (got 32)"),
+    Bad("parse_args", "--resolution 100000", "argument --resolution: must be in [64, 4096] (got 100000)"),
+    Bad("parse_args", "--resolution 72", "argument --resolution: must be a multiple of 16 (got 72)"),
+    Bad("parse_args", "--reference_resolution 8192", "argument --reference_resolution: must be in [64, 4096]"),
+    Bad("parse_args", "--ema_decay 1.5", "argument --ema_decay: must be in [0.0, 1.0] (got 1.5)"),
+    Bad("parse_args", ("--trigger_word", "\u200b \ufeff"), "argument --trigger_word: is empty or shows no visible"),
+    Bad("parse_args", ("--trigger_word", "sks\nperson"), "argument --trigger_word: must be one line"),
+    Bad("parse_args", ("--instance_prompt", "   "), "argument --instance_prompt: is empty or shows no visible"),
     Bad("parse_args", "", "--output_dir {output} is a file; give a folder", output=a_file),
-    Bad("parse_args", "--rank 0", "--rank must be at least 1", only="lora"),
-    Bad("parse_args", "--lora_alpha 0", "--lora_alpha must be at least 1", only="lora"),
+    Bad("parse_args", "", "lies inside the training data", output=lambda case: case / "data" / "out",
+        data=folder({"a.jpg": JPEG, "a.txt": b"sks"})),
+    Bad("parse_args", "", "lies inside the training data", output=lambda case: case / "data",
+        data=folder({"a.jpg": JPEG, "a.txt": b"sks"})),
+    Bad("parse_args", "--rank 0", "argument --rank: must be at least 1 (got 0)", only="lora"),
+    Bad("parse_args", "--lora_alpha 0", "argument --lora_alpha: must be at least 1 (got 0)", only="lora"),
+    Bad("parse_args", "--lora_layers ,", "argument --lora_layers: give at least one comma-separated module name",
+        only="lora"),
+    Bad("parse_args", "--train_layers= , ", "argument --train_layers: give at least one comma-separated module name",
+        only="full"),
     Bad("parse_args", "--quantize_encoders int8", "--quantize_encoders int8 needs bitsandbytes", hide=NO_BITSANDBYTES),
     # full fine-tuning refuses every --quantize_base (so the missing-backend row below is the LoRA script's)
     Bad("parse_args", "--quantize_base nf4", "use train_dopsd_lora.py for a quantised base",
@@ -145,6 +162,7 @@ BAD_INPUTS = [
     Bad("setup", "", "a.jpg has no caption: add a .txt caption or pass --instance_prompt",
         data=folder({"a.jpg": JPEG})),
     Bad("setup", "", "caption file for", data=folder({"a.jpg": JPEG, "a.txt": b"\n  \n"})),
+    Bad("setup", "", "caption file for", data=folder({"a.jpg": JPEG, "a.txt": "\u200b\ufeff \u2060\n".encode()})),
     Bad("setup", "", "a.txt is not UTF-8 text (byte 0xe9",
         data=folder({"a.jpg": JPEG, "a.txt": "sks caf\xe9".encode("latin-1")})),
     Bad("setup", "", "cannot read caption file", data=folder({"a.jpg": JPEG, "a.txt": None})),
@@ -165,7 +183,6 @@ BAD_INPUTS = [
     Bad("setup", "--text_encoder_out_layers 1 2", "--text_encoder_out_layers applies to FLUX.2-klein only, not to"
         " Z-Image-Turbo"),  # another family's own flag
     Bad("setup", "--reference_resolution 64", "--reference_resolution applies to FLUX.2-klein's edit teacher only"),
-    Bad("setup", "--resolution 72", "--resolution must be a multiple of 16"),
     Bad("setup", "", "cannot write to --output_dir", output=below_a_file),
 
     # -- refused once the transformer is loaded (setup has made the output folder by then) --
@@ -203,7 +220,8 @@ def test_every_bad_input_is_one_clear_line(kind, tmp_path, capsys):
         case = tmp_path / f"row-{index:02d}"
         case.mkdir()
         output = build(row.output, case) if row.output else case / "out"
-        argv = script_args(output, build(row.model, case), *row.flags.split(), data=build(row.data, case))
+        flags = row.flags.split() if isinstance(row.flags, str) else row.flags
+        argv = script_args(output, build(row.model, case), *flags, data=build(row.data, case))
         if row.dataset:
             at = argv.index("--instance_data_dir")
             argv[at:at + 2] = ["--dataset_name", str(build(row.dataset, case))]
@@ -236,3 +254,23 @@ def test_every_bad_input_is_one_clear_line(kind, tmp_path, capsys):
 def test_a_good_learning_rate_parses_exactly(kind, tmp_path):
     script = SCRIPTS[kind]
     assert script.parse_args(script_args(tmp_path / "out", TINY_ZIMAGE, "--learning_rate", 3e-6)).learning_rate == 3e-6
+
+
+@pytest.mark.parametrize("library, flag", [("bitsandbytes", "--quantize_base nf4"), ("torchao", "--quantize_base fp8")])
+def test_an_optional_library_that_fails_to_import_is_named_not_a_traceback(tmp_path, library, flag):
+    """A bitsandbytes or torchao that raises something other than ImportError (a CUDA set-up error) would break
+    `import diffusers`: the script hides it, imports, and the flag that needs it names the cause in one line."""
+    import subprocess
+
+    broken = tmp_path / "site" / library
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise RuntimeError("CUDA Setup failed despite GPU being available")')
+    code = "import sys, train_dopsd_lora as s; print(sorted(s.BROKEN_LIBRARIES)); s.run()"
+    argv = script_args(tmp_path / "out", TINY_ZIMAGE, *flag.split())
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": f"{broken.parent}{os.pathsep}{os.path.dirname(lora_script.__file__)}"})
+    assert result.stdout.strip() == f"['{library}']", result.stderr[-2000:]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        f"needs {library} (it is installed but fails to import: RuntimeError: CUDA Setup failed despite GPU being"
+        " available); install or repair it, or drop the flag")

@@ -231,3 +231,36 @@ def test_skip_bad_images_skips_a_truncated_dataset_image_with_a_warning(tmp_path
     with caplog.at_level(logging.WARNING):
         assert [e.source for e in script.collect_examples(args, 16)] == ["dataset:0"]
     assert "skipping dataset:1: cannot read the image of dataset row 1" in caplog.text
+
+
+@pytest.mark.parametrize("source", ["folder", "dataset"])
+def test_duplicate_photos_and_captions_share_one_context_and_all_train(tmp_path, accelerator, klein, monkeypatch,
+                                                                       source):
+    """Real data has duplicates: two byte-identical photos with the same caption (a folder, or a dataset's rows),
+    and a caption file that repeats a line. Each distinct (image, caption) is cached once; every photo still trains."""
+    data = tmp_path / "data"
+    data.mkdir()
+    photo = (CONCEPT / "chelsea-1.jpg").read_bytes()
+    for name in ("a.jpg", "a-copy.jpg"):
+        (data / name).write_bytes(photo)
+    if source == "folder":
+        for name in ("a.txt", "a-copy.txt"):
+            (data / name).write_text("sks cat\nsks cat\n")  # and the line repeated
+        flags = ["--instance_data_dir", data]
+    else:
+        (data / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "sks cat"}) + "\n"
+                                                     for n in ("a.jpg", "a-copy.jpg")))
+        flags = ["--dataset_name", data, "--caption_column", "text"]
+    argv = script_args(tmp_path / "out", TINY_KLEIN)
+    at = argv.index("--instance_data_dir")
+    argv[at:at + 2] = map(str, flags)
+    args = script.parse_args(argv)
+    monkeypatch.setattr(klein, "args", args)
+    examples = script.collect_examples(args, klein.resolution_multiple)
+    assert [e.caption for e in examples] == ["sks cat", "sks cat"]  # each photo once, its caption once
+    assert examples[0].image_key == examples[1].image_key and examples[0].image_index != examples[1].image_index
+    store = script.ContextStore(klein, examples, accelerator, args.output_dir, targets=True)
+    store.fill()
+    assert sorted(p.name for p in store.folder.iterdir()) == [store.path(examples[0]).name]
+    batches = [script.ContextDataset(examples, store)[i] for i in range(2)]
+    torch.testing.assert_close(batches[0]["teacher"]["image_latents"], batches[1]["teacher"]["image_latents"])
