@@ -267,8 +267,9 @@ def test_an_optional_library_that_fails_to_import_is_named_not_a_traceback(tmp_p
     (broken / "__init__.py").write_text('raise RuntimeError("CUDA Setup failed despite GPU being available")')
     code = "import sys, train_dopsd_lora as s; print(sorted(s.BROKEN_LIBRARIES)); s.run()"
     argv = script_args(tmp_path / "out", TINY_ZIMAGE, *flag.split())
+    path = f"{broken.parent}{os.pathsep}{os.path.dirname(lora_script.__file__)}"
     result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": f"{broken.parent}{os.pathsep}{os.path.dirname(lora_script.__file__)}"})
+                            env={**os.environ, "PYTHONPATH": path})
     assert result.stdout.strip() == f"['{library}']", result.stderr[-2000:]
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith(
