@@ -720,12 +720,9 @@ class Flux2Klein(ModelFamily):
         if self.teacher_context == "vlm":
             return self.vlm_teacher_context(image, caption)
         # Edit teacher: the target as the pipeline's reference image, with the instruction suffix (docs/method.md §3.2).
-        reference_height, reference_width = self.reference_size(image.height, image.width)
-        if (reference_height, reference_width) != (image.height, image.width):
-            image = image.resize((reference_width, reference_height), Image.Resampling.LANCZOS)
-        pixels = image_to_tensor(image)
         image_latents, image_latent_ids = self.pipeline.prepare_image_latents(
-            [pixels], batch_size=1, generator=None, device=self.device, dtype=self.pipeline.vae.dtype
+            [self.reference_pixels(image)], batch_size=1, generator=None, device=self.device,
+            dtype=self.pipeline.vae.dtype
         )
         teacher_caption = f"{caption} {self.args.teacher_prompt_suffix}".strip()
         return {
@@ -733,6 +730,19 @@ class Flux2Klein(ModelFamily):
             "image_latents": image_latents[0].to("cpu", self.weight_dtype),
             "image_latent_ids": image_latent_ids[0].to("cpu"),
         }
+
+    def reference_pixels(self, image):
+        """The training image as the pipeline prepares an `image=` reference: at --reference_resolution if set,
+        scaled down to 1024^2 pixels if larger (the pipeline's cap), cropped to a multiple of 16; in [-1, 1]."""
+        reference_height, reference_width = self.reference_size(image.height, image.width)
+        if (reference_height, reference_width) != (image.height, image.width):
+            image = image.resize((reference_width, reference_height), Image.Resampling.LANCZOS)
+        processor = self.pipeline.image_processor
+        if image.width * image.height > 1024 * 1024:
+            image = processor._resize_to_target_area(image, 1024 * 1024)
+        multiple = self.pipeline.vae_scale_factor * 2
+        return processor.preprocess(image, height=image.height // multiple * multiple,
+                                    width=image.width // multiple * multiple, resize_mode="crop")
 
     def reference_size(self, height, width):
         """(height, width) of the edit teacher's reference image for a bucket: the bucket itself, or its aspect ratio
@@ -1449,7 +1459,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-CONTEXT_FORMAT_VERSION = 2  # raise it whenever the code computes a context differently
+CONTEXT_FORMAT_VERSION = 3  # raise it whenever the code computes a context differently
 
 
 def model_fingerprint(name_or_path, revision=None, cache_dir=None):

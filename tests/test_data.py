@@ -165,7 +165,7 @@ def test_random_flip_shows_the_teacher_the_mirrored_image(tmp_path, accelerator,
     assert np.array_equal(np.asarray(script.training_image(flipped)), np.asarray(mirrored))
     store = script.ContextStore(klein, examples[:2], accelerator, args.output_dir)
     assert store.path(plain) != store.path(flipped)
-    (plain_student, plain_teacher), (student, teacher) = store.compute(plain), store.compute(flipped)
+    (plain_student, plain_teacher), (student, teacher) = (store.compute(e).values() for e in (plain, flipped))
     torch.testing.assert_close(student["prompt_embeds"], plain_student["prompt_embeds"])  # the caption's, unchanged
     expected = klein.build_teacher_context(mirrored, flipped.caption)
     torch.testing.assert_close(teacher["image_latents"], expected["image_latents"])

@@ -31,8 +31,9 @@ def test_rollout_reproduces_the_stock_pipeline_latents(tmp_path, accelerator, he
     ema = script.EMATeacher([(str(i), p) for i, p in enumerate(lora)], 0.9999)
     example = script.collect_examples(args, family.resolution_multiple)[0]
     example.bucket = (height, width)
-    student, teacher = script.ContextStore(family, [example], accelerator, args.output_dir).compute(example)
-    batch = {"student": [student], "teacher": [teacher], "bucket": (height, width)}
+    contexts = script.ContextStore(family, [example], accelerator, args.output_dir).compute(example)
+    batch = script.collate_examples([{**contexts, "bucket": (height, width)}])
+    student = contexts["student"]
     _, latents = script.dopsd_step(family, family.transformer, family.transformer, ema, batch, accelerator,
                                    args.rollout_steps, args.loss_space,
                                    torch.Generator().manual_seed(5))
@@ -147,3 +148,33 @@ def test_vlm_teacher_default_matches_the_text_encoder_size(tmp_path):
     for hidden, expected in ((2560, "Qwen/Qwen3-VL-4B-Instruct"), (4096, "Qwen/Qwen3-VL-8B-Instruct")):
         config.hidden_size = hidden  # klein-4B uses Qwen3-4B (2560), klein-9B Qwen3-8B (4096)
         assert family.default_teacher_vlm() == expected
+
+
+@pytest.mark.parametrize("resolution", [1024, 1536])
+def test_reference_image_is_the_pipelines_for_every_bucket(tmp_path, resolution):
+    """The pipeline caps a reference image at 1024^2 pixels before encoding it (and crops it to a multiple of 16):
+    for every aspect bucket the teacher's reference pixels equal those the stock pipeline prepares for image=[target]
+    (at --resolution 1024 two buckets exceed 1 MP; at 1536 all do)."""
+    _, family = load_family(tmp_path, TINY_KLEIN)
+    captured = []
+
+    def capture(images, **kwargs):
+        captured.append(images[0])
+        raise StopIteration  # nothing past the preprocessing is needed
+
+    buckets = script.generate_aspect_ratio_buckets(resolution, divisibility=16)
+    prompt_embeds = torch.zeros(1, 8, 96)
+    over = 0
+    for height, width in buckets:
+        image = script.Image.fromarray(np.random.default_rng(height).integers(0, 255, (height, width, 3), np.uint8))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(family.pipeline, "prepare_image_latents", capture)
+            with pytest.raises(StopIteration):
+                family.pipeline(image=[image], prompt_embeds=prompt_embeds, height=height, width=width,
+                                num_inference_steps=1)
+        ours = family.reference_pixels(image)
+        assert ours.shape == captured[-1].shape, (height, width)
+        torch.testing.assert_close(ours, captured[-1])
+        assert ours.shape[-2] * ours.shape[-1] <= 1024 * 1024
+        over += height * width > 1024 * 1024
+    assert over == (2 if resolution == 1024 else len(buckets))
