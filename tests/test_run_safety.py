@@ -438,7 +438,7 @@ def test_a_full_disk_for_samples_and_logs_warns_once_each_and_the_run_ends_with_
             "--report_to", "tensorboard"]
     with caplog.at_level(logging.WARNING):
         run_in_process(argv)
-    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("could not write")]
+    warnings = [r.getMessage().removeprefix("[RANK 0] ") for r in caplog.records if "could not write" in r.getMessage()]
     assert warnings == [f"could not write {output_dir / 'logs'} (No space left on device); going on without it",
                         f"could not write {output_dir / 'samples' / 'step-000001-prompt0-0.png'} (No space left on"
                         " device); going on without it",
@@ -459,11 +459,11 @@ def test_a_full_disk_for_the_final_outputs_is_one_line_naming_the_checkpoint(fin
 
     output_dir = tmp_path / "run"
     shutil.copytree(finished_run[0], output_dir)
-    previous = {p.name: p.read_bytes() for p in output_dir.iterdir() if p.is_file()}
+    previous = (output_dir / output).read_bytes()
     if writer == "card":
         monkeypatch.setattr(ModelCard, "save", lambda card, path: half_then_no_space(path))
     else:
-        monkeypatch.setattr(lora_script, "save_file", half_then_no_space)
+        monkeypatch.setattr(lora_script, "save_file", lambda tensors, path, **kwargs: half_then_no_space(path))
     monkeypatch.setattr(sys, "argv", ["train.py", *finished_run[1], "--output_dir", str(output_dir),
                                       "--resume_from_checkpoint", "latest"])
     with pytest.raises(SystemExit) as exit_info:
@@ -472,8 +472,7 @@ def test_a_full_disk_for_the_final_outputs_is_one_line_naming_the_checkpoint(fin
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: could not write {output_dir / output} (No space left on device); checkpoint-2 is the last"
         " checkpoint. Free disk space and rerun with --resume_from_checkpoint latest")
-    assert {p.name: p.read_bytes() for p in output_dir.iterdir() if p.is_file()} == previous
-    assert not list(output_dir.rglob("*.tmp"))
+    assert (output_dir / output).read_bytes() == previous and not list(output_dir.rglob("*.tmp"))
 
 
 # -- SIGINT and SIGTERM in every phase --------------------------------------------------------------------------------
@@ -524,3 +523,82 @@ def test_a_signal_in_any_phase_ends_in_one_line(finished_run, tmp_path, capsys, 
     assert phase in ("loading", "caching") or last.endswith(RESUME)
     assert not (output_dir / lora_script.LORA_WEIGHT_NAME).exists() and not list(output_dir.rglob("*.tmp"))
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # run() restores them
+
+
+# -- every file a run reads may be damaged ----------------------------------------------------------------------------
+
+
+def truncated(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGES = {  # file in checkpoint-2: damage
+    "ema_teacher.safetensors": truncated, "pytorch_lora_weights.safetensors": truncated, "optimizer.bin": truncated,
+    "scheduler.bin": lambda path: path.write_bytes(b"garbage"), "run_settings.json": truncated,
+    "random_states_0.pkl": lambda path: path.write_bytes(b""), "rollout_noise_0.safetensors": Path.unlink,
+}
+
+
+def damaged_copy(finished_run, folder, name):
+    shutil.copytree(finished_run[0], folder)
+    DAMAGES[name](folder / "checkpoint-2" / name)
+    return folder
+
+
+@pytest.mark.parametrize("name", DAMAGES)
+def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_newest_intact_one(finished_run, tmp_path, capsys,
+                                                                                    monkeypatch, name):
+    output_dir = damaged_copy(finished_run, tmp_path / "run", name)
+    monkeypatch.setattr(sys, "argv", ["train.py", *finished_run[1], "--output_dir", str(output_dir),
+                                      "--resume_from_checkpoint", "checkpoint-2"])
+    with pytest.raises(SystemExit) as exit_info:
+        lora_script.run()
+    assert exit_info.value.code == 2
+    damage = "is missing" if name.startswith("rollout_noise") else "is damaged ("
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"error: cannot resume from {output_dir / 'checkpoint-2'}: {output_dir / 'checkpoint-2' / name} {damage}")
+    assert lora_script.find_resume_checkpoint("checkpoint-1", output_dir) == output_dir / "checkpoint-1"
+    with pytest.raises(lora_script.UserError, match=f"; checkpoint-1 is the newest intact checkpoint: resume with"
+                                                    f" --resume_from_checkpoint {output_dir / 'checkpoint-1'}$"):
+        lora_script.find_resume_checkpoint("checkpoint-2", output_dir)
+
+
+def test_resuming_latest_past_a_damaged_checkpoint_ends_with_the_uninterrupted_weights(finished_run, tmp_path,
+                                                                                        caplog):
+    output_dir = damaged_copy(finished_run, tmp_path / "run", "ema_teacher.safetensors")
+    with caplog.at_level(logging.WARNING):
+        run_in_process([*finished_run[1], "--output_dir", output_dir, "--resume_from_checkpoint", "latest"])
+    assert (f"{output_dir / 'checkpoint-2' / 'ema_teacher.safetensors'} is damaged" in caplog.text
+            and "resuming from checkpoint-1, the newest intact checkpoint" in caplog.text)
+    for name in (lora_script.LORA_WEIGHT_NAME, "checkpoint-2/ema_teacher.safetensors"):
+        again, uninterrupted = load_file(output_dir / name), load_file(finished_run[0] / name)
+        assert again.keys() == uninterrupted.keys() and all(torch.equal(again[k], uninterrupted[k]) for k in again)
+
+
+@pytest.mark.parametrize("name", ["transformer/diffusion_pytorch_model.safetensors", "model_index.json"])
+def test_a_damaged_model_file_is_named(tmp_path, capsys, monkeypatch, name):
+    model = tmp_path / "model"
+    shutil.copytree(TINY_ZIMAGE, model)
+    truncated(model / name)
+    monkeypatch.setattr(sys, "argv", ["train.py", *script_args(tmp_path / "out", model)])
+    with pytest.raises(SystemExit) as exit_info:
+        lora_script.run()
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: {model / name} is damaged (") and last.endswith("): copy or download it again")
+
+
+def test_damage_is_found_from_headers_without_reading_tens_of_gigabytes(tmp_path):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [8 << 30], "data_offsets": [0, 32 << 30]}}).encode()
+    big = tmp_path / "optimizer-sized.safetensors"
+    with open(big, "wb") as file:  # sparse: 32 GiB long, almost nothing on disk
+        file.write(len(header).to_bytes(8, "little") + header)
+        file.truncate(8 + len(header) + (32 << 30))
+    torch.save({"step": torch.zeros(3)}, tmp_path / "scheduler.bin")
+    assert lora_script.damaged_file(tmp_path) is None
+    os.truncate(big, big.stat().st_size - 1)
+    assert lora_script.damaged_file(tmp_path) == f"{big} is damaged ({big.stat().st_size} bytes, not the size its" \
+                                                 " header gives)"
+    big.unlink()
+    os.truncate(tmp_path / "scheduler.bin", 100)
+    assert lora_script.damaged_file(tmp_path).startswith(f"{tmp_path / 'scheduler.bin'} is damaged (")
