@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_VLM, TINY_ZIMAGE, lora_script as script, run_in_process, run_script, script_args
+from conftest import ROOT, TINY_ZIMAGE, lora_script as script, run_in_process, run_script, script_args
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -118,7 +118,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkey
                                        " checkpoint-2 is the last checkpoint")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
     assert (previous / "ema_teacher.safetensors").read_bytes() == b"complete"
-    assert script.find_resume_checkpoint("latest", tmp_path) == previous
+    assert script.list_checkpoints(tmp_path) == [previous]
 
 
 def test_a_failed_final_save_keeps_the_previous_output(tmp_path):
