@@ -2015,19 +2015,16 @@ def write_failure(error, path):
 def write_output(path, write, output_dir, optional=False, accelerator=None, in_place=False):
     """The one way every output is written (checkpoints, final weights, card, samples, context cache, logs).
 
-    write(temporary) writes a file or folder under a `.tmp` name, renamed into place once whole: a crash, a signal or
-    a full disk never leaves a half-written output, and the previous one stays until the new one is whole. Its files
-    get the mode a new file gets (safetensors alone would make them 0600). A failed write (full disk, quota, I/O
-    error) leaves nothing behind; an `optional` output (samples, logs) then costs one warning and returns False, any
-    other stops the run with one line naming the last checkpoint. With `accelerator` every process writes into the
-    folder, and the main process renames it once all have succeeded. `in_place` outputs (logs, which trackers
-    write as they go) are written where they are, with the same handling of a failed write."""
+    write(temporary) writes a file or folder under a `.tmp` name (logs: `in_place`), renamed into place once whole
+    with the mode a new file gets (safetensors alone gives 0600). A failed write (full disk, quota, I/O error) leaves
+    nothing half-written; an `optional` output then costs one warning and returns False, any other stops the run in
+    one line naming the last checkpoint. With `accelerator` every process writes, then the main process renames."""
     path = Path(path)
     temporary = path if in_place else path.with_name(path.name + ".tmp")
-    main = accelerator is None or accelerator.is_main_process
+    staged = not in_place and (accelerator is None or accelerator.is_main_process)  # this process renames it
     reason = None
     try:
-        if main and not in_place:
+        if staged:
             temporary.parent.mkdir(parents=True, exist_ok=True)
             remove_path(temporary)
             temporary.touch()
@@ -2039,21 +2036,21 @@ def write_output(path, write, output_dir, optional=False, accelerator=None, in_p
     except BaseException as error:
         reason = write_failure(error, temporary) if isinstance(error, Exception) else None
         if reason is None:
-            if main and not in_place:
+            if staged:
                 remove_path(temporary)
             raise
     if accelerator is not None and accelerator.num_processes > 1:
         failed = accelerator.reduce(torch.tensor(float(reason is not None), device=accelerator.device), "max")
         reason = reason or ("failed on another process" if failed.item() else None)
     if reason is not None:
-        if main and not in_place:
+        if staged:
             remove_path(temporary)
         if optional:
             logger.warning(f"could not write {path} ({reason}); going on without it")
             return False
         raise UserError(f"could not write {path} ({reason}); {last_checkpoint(output_dir)}. Free disk space and rerun"
                         " with --resume_from_checkpoint latest")
-    if main and not in_place:
+    if staged:
         for file in [temporary, *temporary.rglob("*")]:
             if file.is_file() and not file.is_symlink():
                 os.chmod(file, mode)
@@ -2090,12 +2087,10 @@ def damaged_file(folder, required=()):
     """'FILE is damaged (why)' for the first file in `folder` that cannot be read whole, or a `required` one that is
     missing; None if all are intact. Cheap for files of tens of GB: a safetensors file must be as long as its header
     says, a torch.save file (a zip) must end in its central directory, a JSON file must parse."""
-    missing = [name for name in required if not (Path(folder) / name).is_file()]
-    if missing:
-        return f"{Path(folder) / missing[0]} is missing"
-    for path in sorted(Path(folder).rglob("*")):
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
-            continue
+    for name in required:
+        if not (Path(folder) / name).is_file():
+            return f"{Path(folder) / name} is missing"
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and "/." not in f"/{p.relative_to(folder)}"):
         try:
             if path.suffix == ".safetensors":
                 with open(path, "rb") as file:
@@ -2119,12 +2114,10 @@ def find_resume_checkpoint(resume_from_checkpoint, output_dir):
     """The checkpoint folder --resume_from_checkpoint names, its files checked first ("latest": the newest in
     output_dir; None if there is none). A damaged one is refused in one line naming the damaged file and the newest
     intact checkpoint; "latest" goes on from that one instead, with a warning."""
-    if resume_from_checkpoint is None:
-        return None
     checkpoints = list_checkpoints(output_dir)
+    if resume_from_checkpoint is None or resume_from_checkpoint == "latest" and not checkpoints:
+        return None
     if resume_from_checkpoint == "latest":
-        if not checkpoints:
-            return None
         path = checkpoints[-1]
     else:
         path = Path(resume_from_checkpoint)
@@ -2174,8 +2167,7 @@ def resume_command():
 
 # Copied from train_dopsd_lora.Interrupted
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM that ends the run at once: one line saying what was interrupted and how to go on; exit
-    status 128 + the signal's number (130, 143)."""
+    """SIGINT/SIGTERM ending the run at once: one line (what stopped, how to go on), exit status 128 + signal."""
 
     def __init__(self, signum=signal.SIGINT, message="interrupted before training started; rerun the same command"
                  " (contexts cached so far are kept)"):
@@ -2184,19 +2176,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 # Copied from train_dopsd_lora.interrupt
-def interrupt(signum, frame):
-    """SIGINT's and SIGTERM's handler outside the training loop: loading, caching and saving stop at once."""
+def interrupt(signum, frame):  # outside the training loop (loading, caching, saving): stop at once
     raise Interrupted(signum)
-
-
-# Copied from train_dopsd_lora.interrupted_means
-@contextmanager
-def interrupted_means(message):
-    """A signal inside the block ends the run with message() (what was interrupted, how to go on)."""
-    try:
-        yield
-    except KeyboardInterrupt as error:
-        raise Interrupted(getattr(error, "signum", signal.SIGINT), message()) from None
 
 
 # Copied from train_dopsd_lora.StopRequest
@@ -2218,8 +2199,6 @@ class StopRequest:
 
     def agreed(self, accelerator):
         """True on every process once any process was asked to stop."""
-        if accelerator.num_processes == 1:
-            return self.requested
         flag = torch.tensor(float(self.requested), device=accelerator.device)
         return accelerator.reduce(flag, "max").item() > 0
 
@@ -2258,13 +2237,13 @@ def check_output_dir_is_free(args):
 # Copied from train_dopsd_lora.lock_output_dir
 def lock_output_dir(output_dir):
     """Make output_dir and hold an exclusive lock on it for the rest of the run (the OS releases it when the process
-    ends), so two runs never write into one folder at once; writing the lock proves the folder writable. A process
-    that already holds it (an earlier in-process run that stopped with an error) takes it again."""
-    key = Path(output_dir).absolute()
+    ends), so two runs never write into one folder at once; writing the lock file proves the folder writable. A
+    process that already holds it (an earlier in-process run that stopped with an error) takes it again."""
     release_output_dir(output_dir)
     try:
-        key.mkdir(parents=True, exist_ok=True)
-        lock = open(key / LOCK_FILE, "a")
+        os.makedirs(output_dir, exist_ok=True)
+        lock = open(Path(output_dir) / LOCK_FILE, "w")
+        print(os.getpid(), file=lock, flush=True)
     except OSError as error:
         raise UserError(f"cannot write to --output_dir {output_dir}: {error.strerror}") from None
     try:
@@ -2274,15 +2253,8 @@ def lock_output_dir(output_dir):
         raise UserError(f"another run is using --output_dir {output_dir}: wait for it to end, or choose another"
                         " --output_dir") from None
     except OSError as error:  # a filesystem without locks (some network mounts): run unprotected, and say so
-        logger.warning(f"cannot lock {key / LOCK_FILE} ({error.strerror}); make sure no other run uses this folder")
-    try:
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-    except OSError as error:
-        lock.close()
-        raise UserError(f"cannot write to --output_dir {output_dir}: {error.strerror}") from None
-    output_dir_locks[key.resolve()] = lock
+        logger.warning(f"cannot lock {lock.name} ({error.strerror}); make sure no other run uses this folder")
+    output_dir_locks[Path(output_dir).resolve()] = lock
 
 
 # Copied from train_dopsd_lora.release_output_dir
@@ -2335,10 +2307,8 @@ def run_settings(args, accelerator, family):
     """The run's flags as used (defaults resolved, local paths absolute), for checkpoints and resume."""
     settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
     settings["num_processes"] = accelerator.num_processes
-    if family.teacher_context == "vlm":  # the VLM it uses, by name: naming the default is no change
-        settings["teacher_vlm_name_or_path"] = args.teacher_vlm_name_or_path or family.default_teacher_vlm()
-    else:
-        settings["teacher_vlm_name_or_path"] = None
+    settings["teacher_vlm_name_or_path"] = (  # the VLM it uses, by name: naming the default is no change
+        args.teacher_vlm_name_or_path or family.default_teacher_vlm() if family.teacher_context == "vlm" else None)
     for name in ("pretrained_model_name_or_path", "teacher_vlm_name_or_path", "instance_data_dir", "dataset_name"):
         if settings.get(name) and os.path.exists(settings[name]):
             settings[name] = os.path.abspath(settings[name])
@@ -2347,9 +2317,8 @@ def run_settings(args, accelerator, family):
 
 # Copied from train_dopsd_lora.check_resume_settings
 def check_resume_settings(resume_path, settings):
-    """Refuse a resume that changes what the checkpoint means (all such flags in one line); log the other changes.
-    (MAY_CHANGE_ON_RESUME says which flags may change. The learning rate, Adam's settings and the lr schedule are
-    applied to the restored optimizer; --max_train_steps extends or ends the run.)"""
+    """Refuse a resume that changes what the checkpoint means (all such flags in one line); log the other changes
+    (MAY_CHANGE_ON_RESUME: e.g. a new learning rate applies to the restored optimizer)."""
     saved_file = Path(resume_path) / SETTINGS_FILE
     if not saved_file.is_file():
         logger.warning(f"{resume_path} records no settings (an older checkpoint): resuming without checking them")
