@@ -34,6 +34,7 @@ import signal
 import sys
 import unicodedata
 import warnings
+import zipfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -444,6 +445,9 @@ class ModelFamily:
             editing = " or ".join(f.name for f in MODEL_FAMILIES.values() if "edit" in f.teacher_contexts)
             raise UserError(f"--reference_resolution applies to {editing}'s edit teacher only, not to {cls.name}"
                             f" with the {args.teacher_context} teacher")
+        if args.teacher_vlm_rope_theta != "text_encoder" and args.teacher_context != "vlm":
+            raise UserError(f"--teacher_vlm_rope_theta applies to the vlm teacher only, not to {cls.name}'s"
+                            f" {args.teacher_context} teacher")
         if args.learning_rate is None:
             args.learning_rate = cls.default_learning_rate if training == "lora" else cls.default_learning_rate / 10
         args.validation_inference_steps = args.validation_inference_steps or cls.default_inference_steps
@@ -512,6 +516,12 @@ class ModelFamily:
 
     def default_teacher_vlm(self):
         return "Qwen/Qwen3-VL-4B-Instruct"
+
+    def check_teacher(self):
+        """Refuse a teacher that cannot work before anything is written: the VLM teacher's VLM must fit."""
+        if self.teacher_context == "vlm":
+            GraftedVLM.check(self.args.teacher_vlm_name_or_path or self.default_teacher_vlm(),
+                             self.pipeline.text_encoder, self.pipeline.tokenizer, self.args.cache_dir)
 
     def free_encoders(self):
         """Drop the text encoder and VLM and park the VAE on the CPU: the loop only needs the transformer."""
@@ -937,8 +947,9 @@ logger = get_logger(__name__)
 
 # Copied from train_dopsd_lora.image_to_tensor
 def image_to_tensor(image):
-    """PIL RGB -> float tensor (1, 3, H, W) in [-1, 1], the VAE's input convention."""
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    """PIL RGB -> float tensor (1, 3, H, W) in [-1, 1], the VAE's input convention, computed as diffusers' image
+    processor computes it (x / 255, then 2x - 1), so that it is bit-equal to the pipelines' own."""
+    array = 2.0 * (np.asarray(image, dtype=np.float32) / 255.0) - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
 
 
@@ -1039,13 +1050,40 @@ class GraftedVLM:
 
     MIN_PIXELS, MAX_PIXELS = 512 * 512, 768 * 768
 
-    def __init__(self, vlm_path, text_encoder, tokenizer, dtype, cache_dir=None, rope_theta="text_encoder"):
+    @staticmethod
+    def check(vlm_path, text_encoder, tokenizer, cache_dir=None):
+        """The VLM's config, if the text encoder can be grafted into it; else one line. Compared on the meta device
+        (no weights read), so setup refuses a wrong VLM before anything is written."""
         try:
             config = AutoConfig.from_pretrained(vlm_path, cache_dir=cache_dir)
         except Exception as error:
             raise UserError(f"cannot load the teacher VLM from {vlm_path}: {error}") from None
         if config.model_type != "qwen3_vl":
             raise UserError(f"--teacher_vlm_name_or_path {vlm_path} is a {config.model_type}, not a Qwen3-VL model")
+        with torch.device("meta"):
+            target = Qwen3VLForConditionalGeneration._from_config(config).model.language_model.state_dict()
+            encoder = type(text_encoder)._from_config(text_encoder.config).state_dict()
+        encoder = {key.removeprefix("model."): value for key, value in encoder.items()
+                   if not key.startswith("lm_head.")}
+        missing = sorted(set(target) - set(encoder))
+        unexpected = sorted(set(encoder) - set(target))
+        mismatched = sorted(k for k in set(target) & set(encoder) if target[k].shape != encoder[k].shape)
+        if missing or unexpected or mismatched:
+            example = (missing or unexpected or mismatched)[0]
+            raise UserError(
+                f"the teacher VLM {vlm_path} does not match the pipeline's text encoder: {len(missing)} missing,"
+                f" {len(unexpected)} unexpected, {len(mismatched)} mismatched weights (first: {example}); use the"
+                " Qwen3-VL whose language model has the text encoder's size (4B for Qwen3-4B, 8B for Qwen3-8B)"
+            )
+        for token, token_id in (("<|image_pad|>", config.image_token_id),
+                                ("<|vision_start|>", config.vision_start_token_id),
+                                ("<|vision_end|>", config.vision_end_token_id)):
+            if tokenizer.convert_tokens_to_ids(token) != token_id:
+                raise UserError(f"the teacher VLM's {token} id {token_id} differs from the pipeline tokenizer's")
+        return config
+
+    def __init__(self, vlm_path, text_encoder, tokenizer, dtype, cache_dir=None, rope_theta="text_encoder"):
+        config = self.check(vlm_path, text_encoder, tokenizer, cache_dir)
         # The language model becomes the text encoder, positional base included: its weights were trained with the
         # text encoder's base (1e6 for Qwen3), and only with it do text-only teacher features equal the student's,
         # so that the teacher's context differs from the student's by the image alone. The authors' graft kept
@@ -1056,34 +1094,15 @@ class GraftedVLM:
         self.vlm = Qwen3VLForConditionalGeneration.from_pretrained(
             vlm_path, config=config, dtype=dtype, cache_dir=cache_dir
         )
-        language_model = self.vlm.model.language_model
-        encoder_state = {
+        self.vlm.model.language_model.load_state_dict({
             key.removeprefix("model."): value
             for key, value in full_precision_state(text_encoder).items()
             if not key.startswith("lm_head.")
-        }
-        target_state = language_model.state_dict()
-        missing = sorted(set(target_state) - set(encoder_state))
-        unexpected = sorted(set(encoder_state) - set(target_state))
-        mismatched = sorted(k for k in set(target_state) & set(encoder_state)
-                            if target_state[k].shape != encoder_state[k].shape)
-        if missing or unexpected or mismatched:
-            example = (missing or unexpected or mismatched)[0]
-            raise UserError(
-                f"the teacher VLM {vlm_path} does not match the pipeline's text encoder: {len(missing)} missing,"
-                f" {len(unexpected)} unexpected, {len(mismatched)} mismatched weights (first: {example}); use the"
-                " Qwen3-VL whose language model has the text encoder's size (4B for Qwen3-4B, 8B for Qwen3-8B)"
-            )
-        language_model.load_state_dict(encoder_state)
+        })
         self.vlm.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(vlm_path, cache_dir=cache_dir)
         self.image_token_id = config.image_token_id
-        for token, token_id in (("<|image_pad|>", config.image_token_id),
-                                ("<|vision_start|>", config.vision_start_token_id),
-                                ("<|vision_end|>", config.vision_end_token_id)):
-            if tokenizer.convert_tokens_to_ids(token) != token_id:
-                raise UserError(f"the teacher VLM's {token} id {token_id} differs from the pipeline tokenizer's")
 
     def to(self, device, quantize="none"):
         """Move the VLM to `device`, its repeated blocks quantised there when asked (--quantize_encoders)."""
@@ -1600,19 +1619,9 @@ class ContextStore:
                     f" {accelerator.num_processes} process(es)) in {self.folder}")
 
     def write(self, path, tensors):
-        """Write one cache file atomically; a full disk stops with one line and keeps what is cached so far."""
-        temporary = Path(f"{path}.tmp")
-        try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, temporary)
-        except Exception as error:
-            reason = write_failure(error, temporary)
-            remove_path(temporary)
-            if reason is None:
-                raise
-            raise UserError(f"could not write the context cache in {self.folder} ({reason}): free disk space and"
-                            " rerun the same command (contexts cached so far are kept)") from None
-        follow_umask(temporary)
-        os.replace(temporary, path)
+        """One cache file; a full disk stops with one line and keeps what is cached so far."""
+        write_output(path, lambda temporary: save_file({k: v.contiguous() for k, v in tensors.items()}, temporary),
+                     self.folder.parent)
 
     @staticmethod
     def readable(path, roles=("student", "teacher")):
@@ -1945,8 +1954,8 @@ def base_prior_samples(family, transformer, validation, args, resumed):
                        " resolution, sampling steps or seed, and a resumed run no longer holds the base model")
         return None
     reference = prior_samples(family, transformer, validation["prior"], args)
-    with atomic_output(path) as temporary:
-        save_file(reference, temporary, metadata={"key": key})
+    write_output(path, lambda temporary: save_file(reference, temporary, metadata={"key": key}), args.output_dir,
+                 optional=True)
     return reference
 
 
@@ -1971,7 +1980,13 @@ def log_validation(family, transformer, ema_teacher, validation, args, accelerat
     transformer.eval()
     family.pipeline.vae.to(accelerator.device)
     samples = Path(args.output_dir) / "samples"
-    samples.mkdir(parents=True, exist_ok=True)
+    saving = True  # until a write fails (a full disk): one warning, and the run goes on without samples
+
+    def save(image, name):
+        nonlocal saving
+        saving = saving and write_output(samples / name, lambda path: image.save(path, format="PNG"),
+                                         args.output_dir, optional=True)
+
     height = width = args.resolution
     num_steps = args.validation_inference_steps
     logged = {}
@@ -1981,14 +1996,14 @@ def log_validation(family, transformer, ema_teacher, validation, args, accelerat
         for _ in range(args.num_validation_images):
             images += family.generate(transformer, context, height, width, num_steps, generator)
         for i, image in enumerate(images):
-            image.save(samples / f"step-{step:06d}-prompt{p}-{i}.png")
+            save(image, f"step-{step:06d}-prompt{p}-{i}.png")
         logged[prompt] = images
     first = validation["teacher_view"]
     generator = torch.Generator(accelerator.device).manual_seed(args.seed)
     with ema_teacher.swapped_in():
         latents = sample(family, transformer, first["teacher"], *first["bucket"], num_steps, generator)
     teacher_image = family.decode(latents)[0]
-    teacher_image.save(samples / f"step-{step:06d}-teacher-view.png")
+    save(teacher_image, f"step-{step:06d}-teacher-view.png")
     logged[f"teacher view: {first['caption']}"] = [teacher_image]
     metrics = {"step": step, "concept_gap": heldout_teacher_gap(
         family, transformer, ema_teacher, collate_examples([first]), args.rollout_steps, seeds=range(10_000, 10_004))}
@@ -1997,8 +2012,12 @@ def log_validation(family, transformer, ema_teacher, validation, args, accelerat
     logger.info(f"validation at step {step}: concept gap {metrics['concept_gap']:.4g} (student vs teacher on held-out"
                 " noise; falls as the concept is learned)" + (f", prior drift {metrics['prior_drift']:.4f} (prior"
                 " prompts vs the base model; 0 = unchanged)" if "prior_drift" in metrics else ""))
-    with open(Path(args.output_dir) / METRICS_FILE, "a") as file:
-        file.write(json.dumps(metrics) + "\n")
+
+    def append(path):
+        with open(path, "a") as file:
+            file.write(json.dumps(metrics) + "\n")
+
+    write_output(Path(args.output_dir) / METRICS_FILE, append, args.output_dir, optional=True, in_place=True)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             for name, images in logged.items():
@@ -2060,8 +2079,9 @@ def card_gallery(output_dir, images):
         if prompt.startswith("teacher view"):
             continue
         name = f"image_{i}.png"
-        image_list[0].save(Path(output_dir) / name)
-        widget.append({"text": prompt, "output": {"url": name}})
+        if write_output(Path(output_dir) / name, lambda path: image_list[0].save(path, format="PNG"), output_dir,
+                        optional=True):
+            widget.append({"text": prompt, "output": {"url": name}})
     return widget
 
 
@@ -2102,8 +2122,7 @@ def write_model_card(args, repo_id, description, widget, tags):
                          instance_prompt=args.trigger_word, widget=widget or None,
                          **base_model_license(args.pretrained_model_name_or_path))
     card = ModelCard.from_template(data, template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description)
-    with atomic_output(Path(args.output_dir) / "README.md") as temporary:
-        populate_model_card(card, tags=tags).save(temporary)
+    write_output(Path(args.output_dir) / "README.md", populate_model_card(card, tags=tags).save, args.output_dir)
 
 
 # Copied from train_dopsd_lora.HUB_IGNORE
@@ -2238,6 +2257,25 @@ def remove_path(path):
         path.unlink()
 
 
+# Copied from train_dopsd_lora.list_checkpoints
+def list_checkpoints(output_dir):
+    """Complete checkpoints, oldest first (a checkpoint-N.tmp being written is not one)."""
+    return sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()),
+                  key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+# Copied from train_dopsd_lora.first_line
+def first_line(error):
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+
+
+# Copied from train_dopsd_lora.last_checkpoint
+def last_checkpoint(output_dir):
+    """Where the trained weights are, in words, for messages that stop a run."""
+    checkpoints = list_checkpoints(output_dir)
+    return f"{checkpoints[-1].name} is the last checkpoint" if checkpoints else "no checkpoint is saved yet"
+
+
 # Copied from train_dopsd_lora.LOW_DISK_SPACE
 LOW_DISK_SPACE = 1 << 20  # bytes; less than this left after a failed write means the disk is full
 
@@ -2262,127 +2300,146 @@ def write_failure(error, path):
     return None
 
 
-# Copied from train_dopsd_lora.current_umask
-def current_umask():
-    """The process's umask, read without changing it (os.umask can only set it, which races with other threads)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+# Copied from train_dopsd_lora.write_output
+def write_output(path, write, output_dir, optional=False, accelerator=None, in_place=False):
+    """The one way every output is written (checkpoints, final weights, card, samples, context cache, logs).
 
-
-# Copied from train_dopsd_lora.follow_umask
-def follow_umask(path):
-    """safetensors creates its files with mode 0600; give every file we wrote the mode the user's umask gives new
-    files, as torch.save and open() do."""
-    mode = 0o666 & ~current_umask()
+    write(temporary) writes a file or folder under a `.tmp` name (logs: `in_place`), renamed into place once whole
+    with the mode a new file gets (safetensors alone gives 0600). A failed write (full disk, quota, I/O error) leaves
+    nothing half-written; an `optional` output then costs one warning and returns False, any other stops the run in
+    one line naming the last checkpoint. With `accelerator` every process writes, then the main process renames."""
     path = Path(path)
-    for file in [path] if not path.is_dir() else path.rglob("*"):
-        if file.is_file() and not file.is_symlink():
-            os.chmod(file, mode)
-
-
-# Copied from train_dopsd_lora.atomic_output
-@contextmanager
-def atomic_output(path):
-    """Write a file or folder under a temporary name and rename it into place once complete: a crash or a full disk
-    never leaves a half-written output, and the previous complete one stays until the new one is whole."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    remove_path(temporary)
+    temporary = path if in_place else path.with_name(path.name + ".tmp")
+    staged = not in_place and (accelerator is None or accelerator.is_main_process)  # this process renames it
+    reason = None
     try:
-        yield temporary
+        if staged:
+            temporary.parent.mkdir(parents=True, exist_ok=True)
+            remove_path(temporary)
+            temporary.touch()
+            mode = temporary.stat().st_mode & 0o666
+            temporary.unlink()
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        write(temporary)
     except BaseException as error:
         reason = write_failure(error, temporary) if isinstance(error, Exception) else None
-        remove_path(temporary)
         if reason is None:
+            if staged:
+                remove_path(temporary)
             raise
-        kept = f"the previous {path.name} is intact" if path.exists() else f"no partial {path.name} is left"
-        raise UserError(f"could not write {path} ({reason}); {kept}. Free disk space and rerun with"
-                        " --resume_from_checkpoint latest: the last checkpoint holds the trained weights") from None
-    follow_umask(temporary)
-    if path.is_dir() and not path.is_symlink():
+    if accelerator is not None and accelerator.num_processes > 1:
+        failed = accelerator.reduce(torch.tensor(float(reason is not None), device=accelerator.device), "max")
+        reason = reason or ("failed on another process" if failed.item() else None)
+    if reason is not None:
+        if staged:
+            remove_path(temporary)
+        if optional:
+            logger.warning(f"could not write {path} ({reason}); going on without it")
+            return False
+        raise UserError(f"could not write {path} ({reason}); {last_checkpoint(output_dir)}. Free disk space and rerun"
+                        " with --resume_from_checkpoint latest")
+    if staged:
+        for file in [temporary, *temporary.rglob("*")]:
+            if file.is_file() and not file.is_symlink():
+                os.chmod(file, mode)
         previous = path.with_name(path.name + ".old")
         remove_path(previous)
-        os.replace(path, previous)
+        if path.is_dir() and not path.is_symlink():  # a folder cannot be renamed over another
+            os.replace(path, previous)
         os.replace(temporary, path)
         remove_path(previous)
-    else:
-        os.replace(temporary, path)
-
-
-# Copied from train_dopsd_lora.list_checkpoints
-def list_checkpoints(output_dir):
-    """Complete checkpoints, oldest first (a checkpoint-N.tmp being written is not one)."""
-    return sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()),
-                  key=lambda p: int(p.name.split("-", 1)[1]))
-
-
-# Copied from train_dopsd_lora.prune_checkpoints
-def prune_checkpoints(output_dir, limit):
-    """Keep the newest `limit` checkpoints."""
-    checkpoints = list_checkpoints(output_dir)
-    for old in checkpoints[: max(0, len(checkpoints) - limit)]:
-        logger.info(f"removing old checkpoint {old}")
-        shutil.rmtree(old)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return True
 
 
 # Copied from train_dopsd_lora.save_checkpoint
 def save_checkpoint(accelerator, output_dir, global_step, noise_generator, total_limit=None):
-    """accelerate state (model hooks, optimizer, lr scheduler, RNGs) + the roll-out noise generator, written to
-    checkpoint-N.tmp and renamed when every process is done. Old checkpoints beyond `total_limit` are pruned only
-    after that."""
-    final = Path(output_dir) / f"checkpoint-{global_step}"
-    temporary = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        remove_path(temporary)
-    accelerator.wait_for_everyone()
-    reason = None
-    try:
-        accelerator.save_state(str(temporary))
+    """accelerate state (model hooks, optimizer, lr scheduler, RNGs) and the roll-out noise generator, as
+    checkpoint-N. Old checkpoints beyond `total_limit` are pruned only once it is whole."""
+    def write(folder):
+        accelerator.save_state(str(folder))
         save_file({"state": noise_generator.get_state()},
-                  temporary / f"rollout_noise_{accelerator.process_index}.safetensors")
-    except Exception as error:
-        reason = write_failure(error, temporary)
-        if reason is None:
-            raise
-    failed = accelerator.reduce(torch.tensor(float(reason is not None), device=accelerator.device), "max")
-    if failed.item() > 0:
-        if accelerator.is_main_process:
-            shutil.rmtree(temporary, ignore_errors=True)
-        previous = list_checkpoints(output_dir)
-        kept = f"{previous[-1].name} is intact" if previous else "no earlier checkpoint exists"
-        raise UserError(f"could not write {final.name} ({reason or 'on another process'}); {kept}. Free disk space"
-                        " and resume with --resume_from_checkpoint latest")
-    if accelerator.is_main_process:
-        follow_umask(temporary)
-        remove_path(final)
-        os.replace(temporary, final)
-        if total_limit is not None:
-            prune_checkpoints(output_dir, total_limit)
-    accelerator.wait_for_everyone()
-    logger.info(f"saved {final}")
+                  folder / f"rollout_noise_{accelerator.process_index}.safetensors")
+
+    write_output(Path(output_dir) / f"checkpoint-{global_step}", write, output_dir, accelerator=accelerator)
+    if accelerator.is_main_process and total_limit is not None:
+        for old in list_checkpoints(output_dir)[:-total_limit]:
+            logger.info(f"removing old checkpoint {old}")
+            shutil.rmtree(old)
+    logger.info(f"saved checkpoint-{global_step} in {output_dir}")
+
+
+# Copied from train_dopsd_lora.damaged_file
+def damaged_file(folder, required=()):
+    """'FILE is damaged (why)' for the first file in `folder` that cannot be read whole, or a `required` one that is
+    missing; None if all are intact. Cheap for files of tens of GB: a safetensors file must be as long as its header
+    says, a torch.save file (a zip) must end in its central directory, a JSON file must parse."""
+    for name in required:
+        if not (Path(folder) / name).is_file():
+            return f"{Path(folder) / name} is missing"
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and "/." not in f"/{p.relative_to(folder)}"):
+        try:
+            if path.suffix == ".safetensors":
+                with open(path, "rb") as file:
+                    size = os.fstat(file.fileno()).st_size
+                    length = int.from_bytes(file.read(8), "little")
+                    header = json.loads(file.read(length)) if 0 < length <= size - 8 else {}
+                ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+                if not header or size != 8 + length + max(ends, default=0):
+                    raise ValueError(f"{size} bytes, not the size its header gives")
+            elif path.suffix in (".bin", ".pkl", ".pt"):
+                zipfile.ZipFile(path).close()
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, zipfile.BadZipFile) as error:
+            return f"{path} is damaged ({first_line(error)})"
+    return None
+
+
+# Copied from train_dopsd_lora.find_resume_checkpoint
+def find_resume_checkpoint(resume_from_checkpoint, output_dir):
+    """The checkpoint folder --resume_from_checkpoint names, its files checked first ("latest": the newest in
+    output_dir; None if there is none). A damaged one is refused in one line naming the damaged file and the newest
+    intact checkpoint; "latest" goes on from that one instead, with a warning."""
+    checkpoints = list_checkpoints(output_dir)
+    if resume_from_checkpoint is None or resume_from_checkpoint == "latest" and not checkpoints:
+        return None
+    if resume_from_checkpoint == "latest":
+        path = checkpoints[-1]
+    else:
+        path = Path(resume_from_checkpoint)
+        if not path.is_dir():
+            path = Path(output_dir) / resume_from_checkpoint
+        if not path.is_dir():
+            raise UserError(f"--resume_from_checkpoint {resume_from_checkpoint} does not exist")
+    required = (EMATeacher.FILE_NAME, "rollout_noise_0.safetensors")
+    damage = damaged_file(path, required)
+    if damage is None:
+        return path
+    intact = next((c for c in reversed(checkpoints) if c != path and damaged_file(c, required) is None), None)
+    if resume_from_checkpoint == "latest" and intact is not None:
+        warn_early(f"{damage}: resuming from {intact.name}, the newest intact checkpoint")
+        return intact
+    advice = (f"{intact.name} is the newest intact checkpoint: resume with --resume_from_checkpoint {intact}" if intact
+              else f"no intact checkpoint is left in {output_dir}: start over with --overwrite_output_dir")
+    raise UserError(f"cannot resume from {path}: {damage}; {advice}")
 
 
 # Copied from train_dopsd_lora.load_checkpoint
 def load_checkpoint(accelerator, path, noise_generator):
-    """Restore everything save_checkpoint wrote; a checkpoint of another model or LoRA shape is a user error."""
+    """Restore everything save_checkpoint wrote (find_resume_checkpoint checked its files); a checkpoint of another
+    model or LoRA shape, or damaged where a cheap check cannot see, is a user error."""
     try:
         accelerator.load_state(str(path))
-        saved_noise = load_file(Path(path) / f"rollout_noise_{accelerator.process_index}.safetensors")
+        noise_generator.set_state(load_file(Path(path) / f"rollout_noise_{accelerator.process_index}.safetensors")
+                                  ["state"])
     except UserError:
         raise
-    except (RuntimeError, ValueError, KeyError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot resume from {path}: it does not fit this model, LoRA or number of processes"
-                        f" ({first_line[:200]})") from None
-    noise_generator.set_state(saved_noise["state"])
+    except Exception as error:
+        raise UserError(f"cannot resume from {path} ({first_line(error)}): it is damaged or does not fit this model,"
+                        " LoRA or number of processes") from None
 
 
 # Copied from train_dopsd_lora.resume_command
@@ -2397,10 +2454,25 @@ def resume_command():
     return shlex.join([*launcher.split(), sys.argv[0], *argv, "--resume_from_checkpoint", "latest"])
 
 
+# Copied from train_dopsd_lora.Interrupted
+class Interrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM ending the run at once: one line (what stopped, how to go on), exit status 128 + signal."""
+
+    def __init__(self, signum=signal.SIGINT, message="interrupted before training started; rerun the same command"
+                 " (contexts cached so far are kept)"):
+        super().__init__(message)
+        self.signum = signum
+
+
+# Copied from train_dopsd_lora.interrupt
+def interrupt(signum, frame):  # outside the training loop (loading, caching, saving): stop at once
+    raise Interrupted(signum)
+
+
 # Copied from train_dopsd_lora.StopRequest
 class StopRequest:
-    """SIGINT / SIGTERM (Ctrl-C, a notebook's stop button, preemption) ask the loop to stop at the next step
-    boundary with a checkpoint. A second signal stops at once."""
+    """In the training loop, SIGINT / SIGTERM (Ctrl-C, a notebook's stop button, preemption) ask the loop to stop at
+    the next step boundary with a checkpoint. A second signal stops at once (the handler before the loop's)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -2416,30 +2488,12 @@ class StopRequest:
 
     def agreed(self, accelerator):
         """True on every process once any process was asked to stop."""
-        if accelerator.num_processes == 1:
-            return self.requested
         flag = torch.tensor(float(self.requested), device=accelerator.device)
         return accelerator.reduce(flag, "max").item() > 0
 
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-# Copied from train_dopsd_lora.find_resume_checkpoint
-def find_resume_checkpoint(resume_from_checkpoint, output_dir):
-    """The checkpoint folder --resume_from_checkpoint names ("latest": the newest in output_dir, None if none)."""
-    if resume_from_checkpoint is None:
-        return None
-    if resume_from_checkpoint != "latest":
-        path = Path(resume_from_checkpoint)
-        if not path.is_dir():
-            path = Path(output_dir) / resume_from_checkpoint
-        if not path.is_dir():
-            raise UserError(f"--resume_from_checkpoint {resume_from_checkpoint} does not exist")
-        return path
-    checkpoints = list_checkpoints(output_dir)
-    return checkpoints[-1] if checkpoints else None
 
 
 # Copied from train_dopsd_lora.RUN_RESULTS
@@ -2471,12 +2525,16 @@ def check_output_dir_is_free(args):
 
 # Copied from train_dopsd_lora.lock_output_dir
 def lock_output_dir(output_dir):
-    """Hold an exclusive lock on output_dir for the rest of the run (the OS releases it when the process ends), so
-    two runs never write into one folder at once. A process that already holds it (an earlier in-process run that
-    stopped with an error) takes it again."""
-    key = Path(output_dir).resolve()
+    """Make output_dir and hold an exclusive lock on it for the rest of the run (the OS releases it when the process
+    ends), so two runs never write into one folder at once; writing the lock file proves the folder writable. A
+    process that already holds it (an earlier in-process run that stopped with an error) takes it again."""
     release_output_dir(output_dir)
-    lock = open(key / LOCK_FILE, "a")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        lock = open(Path(output_dir) / LOCK_FILE, "w")
+        print(os.getpid(), file=lock, flush=True)
+    except OSError as error:
+        raise UserError(f"cannot write to --output_dir {output_dir}: {error.strerror}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -2484,8 +2542,8 @@ def lock_output_dir(output_dir):
         raise UserError(f"another run is using --output_dir {output_dir}: wait for it to end, or choose another"
                         " --output_dir") from None
     except OSError as error:  # a filesystem without locks (some network mounts): run unprotected, and say so
-        logger.warning(f"cannot lock {key / LOCK_FILE} ({error.strerror}); make sure no other run uses this folder")
-    output_dir_locks[key] = lock
+        logger.warning(f"cannot lock {lock.name} ({error.strerror}); make sure no other run uses this folder")
+    output_dir_locks[Path(output_dir).resolve()] = lock
 
 
 # Copied from train_dopsd_lora.release_output_dir
@@ -2495,11 +2553,33 @@ def release_output_dir(output_dir):
         lock.close()
 
 
-# Copied from train_dopsd_lora.RUN_DEFINING_SETTINGS
-RUN_DEFINING_SETTINGS = (  # and every family's own flags (they shape the contexts)
-    "pretrained_model_name_or_path", "revision", "variant", "teacher_context", "teacher_vlm_name_or_path",
-    "objective", "rollout_steps", "loss_space", "ema_decay", "ema_dtype", "rank", "lora_alpha", "lora_layers",
-    "train_layers", "use_8bit_adam", "seed", "train_batch_size", "gradient_accumulation_steps", "num_processes",
+# Copied from train_dopsd_lora.claim_output_dir
+def claim_output_dir(args, accelerator):
+    """The run's first effect on disk, once every check that can refuse it has passed: lock output_dir, and under
+    --overwrite_output_dir delete the previous run's checkpoints (so `latest` can never pick one of them)."""
+    if accelerator.is_main_process:
+        lock_output_dir(args.output_dir)
+        if args.overwrite_output_dir and args.resume_from_checkpoint is None:
+            for checkpoint in list_checkpoints(args.output_dir):
+                logger.info(f"removing the previous run's {checkpoint.name} (--overwrite_output_dir)")
+                shutil.rmtree(checkpoint)
+    accelerator.wait_for_everyone()
+
+
+# What a resume may change: not what the saved weights, teacher or optimizer state mean, nor where the step count puts
+# the run in its data order, noise and lr schedule. Every other flag (the model, base, teacher and what shapes them,
+# LoRA, objective, EMA, seed, batch, processes...) is refused, also one added later.
+# Copied from train_dopsd_lora.MAY_CHANGE_ON_RESUME
+MAY_CHANGE_ON_RESUME = (
+    "instance_data_dir", "dataset_name", "dataset_config_name", "image_column", "caption_column", "cache_dir",
+    "instance_prompt", "resolution", "repeats", "skip_bad_images", "random_flip", "bucket_no_upscale", "trigger_word",
+    "cache_contexts", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power",
+    "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "max_train_steps",
+    "max_bad_steps", "mixed_precision", "allow_tf32", "attention_backend", "compile", "gradient_checkpointing",
+    "ema_device", "output_dir", "checkpointing_steps", "checkpoints_total_limit", "validation_prompt",
+    "validation_steps", "validation_inference_steps", "num_validation_images", "prior_prompts", "report_to",
+    "logging_dir",
+    "hub_private", "save_dtype", "save_ema",
 )
 
 
@@ -2512,10 +2592,12 @@ NOT_SETTINGS = ("resume_from_checkpoint", "overwrite_output_dir", "push_to_hub",
 
 
 # Copied from train_dopsd_lora.run_settings
-def run_settings(args, accelerator):
-    """The run's flags as given (family defaults resolved, local paths absolute), for checkpoints and resume."""
+def run_settings(args, accelerator, family):
+    """The run's flags as used (defaults resolved, local paths absolute), for checkpoints and resume."""
     settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
     settings["num_processes"] = accelerator.num_processes
+    settings["teacher_vlm_name_or_path"] = (  # the VLM it uses, by name: naming the default is no change
+        args.teacher_vlm_name_or_path or family.default_teacher_vlm() if family.teacher_context == "vlm" else None)
     for name in ("pretrained_model_name_or_path", "teacher_vlm_name_or_path", "instance_data_dir", "dataset_name"):
         if settings.get(name) and os.path.exists(settings[name]):
             settings[name] = os.path.abspath(settings[name])
@@ -2523,25 +2605,18 @@ def run_settings(args, accelerator):
 
 
 # Copied from train_dopsd_lora.check_resume_settings
-def check_resume_settings(resume_path, settings, family_class):
-    """Refuse a resume that changes what the checkpoint means (all such flags in one line); log the other changes.
-
-    RUN_DEFINING_SETTINGS are refused: the saved weights, teacher or optimizer state would be read as something they
-    are not (another model, LoRA shape or scale, other trained layers, another teacher or objective, another EMA
-    horizon or precision, another optimizer), or the step count would no longer say where the run is in its data
-    order, roll-out noise and lr schedule (seed, batch size, accumulation, number of processes). Everything else
-    may change: the learning rate, Adam's settings and the lr schedule are applied to the restored optimizer;
-    --max_train_steps extends (or ends) the run; data, precision, validation, checkpointing and logging flags take
-    effect from the resumed step on.
-    """
+def check_resume_settings(resume_path, settings):
+    """Refuse a resume that changes what the checkpoint means (all such flags in one line); log the other changes
+    (MAY_CHANGE_ON_RESUME: e.g. a new learning rate applies to the restored optimizer)."""
     saved_file = Path(resume_path) / SETTINGS_FILE
     if not saved_file.is_file():
         logger.warning(f"{resume_path} records no settings (an older checkpoint): resuming without checking them")
         return
     saved = json.loads(saved_file.read_text())
+    if saved.get("teacher_vlm_name_or_path", "") is None:  # older checkpoints recorded the default VLM as None
+        saved["teacher_vlm_name_or_path"] = settings["teacher_vlm_name_or_path"]
     changed = [name for name in settings if name in saved and saved[name] != settings[name]]
-    defining = {*RUN_DEFINING_SETTINGS, *family_class.own_flag_defaults()}
-    refused = [name for name in changed if name in defining]
+    refused = [name for name in changed if name not in MAY_CHANGE_ON_RESUME]
     if refused:
         listing = ", ".join(f"--{name} {saved[name]} (now {settings[name]})" for name in refused)
         raise UserError(f"cannot resume from {resume_path}: it was trained with {listing}; resume with the"
@@ -2549,6 +2624,7 @@ def check_resume_settings(resume_path, settings, family_class):
     if changed:
         listing = ", ".join(f"--{name} {saved[name]} -> {settings[name]}" for name in changed)
         logger.info(f"resuming with changed settings: {listing}")
+
 
 
 # Copied from train_dopsd_lora.compile_by_default
@@ -2610,12 +2686,17 @@ class CompiledBlocks:
 
 # Copied from train_dopsd_lora.setup
 def setup(args):
-    """Check inputs, start accelerate, load the model family. Bad input fails here, before any long work."""
+    """Check inputs, start accelerate, load the model family. Bad input fails here, before any long work and before
+    anything is written (claim_output_dir is the first write)."""
     if args.push_to_hub:
         from huggingface_hub import get_token
 
         if get_token() is None:
             raise UserError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
+    for name in (args.pretrained_model_name_or_path, args.teacher_vlm_name_or_path):
+        damage = damaged_file(name) if name and Path(name).is_dir() else None
+        if damage:
+            raise UserError(f"{damage}: copy or download it again")
     family_class = detect_family(args)
     family_class.apply_defaults(args, TRAINING)
     examples = collect_examples(args, family_class.resolution_multiple)
@@ -2655,23 +2736,10 @@ def setup(args):
     family = family_class(args, weight_dtype, accelerator.device)
     if args.resolution % family.resolution_multiple:
         raise UserError(f"--resolution must be a multiple of {family.resolution_multiple} for {family.name}")
-    settings = run_settings(args, accelerator)
+    family.check_teacher()
+    settings = run_settings(args, accelerator, family)
     if resume_path is not None:
-        check_resume_settings(resume_path, settings, family_class)
-    if accelerator.is_main_process:
-        try:
-            os.makedirs(args.output_dir, exist_ok=True)
-            with open(Path(args.output_dir) / ".write-test", "w") as probe:
-                probe.write("ok")
-            os.remove(Path(args.output_dir) / ".write-test")
-        except OSError as error:
-            raise UserError(f"cannot write to --output_dir {args.output_dir}: {error.strerror}") from None
-        lock_output_dir(args.output_dir)
-        if args.overwrite_output_dir and args.resume_from_checkpoint is None:
-            for checkpoint in list_checkpoints(args.output_dir):
-                logger.info(f"removing the previous run's {checkpoint.name} (--overwrite_output_dir)")
-                shutil.rmtree(checkpoint)
-    accelerator.wait_for_everyone()
+        check_resume_settings(resume_path, settings)
 
     def save_settings_hook(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -2799,7 +2867,9 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
 
     if accelerator.is_main_process and args.report_to != "none":
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        accelerator.init_trackers(project_name, config=config)
+        if not write_output(Path(args.output_dir, args.logging_dir), lambda _: accelerator.init_trackers(
+                project_name, config=config), args.output_dir, optional=True, in_place=True):
+            accelerator.trackers = []
 
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
@@ -2886,6 +2956,9 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
                                f"  {resume_command()}")
                 accelerator.end_training()
                 sys.exit(0)
+    except KeyboardInterrupt as error:  # a second signal: at once
+        raise Interrupted(getattr(error, "signum", signal.SIGINT), f"interrupted at step {global_step};"
+                          f" {last_checkpoint(args.output_dir)}. To continue: {resume_command()}") from None
     finally:
         progress.close()
         stop.restore()
@@ -2898,10 +2971,15 @@ def finish(args, accelerator, family, images, save_outputs):
     """Write the final outputs and the model card on the main process and push them; exit 1 if the upload failed."""
     uploaded = True
     if accelerator.is_main_process:
-        save_outputs()
-        save_model_card(args, family, hub_repo_id(args), images)
-        if args.push_to_hub:
-            uploaded = push_to_hub(args, family, images)
+        try:
+            save_outputs()
+            save_model_card(args, family, hub_repo_id(args), images)
+            if args.push_to_hub:
+                uploaded = push_to_hub(args, family, images)
+        except KeyboardInterrupt as error:
+            raise Interrupted(getattr(error, "signum", signal.SIGINT), "interrupted while writing the outputs"
+                              f" (none is half-written); {last_checkpoint(args.output_dir)}. To write them:"
+                              f" {resume_command()}") from None
         release_output_dir(args.output_dir)
     accelerator.end_training()
     if not uploaded:
@@ -2927,6 +3005,7 @@ def main(args):
     """Fine-tune the whole transformer (or --train_layers) with D-OPSD; returns the trained transformer."""
     accelerator, family, examples, resume_path = setup(args)
     resolve_trainable(family.transformer, args.train_layers)  # a bad --train_layers fails now
+    claim_output_dir(args, accelerator)
     store, validation = cache_contexts(args, family, examples, accelerator)
 
     # The student: the transformer itself. The teacher: the EMA of every trained weight, on the accelerator or the
@@ -2963,12 +3042,11 @@ def main(args):
     def save_outputs():
         model = accelerator.unwrap_model(transformer)
         model.to(family.weight_dtype)  # the precision the stock pipeline loads
-        with atomic_output(Path(args.output_dir) / "transformer") as temporary:
-            model.save_pretrained(temporary)
+        write_output(Path(args.output_dir) / "transformer", model.save_pretrained, args.output_dir)
         logger.info(f"saved {Path(args.output_dir) / 'transformer'}")
         if args.save_ema:
-            with ema_teacher.swapped_in(), atomic_output(Path(args.output_dir) / "transformer_ema") as temporary:
-                model.save_pretrained(temporary)
+            with ema_teacher.swapped_in():
+                write_output(Path(args.output_dir) / "transformer_ema", model.save_pretrained, args.output_dir)
 
     finish(args, accelerator, family, images, save_outputs)
     return accelerator.unwrap_model(transformer)
@@ -2976,15 +3054,19 @@ def main(args):
 
 # Copied from train_dopsd_lora.run
 def run():
+    # SIGTERM (a notebook's stop button, preemption) acts as Ctrl-C in every phase; the loop stops with a checkpoint.
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         main(parse_args())
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # before training (during loading or caching); the loop itself stops with a checkpoint
-        print("error: interrupted before training started; rerun the same command (contexts cached so far are kept)",
-              file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as error:
+        print(f"error: {error if isinstance(error, Interrupted) else Interrupted()}", file=sys.stderr)
+        sys.exit(128 + getattr(error, "signum", signal.SIGINT))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def test_klein_target_latents_are_the_pipelines_reference_latents(tmp_path, acce
     cached = store.get(examples[0])
     assert cached.keys() == {"student", "teacher", "target"}
     packed = family.pipeline._pack_latents(cached["target"]["latents"][None])[0]
-    torch.testing.assert_close(packed, cached["teacher"]["image_latents"].float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(packed, cached["teacher"]["image_latents"].float(), rtol=0, atol=1e-5)  # conv noise
     assert cached["target"]["latents"].shape == family.initial_noise(1, *examples[0].bucket).shape[1:]
 
 

@@ -1,5 +1,5 @@
 """Reliability (both scripts): exact resume after SIGKILL, clean stop on SIGINT/SIGTERM, atomic checkpoints on a
-full disk, bounded non-finite steps, refused teacher VLMs and resumes, safe formats. (Every bad input as one clear
+full disk, bounded non-finite steps, refused resumes, safe formats. (Every bad input as one clear
 line: tests/test_bad_inputs.py.)"""
 
 import errno
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_VLM, TINY_ZIMAGE, lora_script as script, run_in_process, run_script, script_args
+from conftest import ROOT, TINY_ZIMAGE, lora_script as script, run_in_process, run_script, script_args
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -114,22 +114,24 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkey
     monkeypatch.setattr(accelerator, "save_state", fill_the_disk)
     with pytest.raises(script.UserError) as error:
         script.save_checkpoint(accelerator, args.output_dir, 4, torch.Generator())
-    assert "could not write checkpoint-4 (No space left on device); checkpoint-2 is intact" in str(error.value)
+    assert str(error.value).startswith(f"could not write {tmp_path / 'checkpoint-4'} (No space left on device);"
+                                       " checkpoint-2 is the last checkpoint")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
     assert (previous / "ema_teacher.safetensors").read_bytes() == b"complete"
-    assert script.find_resume_checkpoint("latest", tmp_path) == previous
+    assert script.list_checkpoints(tmp_path) == [previous]
 
 
 def test_a_failed_final_save_keeps_the_previous_output(tmp_path):
     output = tmp_path / script.LORA_WEIGHT_NAME
     output.write_bytes(b"previous lora")
-    with pytest.raises(script.UserError, match=r"\(No space left on device\); the previous .* is intact"):
-        with script.atomic_output(output) as temporary:
-            temporary.write_bytes(b"half")
-            raise OSError(errno.ENOSPC, "No space left on device")
+    def fill_the_disk(path):
+        path.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(script.UserError, match=r"\(No space left on device\); no checkpoint is saved yet"):
+        script.write_output(output, fill_the_disk, tmp_path)
     assert output.read_bytes() == b"previous lora" and sorted(p.name for p in tmp_path.iterdir()) == [output.name]
-    with script.atomic_output(output) as temporary:
-        temporary.write_bytes(b"new lora")
+    assert script.write_output(output, lambda path: path.write_bytes(b"new lora"), tmp_path)
     assert output.read_bytes() == b"new lora"
 
 
@@ -159,26 +161,6 @@ def test_images_of_any_mode_become_8_bit_rgb(tmp_path):
     assert np.asarray(paths["rgba.png"])[0, 0].tolist() == [200, 0, 0]  # opaque half kept
     assert np.asarray(paths["rgba.png"])[0, -1].tolist() == [255, 255, 255]  # transparent half on white
     assert np.asarray(paths["sixteen.png"])[0, 0].tolist() == [50, 50, 50]  # 16-bit scaled, not clipped
-
-
-def test_a_teacher_vlm_of_another_size_is_refused(tmp_path, capsys, monkeypatch):
-    from transformers import AutoConfig, Qwen3VLForConditionalGeneration
-
-    config = AutoConfig.from_pretrained(TINY_VLM)
-    config.text_config.num_hidden_layers = 2  # a smaller language model than the text encoder
-    config.text_config.layer_types = config.text_config.layer_types[:2]
-    small = tmp_path / "small-vlm"
-    Qwen3VLForConditionalGeneration(config).save_pretrained(small)
-    for name in ("preprocessor_config.json",):
-        (small / name).write_bytes((TINY_VLM / name).read_bytes())
-    argv = script_args(tmp_path / "out", TINY_ZIMAGE)
-    argv[argv.index("--teacher_vlm_name_or_path") + 1] = str(small)
-    monkeypatch.setattr(sys, "argv", ["train_dopsd_lora.py", *argv])
-    with pytest.raises(SystemExit):
-        script.run()
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    # 26 of the text encoder's 28 layers (11 weights each) have no place in the 2-layer language model
-    assert "does not match the pipeline's text encoder" in err and "0 missing, 286 unexpected" in err
 
 
 def test_resuming_a_checkpoint_of_another_lora_rank_is_refused(tmp_path, capsys, monkeypatch):

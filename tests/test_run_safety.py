@@ -1,18 +1,23 @@
-"""Run safety (both scripts): a copy-swapped or bf16 EMA teacher, resume, full disks, used output folders and file
-modes. (Bad numeric flags: tests/test_bad_inputs.py.)"""
+"""Run safety (both scripts): a copy-swapped or bf16 EMA teacher, resume, full disks, used output folders, file
+modes, checks before effects, signals in every phase. (Bad numeric flags: tests/test_bad_inputs.py; damaged files:
+tests/test_damaged_files.py.)"""
 
+import errno
 import fcntl
+import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import CONCEPT, TINY_ZIMAGE, add_random_lora, run_in_process, script_args
+from conftest import CONCEPT, TINY_KLEIN, TINY_VLM, TINY_ZIMAGE, add_random_lora, run_in_process, script_args
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -155,7 +160,6 @@ def test_a_used_output_dir_is_refused_unless_resumed_or_overwritten(finished_run
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_info.value.code == 2
     assert f"--output_dir {output_dir} holds another run's results" in last and "--overwrite_output_dir" in last
-    # --overwrite_output_dir removes the previous run's checkpoints, so `latest` can never pick one of them
     args = lora_script.parse_args([*argv, "--overwrite_output_dir"])
     lora_script.check_output_dir_is_free(args)
 
@@ -182,13 +186,15 @@ def test_a_second_run_on_a_locked_output_dir_gets_one_line(finished_run):
 def test_resume_refuses_every_setting_that_changes_the_checkpoints_meaning_in_one_line(finished_run):
     output_dir, argv = finished_run
     args = lora_script.parse_args([*argv, "--resume_from_checkpoint", "latest", "--lora_alpha", "8", "--rank", "4",
-                                   "--loss_space", "v", "--learning_rate", "5e-5", "--max_train_steps", "3"])
+                                   "--loss_space", "v", "--learning_rate", "5e-5", "--max_train_steps", "3",
+                                   "--teacher_vlm_rope_theta", "vlm", "--quantize_base", "fp8"])
     with pytest.raises(lora_script.UserError) as error:
         lora_script.setup(args)
     message = str(error.value)
     assert message.startswith(f"cannot resume from {output_dir / 'checkpoint-2'}: it was trained with")
     assert "--rank 64 (now 4)" in message and "--lora_alpha 128 (now 8)" in message
-    assert "--loss_space x0 (now v)" in message
+    assert "--loss_space x0 (now v)" in message and "--teacher_vlm_rope_theta text_encoder (now vlm)" in message
+    assert "--quantize_base none (now fp8)" in message
     assert "learning_rate" not in message and "max_train_steps" not in message  # these may change
     assert "\n" not in message
 
@@ -275,10 +281,12 @@ def test_a_really_full_disk_keeps_the_previous_checkpoint_and_leaves_no_partial_
         fill(small_disk, leave)
         with pytest.raises(lora_script.UserError) as error:
             lora_script.save_checkpoint(accelerator, args.output_dir, step, torch.Generator())
-        assert str(error.value).startswith(f"could not write checkpoint-{step} (No space left on device);"
-                                           " checkpoint-2 is intact")
+        assert str(error.value).startswith(f"could not write {small_disk / f'checkpoint-{step}'} (No space left on"
+                                           " device); checkpoint-2 is the last checkpoint")
         assert sorted(p.name for p in small_disk.iterdir() if not p.name.startswith("filler")) == ["checkpoint-2"]
     assert {p.name: p.read_bytes() for p in (small_disk / "checkpoint-2").iterdir()} == previous
+
+
 
 
 def test_a_really_full_disk_keeps_the_previous_output_and_the_context_cache(small_disk):
@@ -286,11 +294,10 @@ def test_a_really_full_disk_keeps_the_previous_output_and_the_context_cache(smal
     output.write_bytes(b"previous lora")
     fill(small_disk, 64 << 10)
     with pytest.raises(lora_script.UserError) as error:
-        with lora_script.atomic_output(output) as temporary:
-            save_file({"weight": torch.zeros(256, 256)}, temporary)
-    assert str(error.value).startswith(f"could not write {output} (No space left on device); the previous"
-                                       f" {output.name} is intact")
-    assert output.read_bytes() == b"previous lora" and not temporary.exists()
+        lora_script.write_output(output, lambda path: save_file({"weight": torch.zeros(256, 256)}, path), small_disk)
+    assert str(error.value) == (f"could not write {output} (No space left on device); no checkpoint is saved yet. Free"
+                                " disk space and rerun with --resume_from_checkpoint latest")
+    assert output.read_bytes() == b"previous lora" and not (small_disk / f"{output.name}.tmp").exists()
 
     args = lora_script.parse_args(script_args(small_disk, TINY_ZIMAGE))
     family = SimpleNamespace(context_fingerprint=lambda: {"model": "stand-in"},
@@ -298,29 +305,300 @@ def test_a_really_full_disk_keeps_the_previous_output_and_the_context_cache(smal
                              build_teacher_context=lambda image, caption: {"prompt_embeds": torch.zeros(256, 256)})
     example = lora_script.Example("a.png", "a cat", (64, 64), "a", 0, load=lambda: Image.new("RGB", (64, 64)))
     store = lora_script.ContextStore(family, [example], Accelerator(cpu=True), args.output_dir)
-    with pytest.raises(lora_script.UserError, match=r"could not write the context cache .* \(No space left on"):
+    with pytest.raises(lora_script.UserError, match=r"could not write .*context_cache.* \(No space left on"):
         store.fill()
     assert list((small_disk / "context_cache").iterdir()) == []
 
 
 def test_a_programming_error_while_saving_is_not_taken_for_a_full_disk(tmp_path):
+    def buggy(path):
+        path.write_bytes(b"half")
+        raise RuntimeError("a bug")
+
     with pytest.raises(RuntimeError, match="a bug"):
-        with lora_script.atomic_output(tmp_path / "out.safetensors"):
-            raise RuntimeError("a bug")
+        lora_script.write_output(tmp_path / "out.safetensors", buggy, tmp_path)
     assert list(tmp_path.iterdir()) == []
     assert lora_script.write_failure(RuntimeError("a bug"), tmp_path) is None
     assert lora_script.write_failure(OSError(28, "No space left on device"), tmp_path) == "No space left on device"
 
 
-def test_ctrl_c_before_training_is_one_line(capsys, monkeypatch):
-    """Ctrl-C while loading or caching (before the loop's own stop handler exists) ends without a traceback."""
-    def interrupted(args):
-        raise KeyboardInterrupt
+# -- every check that can refuse a run comes before its first write -------------------------------------------------
 
-    monkeypatch.setattr(lora_script, "main", interrupted)
-    monkeypatch.setattr(sys, "argv", ["train_dopsd_lora.py", *script_args("unused", TINY_ZIMAGE)])
+
+def tree(path):
+    """Every entry below `path` with its size and modification time."""
+    return {str(p.relative_to(path)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in Path(path).rglob("*")}
+
+
+def vlm_config_of_another_size(folder):
+    """A Qwen3-VL config whose language model is smaller than the text encoder (no weights: none are read)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(TINY_VLM)
+    config.text_config.num_hidden_layers = 2
+    config.text_config.layer_types = config.text_config.layer_types[:2]
+    config.save_pretrained(folder)
+    return folder
+
+
+REFUSED_BEFORE_ANY_WRITE = [  # (script, model, flags, the line's start); each with --overwrite_output_dir
+    (lora_script, TINY_ZIMAGE, ["--lora_layers", "to_q,not_a_layer"], "--lora_layers entry 'not_a_layer' matches no"),
+    (full_script, TINY_ZIMAGE, ["--train_layers", "not_a_layer"], "--train_layers entry 'not_a_layer' matches no"),
+    (lora_script, TINY_ZIMAGE, ["--teacher_vlm_name_or_path", vlm_config_of_another_size],
+     "the teacher VLM {vlm} does not match the pipeline's text encoder: 0 missing, 286 unexpected"),
+    (lora_script, TINY_ZIMAGE, ["--teacher_vlm_name_or_path", TINY_ZIMAGE / "text_encoder"],
+     "--teacher_vlm_name_or_path {vlm} is a qwen3, not a Qwen3-VL model"),
+    (lora_script, TINY_KLEIN, ["--teacher_vlm_rope_theta", "vlm"],
+     "--teacher_vlm_rope_theta applies to the vlm teacher only, not to FLUX.2-klein's edit teacher"),
+]
+
+
+@pytest.mark.parametrize("script,model,flags,expected", REFUSED_BEFORE_ANY_WRITE)
+def test_a_refused_run_deletes_and_writes_nothing(finished_run, tmp_path, capsys, monkeypatch, script, model, flags,
+                                                  expected):
+    """--overwrite_output_dir deletes the previous run's checkpoints only once nothing can refuse the run."""
+    output_dir = tmp_path / "used"
+    shutil.copytree(finished_run[0], output_dir)
+    flags = [flag(tmp_path / "vlm") if callable(flag) else flag for flag in flags]
+    vlm = flags[flags.index("--teacher_vlm_name_or_path") + 1] if "--teacher_vlm_name_or_path" in flags else None
+    before = tree(tmp_path)
+    for folder, argv in ((output_dir, ["--overwrite_output_dir"]), (tmp_path / "new", [])):
+        monkeypatch.setattr(sys, "argv", ["train.py", *script_args(folder, model, *flags, *argv)])
+        with pytest.raises(SystemExit) as exit_info:
+            script.run()
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {expected.format(vlm=vlm)}")
+        assert tree(tmp_path) == before  # the old checkpoints are there, the new folder is not made
+
+
+# -- resume: every flag that shapes the teacher, the base or the objective is refused -------------------------------
+
+REFUSED_ON_RESUME = {"teacher_vlm_rope_theta": "vlm", "reference_resolution": 512, "quantize_encoders": "int8",
+                     "quantize_base": "nf4", "teacher_prompt_suffix": "Keep the cat.", "text_encoder_out_layers": [1],
+                     "teacher_vlm_name_or_path": "Qwen/Qwen3-VL-8B-Instruct", "teacher_context": "edit",
+                     "ema_decay": 0.99, "rollout_steps": 8, "seed": 1, "num_processes": 2}
+ACCEPTED_ON_RESUME = {"learning_rate": 1e-5, "max_train_steps": 10, "validation_steps": 5, "checkpointing_steps": 5,
+                      "mixed_precision": "bf16", "gradient_checkpointing": True, "lr_scheduler": "cosine",
+                      "instance_data_dir": "/elsewhere", "report_to": "tensorboard", "compile": True}
+
+
+def saved_settings(finished_run):
+    return json.loads((finished_run[0] / "checkpoint-2" / lora_script.SETTINGS_FILE).read_text())
+
+
+@pytest.mark.parametrize("name,value", REFUSED_ON_RESUME.items())
+def test_resume_refuses_a_change_that_shapes_the_teacher_or_the_base(finished_run, name, value):
+    saved = saved_settings(finished_run)
+    with pytest.raises(lora_script.UserError, match=f"it was trained with --{name} "):
+        lora_script.check_resume_settings(finished_run[0] / "checkpoint-2", {**saved, name: value})
+
+
+def test_resume_accepts_what_only_changes_how_the_run_goes_on(finished_run, caplog):
+    saved = saved_settings(finished_run)
+    with caplog.at_level(logging.INFO):
+        lora_script.check_resume_settings(finished_run[0] / "checkpoint-2", {**saved, **ACCEPTED_ON_RESUME})
+    assert all(f"--{name} " in caplog.text for name in ACCEPTED_ON_RESUME)
+
+
+def test_naming_the_default_teacher_vlm_is_no_change(tmp_path):
+    default = "Qwen/Qwen3-VL-4B-Instruct"
+    family = SimpleNamespace(teacher_context="vlm", default_teacher_vlm=lambda: default)
+    accelerator = SimpleNamespace(num_processes=1)
+    argv = [a for a in script_args(tmp_path, TINY_ZIMAGE) if a not in (str(TINY_VLM), "--teacher_vlm_name_or_path")]
+    implicit = lora_script.run_settings(lora_script.parse_args(argv), accelerator, family)
+    named = lora_script.run_settings(lora_script.parse_args([*argv, "--teacher_vlm_name_or_path", default]),
+                                     accelerator, family)
+    assert implicit == named and named["teacher_vlm_name_or_path"] == default
+    edit = lora_script.run_settings(lora_script.parse_args(argv), accelerator, SimpleNamespace(teacher_context="edit"))
+    assert edit["teacher_vlm_name_or_path"] is None  # an edit teacher uses no VLM, whatever is named
+    # a checkpoint of an earlier version recorded the default as None: resuming it with the default is no change
+    (tmp_path / "checkpoint-1").mkdir()
+    (tmp_path / "checkpoint-1" / lora_script.SETTINGS_FILE).write_text(
+        json.dumps({**named, "teacher_vlm_name_or_path": None}))
+    lora_script.check_resume_settings(tmp_path / "checkpoint-1", named)
+
+
+# -- a full disk for samples and logs costs a warning; for the final outputs, one line -----------------------------
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_for_samples_and_logs_warns_once_each_and_the_run_ends_with_its_lora(finished_run, tmp_path,
+                                                                                          monkeypatch, caplog):
+    import accelerate.tracking
+
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    shutil.copytree(finished_run[0] / "context_cache", output_dir / "context_cache")  # the same contexts
+    monkeypatch.setattr(accelerate.tracking.TensorBoardTracker, "__init__", no_space)
+    monkeypatch.setattr(Image.Image, "save", no_space)
+    argv = [*finished_run[1], "--output_dir", output_dir, "--max_train_steps", 1, "--validation_prompt", "a cat",
+            "--report_to", "tensorboard"]
+    with caplog.at_level(logging.WARNING):
+        run_in_process(argv)
+    warnings = [r.getMessage().removeprefix("[RANK 0] ") for r in caplog.records if "could not write" in r.getMessage()]
+    assert warnings == [f"could not write {output_dir / 'logs'} (No space left on device); going on without it",
+                        f"could not write {output_dir / 'samples' / 'step-000001-prompt0-0.png'} (No space left on"
+                        " device); going on without it",
+                        f"could not write {output_dir / 'image_0.png'} (No space left on device); going on without it"]
+    assert (output_dir / lora_script.LORA_WEIGHT_NAME).is_file() and (output_dir / "README.md").is_file()
+    assert not list(output_dir.rglob("*.tmp")) and not list(output_dir.rglob("*.png"))
+
+
+def half_then_no_space(path, *args, **kwargs):
+    Path(path).write_bytes(b"half written")
+    no_space()
+
+
+@pytest.mark.parametrize("output,writer", [(lora_script.LORA_WEIGHT_NAME, "save_file"), ("README.md", "card")])
+def test_a_full_disk_for_the_final_outputs_is_one_line_naming_the_checkpoint(finished_run, tmp_path, capsys,
+                                                                             monkeypatch, output, writer):
+    from huggingface_hub import ModelCard
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], output_dir)
+    previous = (output_dir / output).read_bytes()
+    if writer == "card":
+        monkeypatch.setattr(ModelCard, "save", lambda card, path: half_then_no_space(path))
+    else:
+        monkeypatch.setattr(lora_script, "save_file", lambda tensors, path, **kwargs: half_then_no_space(path))
+    monkeypatch.setattr(sys, "argv", ["train.py", *finished_run[1], "--output_dir", str(output_dir),
+                                      "--resume_from_checkpoint", "latest"])
     with pytest.raises(SystemExit) as exit_info:
         lora_script.run()
-    assert exit_info.value.code == 130
-    assert capsys.readouterr().err.strip() == ("error: interrupted before training started; rerun the same command"
-                                               " (contexts cached so far are kept)")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: could not write {output_dir / output} (No space left on device); checkpoint-2 is the last"
+        " checkpoint. Free disk space and rerun with --resume_from_checkpoint latest")
+    assert (output_dir / output).read_bytes() == previous and not list(output_dir.rglob("*.tmp"))
+
+
+# -- SIGINT and SIGTERM in every phase --------------------------------------------------------------------------------
+
+
+def signalling(function, *signals):
+    """`function`, then these signals sent to this process, for real; refused if the run has no handler (the
+    default SIGTERM handler would end the test process)."""
+    def wrapper(*args, **kwargs):
+        result = function(*args, **kwargs)
+        for sig in signals:
+            assert signal.getsignal(sig) not in (signal.SIG_DFL, signal.SIG_IGN), f"no {sig.name} handler"
+            os.kill(os.getpid(), sig)
+        return result
+
+    return wrapper
+
+
+RESUME = "--resume_from_checkpoint latest"
+PHASES = [  # (phase, what the signal follows, signals, exit status, the line's start)
+    ("loading", "collect_examples", [signal.SIGTERM], 143, "interrupted before training started; rerun the same"
+     " command (contexts cached so far are kept)"),
+    ("caching", "cache_contexts", [signal.SIGINT], 130, "interrupted before training started"),
+    ("training", "dopsd_step", [signal.SIGTERM, signal.SIGTERM], 143, "interrupted at step 1; checkpoint-1 is the"
+     " last checkpoint. To continue: "),
+    ("saving", "export_lora", [signal.SIGINT], 130, "interrupted while writing the outputs (none is half-written);"
+     " checkpoint-2 is the last checkpoint. To write them: "),
+]
+
+
+@pytest.mark.parametrize("phase,after,signals,status,expected", PHASES, ids=[p[0] for p in PHASES])
+def test_a_signal_in_any_phase_ends_in_one_line(finished_run, tmp_path, capsys, monkeypatch, phase, after, signals,
+                                                status, expected):
+    output_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], output_dir)
+    if phase == "training":  # continue from checkpoint-1, so that a step is trained
+        shutil.rmtree(output_dir / "checkpoint-2")
+    (output_dir / lora_script.LORA_WEIGHT_NAME).unlink()
+    monkeypatch.setattr(lora_script, after, signalling(getattr(lora_script, after), *signals))
+    monkeypatch.setattr(sys, "argv", ["train_dopsd_lora.py", *finished_run[1], "--output_dir", str(output_dir),
+                                      *RESUME.split()])
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        lora_script.run()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == status
+    assert last.startswith(f"error: {expected}")
+    assert phase in ("loading", "caching") or last.endswith(RESUME)
+    assert not (output_dir / lora_script.LORA_WEIGHT_NAME).exists() and not list(output_dir.rglob("*.tmp"))
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # run() restores them
+
+
+# -- every file a run reads may be damaged ----------------------------------------------------------------------------
+
+
+def truncated(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGES = {  # file in checkpoint-2: damage
+    "ema_teacher.safetensors": truncated, "pytorch_lora_weights.safetensors": truncated, "optimizer.bin": truncated,
+    "scheduler.bin": lambda path: path.write_bytes(b"garbage"), "run_settings.json": truncated,
+    "random_states_0.pkl": lambda path: path.write_bytes(b""), "rollout_noise_0.safetensors": Path.unlink,
+}
+
+
+def damaged_copy(finished_run, folder, name):
+    shutil.copytree(finished_run[0], folder)
+    DAMAGES[name](folder / "checkpoint-2" / name)
+    return folder
+
+
+@pytest.mark.parametrize("name", DAMAGES)
+def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_newest_intact_one(finished_run, tmp_path, capsys,
+                                                                                    monkeypatch, name):
+    output_dir = damaged_copy(finished_run, tmp_path / "run", name)
+    monkeypatch.setattr(sys, "argv", ["train.py", *finished_run[1], "--output_dir", str(output_dir),
+                                      "--resume_from_checkpoint", "checkpoint-2"])
+    with pytest.raises(SystemExit) as exit_info:
+        lora_script.run()
+    assert exit_info.value.code == 2
+    damage = "is missing" if name.startswith("rollout_noise") else "is damaged ("
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"error: cannot resume from {output_dir / 'checkpoint-2'}: {output_dir / 'checkpoint-2' / name} {damage}")
+    assert lora_script.find_resume_checkpoint("checkpoint-1", output_dir) == output_dir / "checkpoint-1"
+    with pytest.raises(lora_script.UserError, match=f"; checkpoint-1 is the newest intact checkpoint: resume with"
+                                                    f" --resume_from_checkpoint {output_dir / 'checkpoint-1'}$"):
+        lora_script.find_resume_checkpoint("checkpoint-2", output_dir)
+
+
+def test_resuming_latest_past_a_damaged_checkpoint_ends_with_the_uninterrupted_weights(finished_run, tmp_path,
+                                                                                        caplog):
+    output_dir = damaged_copy(finished_run, tmp_path / "run", "ema_teacher.safetensors")
+    with caplog.at_level(logging.WARNING):
+        run_in_process([*finished_run[1], "--output_dir", output_dir, "--resume_from_checkpoint", "latest"])
+    assert (f"{output_dir / 'checkpoint-2' / 'ema_teacher.safetensors'} is damaged" in caplog.text
+            and "resuming from checkpoint-1, the newest intact checkpoint" in caplog.text)
+    for name in (lora_script.LORA_WEIGHT_NAME, "checkpoint-2/ema_teacher.safetensors"):
+        again, uninterrupted = load_file(output_dir / name), load_file(finished_run[0] / name)
+        assert again.keys() == uninterrupted.keys() and all(torch.equal(again[k], uninterrupted[k]) for k in again)
+
+
+@pytest.mark.parametrize("name", ["transformer/diffusion_pytorch_model.safetensors", "model_index.json"])
+def test_a_damaged_model_file_is_named(tmp_path, capsys, monkeypatch, name):
+    model = tmp_path / "model"
+    shutil.copytree(TINY_ZIMAGE, model)
+    truncated(model / name)
+    monkeypatch.setattr(sys, "argv", ["train.py", *script_args(tmp_path / "out", model)])
+    with pytest.raises(SystemExit) as exit_info:
+        lora_script.run()
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: {model / name} is damaged (") and last.endswith("): copy or download it again")
+
+
+def test_damage_is_found_from_headers_without_reading_tens_of_gigabytes(tmp_path):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [8 << 30], "data_offsets": [0, 32 << 30]}}).encode()
+    big = tmp_path / "optimizer-sized.safetensors"
+    with open(big, "wb") as file:  # sparse: 32 GiB long, almost nothing on disk
+        file.write(len(header).to_bytes(8, "little") + header)
+        file.truncate(8 + len(header) + (32 << 30))
+    torch.save({"step": torch.zeros(3)}, tmp_path / "scheduler.bin")
+    assert lora_script.damaged_file(tmp_path) is None
+    os.truncate(big, big.stat().st_size - 1)
+    assert lora_script.damaged_file(tmp_path) == f"{big} is damaged ({big.stat().st_size} bytes, not the size its" \
+                                                 " header gives)"
+    big.unlink()
+    os.truncate(tmp_path / "scheduler.bin", 100)
+    assert lora_script.damaged_file(tmp_path).startswith(f"{tmp_path / 'scheduler.bin'} is damaged (")
