@@ -3,6 +3,7 @@ copy check that keeps its shared blocks identical to the LoRA script's."""
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import weakref
@@ -31,7 +32,7 @@ FAMILIES = {
 def test_full_fine_tune_loads_into_the_stock_pipeline_and_changes_its_images(tmp_path, family):
     model, pipeline_class, transformer_class, call = FAMILIES[family]
     run_in_process(script_args(tmp_path, model, "--max_train_steps", 2, "--learning_rate", 1e-3, "--save_ema",
-                               "--ema_decay", 0.5, "--validation_prompt", "sks cat", "--validation_steps", 2),
+                               "--ema_decay", 0.9, "--validation_prompt", "sks cat", "--validation_steps", 2),
                    full_script)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
         "step-000002-prompt0-0.png", "step-000002-teacher-view.png"]
@@ -45,7 +46,7 @@ def test_full_fine_tune_loads_into_the_stock_pipeline_and_changes_its_images(tmp
     trained = transformer_class.from_pretrained(tmp_path / "transformer")
     tuned = generate(pipeline_class.from_pretrained(model, transformer=trained))
     assert abs(tuned - base).max() > 1e-3
-    # the EMA teacher (decay 0.5 over 2 steps) lies strictly between base and student
+    # the EMA teacher (decay 0.9 over 2 steps) lies strictly between base and student
     ema = transformer_class.from_pretrained(tmp_path / "transformer_ema")
     original = transformer_class.from_pretrained(model, subfolder="transformer")
     name, student = next((n, p) for n, p in trained.named_parameters() if n.endswith("weight") and p.dim() == 2)
@@ -58,13 +59,14 @@ def test_full_ema_is_the_closed_form_and_cpu_or_other_dtype_ema_trains_the_same(
     accelerator = Accelerator(cpu=True)
     results = []
     for ema_dtype in (None, torch.float64):
-        args, family = load_family(tmp_path, TINY_ZIMAGE, "--ema_decay", 0.5, script=full_script)
+        args, family = load_family(tmp_path, TINY_ZIMAGE, "--ema_decay", 0.9, script=full_script)
         examples = full_script.collect_examples(args, family.resolution_multiple)
         history = [[p.detach().clone() for p in family.transformer.parameters()]]  # the student before step 1
         ema, _ = train_in_process(family, args, examples, accelerator, 3, 1e-3, script=full_script, dtype=ema_dtype,
                                   after_step=lambda named: history.append([p.detach().clone() for _, p in named]))
         for i, shadow in enumerate(ema.shadow[:20]):
-            expected = 0.125 * history[0][i] + sum(0.5 * 0.5 ** (3 - j) * history[j][i] for j in (1, 2, 3))
+            # d = 0.9: a swapped d and 1 - d would fail
+            expected = 0.9 ** 3 * history[0][i] + sum(0.1 * 0.9 ** (3 - j) * history[j][i] for j in (1, 2, 3))
             torch.testing.assert_close(shadow.float(), expected, rtol=1e-5, atol=1e-6)
         results.append(history[-1])
     for alike, apart in zip(*results):
@@ -197,19 +199,31 @@ def test_two_processes_train_and_end_with_identical_weights(tmp_path):
     assert any((rank0[k] - base[k]).abs().max() > 0 for k in rank0)
 
 
-def test_full_resume_restores_weights_and_teacher(tmp_path, caplog):
-    argv = script_args(tmp_path, TINY_ZIMAGE, "--learning_rate", 1e-3, "--ema_decay", 0.5,
-                       "--checkpointing_steps", 1, "--validation_steps", 100)
-    run_in_process([*argv, "--max_train_steps", 2], full_script)
+def test_full_resume_ends_with_the_uninterrupted_runs_weights(tmp_path, caplog):
+    """A copy of a 3-step run without its last checkpoint, resumed from checkpoint-2 (mid-epoch: 4 images, one per
+    step), ends with the uninterrupted run's student and teacher: the same batch, noise, optimizer state and EMA."""
+    def argv(output_dir):
+        return script_args(output_dir, TINY_ZIMAGE, "--learning_rate", 1e-3, "--ema_decay", 0.9,
+                           "--checkpointing_steps", 1, "--validation_steps", 100, "--max_train_steps", 3)
+
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    run_in_process(argv(uninterrupted), full_script)
+    shutil.copytree(uninterrupted, resumed)
+    shutil.rmtree(resumed / "checkpoint-3")
     with caplog.at_level(logging.INFO):
-        run_in_process([*argv, "--max_train_steps", 3, "--resume_from_checkpoint", "latest"], full_script)
+        run_in_process([*argv(resumed), "--resume_from_checkpoint", "latest"], full_script)
     assert "resuming from" in caplog.text and "checkpoint-2" in caplog.text
-    old_teacher = load_file(tmp_path / "checkpoint-2" / "ema_teacher.safetensors")
-    teacher = load_file(tmp_path / "checkpoint-3" / "ema_teacher.safetensors")
-    student = ZImageTransformer2DModel.from_pretrained(tmp_path / "checkpoint-3", subfolder="transformer")
-    for name, value in student.named_parameters():
-        torch.testing.assert_close(teacher[name], 0.5 * old_teacher[name] + 0.5 * value.detach())
-    assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    for name in ("transformer/diffusion_pytorch_model.safetensors", "ema_teacher.safetensors"):
+        got, expected = load_file(resumed / "checkpoint-3" / name), load_file(uninterrupted / "checkpoint-3" / name)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-7, msg=key)
+    old_teacher = load_file(resumed / "checkpoint-2" / "ema_teacher.safetensors")
+    teacher = load_file(resumed / "checkpoint-3" / "ema_teacher.safetensors")
+    student = load_file(resumed / "checkpoint-3" / "transformer" / "diffusion_pytorch_model.safetensors")
+    for name, value in student.items():
+        torch.testing.assert_close(teacher[name], 0.9 * old_teacher[name] + 0.1 * value)
+    assert (resumed / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def test_train_layers_trains_only_those_layers(tmp_path):
