@@ -103,11 +103,11 @@ def test_cached_contexts_equal_fresh_ones(tmp_path, accelerator):
     args, family = load_family(tmp_path)
     examples = script.collect_examples(args, family.resolution_multiple)
     store = script.ContextStore(family, examples, accelerator, args.output_dir)
-    store.fill()
-    assert len(list(store.folder.glob("*.safetensors"))) == len(examples) == 6  # 4 images, 2 with 2 captions
     # two captions of one image are two cache entries with two contexts (the caption is part of the key)
     first, second = next(pair for pair in zip(examples, examples[1:]) if pair[0].image_index == pair[1].image_index)
     assert first.caption != second.caption and store.path(first) != store.path(second)
+    store.fill()
+    assert len(list(store.folder.glob("*.safetensors"))) == len(examples) == 6  # 4 images, 2 with 2 captions
     for role in (0, 1):
         assert not torch.equal(store.get(first)[role]["prompt_embeds"], store.get(second)[role]["prompt_embeds"])
     for example in examples:
