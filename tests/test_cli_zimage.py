@@ -20,11 +20,12 @@ from diffusers import ZImagePipeline
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Three steps via `accelerate launch`, a checkpoint after each, validation at the end."""
+    """Three steps of one batch each via `accelerate launch`, a checkpoint after each, validation at the end."""
     output_dir = tmp_path_factory.mktemp("zimage-run")
     result = run_script(script_args(output_dir, TINY_ZIMAGE, "--max_train_steps", 3, "--checkpointing_steps", 1,
-                                    "--validation_steps", 3, "--validation_prompt", "a photo of sks cat",
-                                    "--ema_decay", 0.9, "--learning_rate", 1e-3, "--rank", 8, "--lora_alpha", 16),
+                                    "--gradient_accumulation_steps", 1, "--validation_steps", 3,
+                                    "--validation_prompt", "a photo of sks cat", "--ema_decay", 0.9,
+                                    "--learning_rate", 1e-3, "--rank", 8, "--lora_alpha", 16),
                         launcher="accelerate")
     return output_dir, result
 
@@ -99,8 +100,9 @@ def resume_from_checkpoint_2(trained, output_dir, *extra):
     shutil.copytree(trained[0], output_dir)
     shutil.rmtree(output_dir / "checkpoint-3")
     run_in_process(script_args(output_dir, TINY_ZIMAGE, "--max_train_steps", 3, "--checkpointing_steps", 1,
-                               "--validation_steps", 100, "--ema_decay", 0.9, "--learning_rate", 1e-3, "--rank", 8,
-                               "--lora_alpha", 16, "--resume_from_checkpoint", "latest", *extra))
+                               "--gradient_accumulation_steps", 1, "--validation_steps", 100, "--ema_decay", 0.9,
+                               "--learning_rate", 1e-3, "--rank", 8, "--lora_alpha", 16,
+                               "--resume_from_checkpoint", "latest", *extra))
     return (load_file(output_dir / "checkpoint-3" / script.LORA_WEIGHT_NAME),
             load_file(output_dir / "checkpoint-3" / "ema_teacher.safetensors"))
 

@@ -204,7 +204,8 @@ def test_full_resume_ends_with_the_uninterrupted_runs_weights(tmp_path, caplog):
     step), ends with the uninterrupted run's student and teacher: the same batch, noise, optimizer state and EMA."""
     def argv(output_dir):
         return script_args(output_dir, TINY_ZIMAGE, "--learning_rate", 1e-3, "--ema_decay", 0.9,
-                           "--checkpointing_steps", 1, "--validation_steps", 100, "--max_train_steps", 3)
+                           "--checkpointing_steps", 1, "--gradient_accumulation_steps", 1, "--validation_steps", 100,
+                           "--max_train_steps", 3)
 
     uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
     run_in_process(argv(uninterrupted), full_script)
