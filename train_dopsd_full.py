@@ -1686,19 +1686,16 @@ def collate_examples(items):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# Copied from train_dopsd_lora.EMATeacher
+# Own version of train_dopsd_lora.EMATeacher
 class EMATeacher:
-    """The teacher's weights: theta_bar <- d * theta_bar + (1 - d) * theta after every optimizer step.
+    """The teacher's weights: theta_bar <- d * theta_bar + (1 - d) * theta after every optimizer step, for every
+    trained weight of the transformer, in fp32 or bf16 (--ema_dtype), on the accelerator or the CPU (--ema_device).
 
-    It holds a shadow copy of the student's trainable parameters and starts equal to them (zero-initialised LoRA B:
-    the teacher starts as the base model). For a teacher pass the shadow is swapped into the student's parameters,
-    so one network with one set of modules plays both roles.
-
-    A bf16 shadow is updated with stochastic rounding: at decay 0.9999 one update, (1 - d) * (theta - theta_bar), is
-    far below half a bf16 step, so round-to-nearest would leave the teacher frozen at its start. Rounding up with
-    probability (remainder / step) makes every update count in expectation, keeping bf16's halved memory; an fp32
-    accumulator would cost more memory than the fp32 shadow it replaces. The rounding noise is drawn from a
-    generator seeded by the update count (saved with the shadow), so a resumed run draws the same noise.
+    The LoRA script's EMA with what only full fine-tuning needs: a bf16 shadow on the accelerator costs half an
+    fp32 one, teacher passes included (docs/method.md §2.4). Its updates use stochastic rounding: at decay 0.9999
+    one update, (1 - d) * (theta - theta_bar), is far below half a bf16 step, so round-to-nearest would leave the
+    teacher frozen. The rounding noise comes from a generator seeded by the seed and the update count (saved with
+    the shadow), so a resumed run draws the same noise.
     """
 
     FILE_NAME = "ema_teacher.safetensors"
@@ -1708,17 +1705,20 @@ class EMATeacher:
         self.decay = decay
         self.shadow = [p.detach().to(device=device or p.device, dtype=dtype or p.dtype, copy=True)
                        for p in self.parameters]
-        self.stash = None  # student copies for the copy-in/copy-out swap, allocated on first use
+        self.stash = None  # student copies for the copy-in/copy-out swap (CPU EMA), allocated on first use
         self.seed = seed
         self.num_updates = 0
 
     @torch.no_grad()
     def update(self):
-        students = [p.detach().to(s.device, s.dtype) for p, s in zip(self.parameters, self.shadow)]
         weight = 1.0 - self.decay
         self.num_updates += 1
         if self.shadow[0].dtype != torch.bfloat16:
-            torch._foreach_lerp_(self.shadow, students, weight)
+            if all(p.device == s.device and p.dtype == s.dtype for p, s in zip(self.parameters, self.shadow)):
+                torch._foreach_lerp_(self.shadow, [p.detach() for p in self.parameters], weight)
+                return
+            for shadow, parameter in zip(self.shadow, self.parameters):  # one tensor at a time: no second model
+                shadow.lerp_(parameter.detach().to(shadow.device, shadow.dtype), weight)
             return
         generator = torch.Generator(self.shadow[0].device).manual_seed(self.seed * 1_000_003 + self.num_updates)
         for shadow, parameter in zip(self.shadow, self.parameters):  # one tensor at a time: fp32 scratch stays small
@@ -1727,15 +1727,19 @@ class EMATeacher:
 
     @contextmanager
     def swapped_in(self):
-        """Inside the block the student's parameters hold the teacher's weights.
+        """Inside the block the student's parameters hold the teacher's weights (and the shadow is not the teacher).
 
-        Where the shadow has the parameters' device and dtype, the storages are swapped (no copy). Otherwise (a CPU,
-        bf16 or fp32 EMA) the student is copied out beside the shadow and the teacher copied in, so the accelerator
-        never holds a second copy of the weights. The copies go through `.data`, which autograd does not version:
-        a student graph kept alive across the teacher pass (one backward after the K steps, DeepSpeed's
-        arrangement; or gradient checkpointing's recomputation) would otherwise fail its version check. That is
-        sound because the block runs no backward, and the student's values are restored bit for bit (the stash
-        has the parameters' dtype) before any backward reads them.
+        - Shadow with the parameters' device and dtype (fp32 EMA on the accelerator): the storages are swapped.
+        - bf16 shadow of fp32 weights on their device: the halves are exchanged, so the swap costs a quarter of the
+          weights' bytes instead of a second fp32 copy. A bf16 number is the top half of an fp32 one: the parameter
+          takes the teacher exactly, the shadow's storage keeps the student's top halves, and the student's bottom
+          halves wait in a buffer freed after the block.
+        - Otherwise (CPU EMA): the student is copied out beside the shadow and the teacher copied in.
+
+        Everything goes through `.data`, which autograd does not version: a student graph kept alive across the
+        teacher pass (one backward after the K steps, DeepSpeed's arrangement; or gradient checkpointing's
+        recomputation) would otherwise fail its version check. That is sound because the block runs no backward and
+        the student's values are restored bit for bit before any backward reads them.
         """
         if all(p.device == s.device and p.dtype == s.dtype for p, s in zip(self.parameters, self.shadow)):
             stash = [p.data for p in self.parameters]
@@ -1746,6 +1750,26 @@ class EMATeacher:
             finally:
                 for parameter, data in zip(self.parameters, stash):
                     parameter.data = data
+            return
+        if all(p.device == s.device and p.dtype == torch.float32 and s.dtype == torch.bfloat16
+               for p, s in zip(self.parameters, self.shadow)):
+            with torch.no_grad():
+                bottoms = []
+                for parameter, shadow in zip(self.parameters, self.shadow):
+                    bits = parameter.data.view(torch.int32)
+                    bottoms.append((bits & 0xFFFF).to(torch.int16))
+                    top = (bits >> 16).to(torch.int16)
+                    parameter.data.copy_(shadow)
+                    shadow.view(torch.int16).copy_(top)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for parameter, shadow, bottom in zip(self.parameters, self.shadow, bottoms):
+                        teacher = parameter.data.to(torch.bfloat16)  # exact: it holds a bf16 value
+                        parameter.data.view(torch.int32).copy_((shadow.view(torch.int16).to(torch.int32) << 16)
+                                                               | (bottom.to(torch.int32) & 0xFFFF))
+                        shadow.copy_(teacher)
             return
         if self.stash is None:
             self.stash = [torch.empty_like(p, device=s.device) for p, s in zip(self.parameters, self.shadow)]

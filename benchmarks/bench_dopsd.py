@@ -14,8 +14,11 @@ in each of --modes eager / compiled. Compiled mode first warms up on three aspec
 those first calls (the compile) and how many graphs the later buckets and the timed runs added (recompiles).
 FLOPs are counted with torch's FlopCounterMode, eagerly and before any compile, over the student's forward + backward
 (without checkpointing's recomputation: model FLOPs) and the teacher's forward; an iteration is K of each. MFU is
-achieved FLOP/s over the card's dense bf16 peak (PEAK_TFLOPS; n/a for other cards). One JSON line per configuration
-goes to --output, a markdown table to --markdown.
+achieved FLOP/s over two peaks, each labelled: the card's dense bf16 peak from its spec sheet (SPEC_PEAK_TFLOPS; n/a
+for other cards) and what one large matmul in the training dtype measures on this device at the start of the run.
+Between models everything the last one held is freed (on a GPU the run stops if anything is left allocated), so
+each model's peak memory is its own. One JSON line per configuration goes to --output, a markdown table to
+--markdown.
 
     python benchmarks/bench_dopsd.py --models z-image klein-4b --resolutions 1024 --gradient_checkpointing \
         --modes eager compiled
@@ -23,6 +26,7 @@ goes to --output, a markdown table to --markdown.
 """
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -129,15 +133,46 @@ def synthetic_batch(family, height, width, student_tokens, teacher_tokens, refer
     return {"student": [student], "teacher": [teacher], "bucket": (height, width)}
 
 
-# Dense bf16 peak of one card (TFLOP/s), as a large bf16 matmul reaches it (measured on an H100 and an H200).
-PEAK_TFLOPS = {"H100": 790, "H200": 790}
+# Dense (no sparsity) bf16 tensor-core peak of a card from NVIDIA's spec sheets, TFLOP/s; the first name contained in
+# the device's name wins, so the PCIe/NVL variants come before the SXM ones.
+SPEC_PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H200 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
 
 
-def card_peak_tflops(device):
+def spec_peak_tflops(device):
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for card, peak in PEAK_TFLOPS.items() if card in name), None)
+    return next((peak for card, peak in SPEC_PEAK_TFLOPS.items() if card in name), None)
+
+
+def matmul_peak_tflops(device, dtype, repeats=10):
+    """TFLOP/s of one large square matmul in `dtype` on this device: the practical ceiling for the model's matmuls."""
+    size = 8192 if device.type == "cuda" else 512
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def release_models(accelerator, device):
+    """Free everything the last model held, so the next model's peak memory is its own. accelerate's free_memory()
+    drops its references but leaves the model in a reference cycle, which only the garbage collector breaks."""
+    accelerator.free_memory()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch._C._cuda_clearCublasWorkspaces()  # allocated through the caching allocator, counted as allocated
+        allocated = torch.cuda.memory_allocated(device)
+        assert allocated == 0, f"{allocated / 2**30:.2f} GiB still allocated after freeing the last model"
+
+
+def mfu(flops, seconds, peak_tflops):
+    return None if peak_tflops is None else round(flops / seconds / 1e12 / peak_tflops, 3)
 
 
 def sft_step(family, transformer, batch, accelerator, generator):
@@ -205,6 +240,10 @@ def timed(fn, device, repeats):
     return seconds, peak
 
 
+def training_dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -227,8 +266,9 @@ def three_buckets(resolution):
     return [min(buckets, key=lambda b: abs(b[0] / b[1] - ratio)) for ratio in (1.0, 4 / 3, 3 / 4)]
 
 
-def bench_model(name, args, device, accelerator):
-    weight_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def bench_model(name, args, device, accelerator, peaks):
+    """The rows of one model; `peaks`: {"spec": TFLOP/s or None, "matmul": TFLOP/s}, the two peaks of MFU."""
+    weight_dtype = training_dtype(device)
     family, train_args = build_family(name, args, weight_dtype, device)
     train_args.gradient_checkpointing = args.gradient_checkpointing
     # The student exactly as training prepares it: LoRA, checkpointing, fp32 LoRA computed under autocast.
@@ -248,7 +288,6 @@ def bench_model(name, args, device, accelerator):
                                     reference_size)
             configs.append((resolution, reference, batch, count_flops(family, transformer, ema_teacher, batch,
                                                                      accelerator)))
-    peak_tflops = card_peak_tflops(device)
     rows, eager_losses = [], {}
     for mode in args.modes:
         warmup = {}
@@ -299,9 +338,11 @@ def bench_model(name, args, device, accelerator):
                     "flop_student_fwd_bwd": student_flops, "flop_teacher_fwd": teacher_flops,
                     "flop_includes_recompute": recompute_counted,
                     "tflops_per_s": round(flops / seconds / 1e12, 4),
-                    "mfu": None if peak_tflops is None else round(flops / seconds / 1e12 / peak_tflops, 3),
-                    "sft_mfu": None if peak_tflops is None else round(student_flops / sft_seconds / 1e12
-                                                                      / peak_tflops, 3),
+                    "spec_peak_tflops": peaks["spec"], "matmul_peak_tflops": round(peaks["matmul"], 4),
+                    "mfu_vs_spec_peak": mfu(flops, seconds, peaks["spec"]),
+                    "mfu_vs_matmul_peak": mfu(flops, seconds, peaks["matmul"]),
+                    "sft_mfu_vs_spec_peak": mfu(student_flops, sft_seconds, peaks["spec"]),
+                    "sft_mfu_vs_matmul_peak": mfu(student_flops, sft_seconds, peaks["matmul"]),
                     "peak_memory_GiB": None if peak is None else round(peak, 2),
                     "sft_peak_memory_GiB": None if sft_peak is None else round(sft_peak, 2),
                     "loss": loss, "loss_vs_eager": (None if key not in eager_losses
@@ -345,19 +386,25 @@ def compile_warmup(family, transformer, ema_teacher, train_args, accelerator, ar
 
 def markdown(rows):
     lines = ["| model | device | mode | res | ref | K | ckpt | SFT step s | iteration s | ratio (target ≤ 1.25K)"
-             " | TFLOP/s | MFU | peak GiB | compile s (3 buckets) | recompiles |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " | TFLOP/s | MFU (spec peak) | MFU (measured matmul peak) | peak GiB | compile s (3 buckets) |"
+             " recompiles |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def mfu_cell(value, peak_tflops):
+        return "n/a" if value is None else f"{100 * value:.0f} % of {peak_tflops:.4g}"
+
     for r in rows:
         peak = "n/a" if r["peak_memory_GiB"] is None else r["peak_memory_GiB"]
-        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.0f} %"
+        mfu_spec = mfu_cell(r["mfu_vs_spec_peak"], r["spec_peak_tflops"])
+        mfu_matmul = mfu_cell(r["mfu_vs_matmul_peak"], r["matmul_peak_tflops"])
         compile_s = " / ".join(map(str, r.get("compile_first_call_s", []))) or "–"
         recompiles = "–" if "recompiles_after_warmup" not in r else (
             sum(r["compile_new_graphs"][1:]) + r["recompiles_after_warmup"])
         reference = f"{r['reference_resolution']}²" if r["reference_resolution"] else "–"
         lines.append(f"| {r['model']} | {r['device']} | {r['mode']} | {r['resolution']}² | {reference} | {r['K']} | "
                      f"{'yes' if r['gradient_checkpointing'] else 'no'} | {r['sft_step_s']} | {r['iteration_s']} | "
-                     f"{r['ratio']} ({r['ratio_target']}) | {r['tflops_per_s']} | {mfu} | {peak} | {compile_s} | "
-                     f"{recompiles} |")
+                     f"{r['ratio']} ({r['ratio_target']}) | {r['tflops_per_s']} | {mfu_spec} | {mfu_matmul} | {peak} | "
+                     f"{compile_s} | {recompiles} |")
     return "\n".join(lines) + "\n"
 
 
@@ -392,12 +439,14 @@ def main(argv=None):
         torch.cuda.set_per_process_memory_fraction(args.memory_fraction, device.index)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    peaks = {"spec": spec_peak_tflops(device), "matmul": matmul_peak_tflops(device, training_dtype(device))}
+    print(f"peak TFLOP/s for MFU: spec sheet {peaks['spec'] or 'n/a (unknown card)'}, measured matmul"
+          f" {peaks['matmul']:.4g}", flush=True)
     rows = []
     for name in args.models:
-        rows += bench_model(name, args, device, accelerator)
-        accelerator.free_memory()  # drops accelerate's references to this model before the next one is built
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_models(accelerator, device)  # nothing of the previous model (or the matmul) counts in this peak
+        rows += bench_model(name, args, device, accelerator, peaks)
+    release_models(accelerator, device)
     table = markdown(rows)
     args.markdown.write_text(table)
     print(table)

@@ -1,7 +1,10 @@
 """The benchmark runs (tiny, CPU) so it cannot rot; the speed levers keep the method's numerics."""
 
+import gc
 import json
 import os
+import types
+import weakref
 
 import pytest
 import torch
@@ -30,7 +33,10 @@ def test_benchmark_prints_a_row_per_configuration(tmp_path, monkeypatch):
     for row in rows:
         assert row["sft_step_s"] > 0 and row["iteration_s"] > 0 and row["ratio"] > 0
         assert row["flop_teacher_fwd"] > 0 and row["flop_student_fwd_bwd"] > row["flop_teacher_fwd"] / 2
-        assert row["ratio_target"] == 1.25 * row["K"] and row["mfu"] is None  # no known peak for a CPU
+        assert row["ratio_target"] == 1.25 * row["K"]
+        # MFU against two labelled peaks: a CPU has no spec-sheet entry; the measured matmul peak always exists
+        assert row["spec_peak_tflops"] is None and row["mfu_vs_spec_peak"] is None
+        assert row["matmul_peak_tflops"] > 0 and row["mfu_vs_matmul_peak"] > 0 and row["sft_mfu_vs_matmul_peak"] > 0
     compiled = rows[1]
     assert len(compiled["compile_buckets"]) == 3 and compiled["compile_new_graphs"][0] >= 2
     assert sum(compiled["compile_new_graphs"][1:]) == 0 and compiled["recompiles_after_warmup"] == 0
@@ -40,6 +46,16 @@ def test_benchmark_prints_a_row_per_configuration(tmp_path, monkeypatch):
     assert klein_small["flop_student_fwd_bwd"] == klein_full["flop_student_fwd_bwd"]
     table = (tmp_path / "r.md").read_text()
     assert table.count("\n") == 2 + 2 and "| tiny-klein | cpu | eager | 64² | 48² | 1 |" in table
+    assert "| MFU (spec peak) | MFU (measured matmul peak) |" in table
+    mfu = f"{100 * klein_small['mfu_vs_matmul_peak']:.0f} % of {klein_small['matmul_peak_tflops']:.4g}"
+    assert f"| n/a | {mfu} |" in table
+
+
+def test_bench_spec_peak_is_looked_up_by_card_name(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: names[device.index])
+    names = ["NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", "NVIDIA L4"]
+    assert [bench.spec_peak_tflops(torch.device("cuda", i)) for i in range(5)] == [989, 989, 756, 312, None]
+    assert bench.spec_peak_tflops(torch.device("cpu")) is None
 
 
 def test_benchmark_builds_random_weight_transformers_from_configs(tmp_path, monkeypatch):
@@ -49,11 +65,29 @@ def test_benchmark_builds_random_weight_transformers_from_configs(tmp_path, monk
     monkeypatch.setitem(bench.FULL_SIZE, "small-klein", ("klein", dict(
         num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, in_channels=128,
         joint_attention_dim=48, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)))
-    rows = bench.main(["--models", "small-z-image", "small-klein", "--resolutions", "64", "--rollout_steps", "2",
-                       "--repeats", "1", "--rank", "4", "--lora_alpha", "4", "--gradient_checkpointing",
-                       "--output", str(tmp_path / "r.jsonl"), "--markdown", str(tmp_path / "r.md")])
+    built = []
+
+    def build_family(*args):
+        # the previous model is gone before the next is built (on a GPU: nothing allocated), so its peak is its own
+        assert all(transformer() is None for transformer in built)
+        family, train_args = build(*args)
+        # the reference cycle accelerate's mixed precision makes on a GPU: the instance holds its own bound forward
+        family.transformer.forward = types.MethodType(type(family.transformer).forward, family.transformer)
+        built.append(weakref.ref(family.transformer))
+        return family, train_args
+
+    build = bench.build_family
+    monkeypatch.setattr(bench, "build_family", build_family)
+    gc.disable()  # a model left in a reference cycle stays until a collection: only the benchmark's own may run
+    try:
+        rows = bench.main(["--models", "small-z-image", "small-klein", "--resolutions", "64", "--rollout_steps",
+                           "2", "--repeats", "1", "--rank", "4", "--lora_alpha", "4", "--gradient_checkpointing",
+                           "--output", str(tmp_path / "r.jsonl"), "--markdown", str(tmp_path / "r.md")])
+    finally:
+        gc.enable()
     assert [r["model"] for r in rows] == ["small-z-image", "small-klein"]
     assert all(r["gradient_checkpointing"] and r["iteration_s"] > 0 for r in rows)
+    assert len(built) == 2 and built[1]() is None
 
 
 @pytest.mark.parametrize("backend", [

@@ -3,6 +3,7 @@ and a bad input's one line without a traceback in a real process (every bad inpu
 
 import json
 import logging
+import shutil
 import sys
 
 import pytest
@@ -12,17 +13,19 @@ from conftest import script_args
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from diffusers import ZImagePipeline
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Three steps via `accelerate launch`, a checkpoint after each, validation at the end."""
+    """Three steps of one batch each via `accelerate launch`, a checkpoint after each, validation at the end."""
     output_dir = tmp_path_factory.mktemp("zimage-run")
     result = run_script(script_args(output_dir, TINY_ZIMAGE, "--max_train_steps", 3, "--checkpointing_steps", 1,
-                                    "--validation_steps", 3, "--validation_prompt", "a photo of sks cat",
-                                    "--ema_decay", 0.5, "--learning_rate", 1e-3, "--rank", 8, "--lora_alpha", 16),
+                                    "--gradient_accumulation_steps", 1, "--validation_steps", 3,
+                                    "--validation_prompt", "a photo of sks cat", "--ema_decay", 0.9,
+                                    "--learning_rate", 1e-3, "--rank", 8, "--lora_alpha", 16),
                         launcher="accelerate")
     return output_dir, result
 
@@ -48,7 +51,8 @@ def test_run_writes_lora_checkpoints_and_samples(trained):
 
 
 def test_ema_teacher_is_updated_after_every_optimizer_step(trained):
-    """teacher_i = d * teacher_{i-1} + (1 - d) * student_i, read back from consecutive checkpoints (d = 0.5)."""
+    """teacher_i = d * teacher_{i-1} + (1 - d) * student_i, read back from consecutive checkpoints (d = 0.9: a
+    swapped d and 1 - d would fail)."""
     output_dir, _ = trained
     for step in (2, 3):
         previous = load_file(output_dir / f"checkpoint-{step - 1}" / "ema_teacher.safetensors")
@@ -57,7 +61,7 @@ def test_ema_teacher_is_updated_after_every_optimizer_step(trained):
         assert len(teacher) == len(student) > 0
         for name, value in teacher.items():
             student_key = "transformer." + name.replace(".default", "")
-            torch.testing.assert_close(value, 0.5 * previous[name] + 0.5 * student[student_key])
+            torch.testing.assert_close(value, 0.9 * previous[name] + 0.1 * student[student_key])
         assert any((teacher[n] - previous[n]).abs().max() > 0 for n in teacher)
 
 
@@ -89,23 +93,61 @@ def test_lora_loads_in_the_stock_pipeline_and_changes_its_images(trained):
     assert abs(after - before).max() > 1e-3
 
 
-def test_resume_continues_from_the_latest_checkpoint(trained, tmp_path, caplog):
+def resume_from_checkpoint_2(trained, output_dir, *extra):
+    """A copy of the fixture run without its last checkpoint, resumed to step 3 in this process; returns the final
+    LoRA and the step-3 teacher. checkpoint-2 lies mid-epoch (4 images, one per step): the resumed step must take
+    the epoch's third batch, not replay its first."""
+    shutil.copytree(trained[0], output_dir)
+    shutil.rmtree(output_dir / "checkpoint-3")
+    run_in_process(script_args(output_dir, TINY_ZIMAGE, "--max_train_steps", 3, "--checkpointing_steps", 1,
+                               "--gradient_accumulation_steps", 1, "--validation_steps", 100, "--ema_decay", 0.9,
+                               "--learning_rate", 1e-3, "--rank", 8, "--lora_alpha", 16,
+                               "--resume_from_checkpoint", "latest", *extra))
+    return (load_file(output_dir / "checkpoint-3" / script.LORA_WEIGHT_NAME),
+            load_file(output_dir / "checkpoint-3" / "ema_teacher.safetensors"))
+
+
+def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(trained, tmp_path, caplog):
+    """Resumed mid-epoch from checkpoint-2, step 3 is the uninterrupted run's step 3: same batch, noise, optimizer
+    state and teacher."""
     output_dir, _ = trained
     with caplog.at_level(logging.INFO):
-        run_in_process(script_args(output_dir, TINY_ZIMAGE, "--max_train_steps", 4, "--checkpointing_steps", 1,
-                                   "--validation_steps", 100, "--ema_decay", 0.5, "--learning_rate", 1e-3,
-                                   "--rank", 8, "--lora_alpha", 16, "--resume_from_checkpoint", "latest"))
-    assert "resuming from" in caplog.text and "checkpoint-3" in caplog.text
-    assert (output_dir / "checkpoint-4").is_dir()
-    resumed = load_file(output_dir / "checkpoint-4" / script.LORA_WEIGHT_NAME)
-    previous = load_file(output_dir / "checkpoint-3" / script.LORA_WEIGHT_NAME)
-    assert any((resumed[k] - previous[k]).abs().max() > 0 for k in resumed)
-    # the teacher continued from the checkpoint's teacher, not from a fresh copy of the student
-    teacher = load_file(output_dir / "checkpoint-4" / "ema_teacher.safetensors")
-    old_teacher = load_file(output_dir / "checkpoint-3" / "ema_teacher.safetensors")
-    for name, value in teacher.items():
-        student_key = "transformer." + name.replace(".default", "")
-        torch.testing.assert_close(value, 0.5 * old_teacher[name] + 0.5 * resumed[student_key])
+        student, teacher = resume_from_checkpoint_2(trained, tmp_path / "resumed")
+    assert "resuming from" in caplog.text and "checkpoint-2" in caplog.text
+    for resumed, uninterrupted in ((student, load_file(output_dir / "checkpoint-3" / script.LORA_WEIGHT_NAME)),
+                                   (teacher, load_file(output_dir / "checkpoint-3" / "ema_teacher.safetensors"))):
+        assert resumed.keys() == uninterrupted.keys()
+        for key in resumed:
+            torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-7, msg=key)
+    assert load_file(tmp_path / "resumed" / script.LORA_WEIGHT_NAME).keys() == student.keys()
+
+
+def test_a_resume_takes_the_new_learning_rate(trained, tmp_path):
+    """Resumed at a tenth of the learning rate, the step from checkpoint-2 is a tenth of the uninterrupted one (Adam:
+    same moments, same gradient, the update scales with the rate)."""
+    output_dir, _ = trained
+    student, _ = resume_from_checkpoint_2(trained, tmp_path / "resumed", "--learning_rate", 1e-4)
+    before = load_file(output_dir / "checkpoint-2" / script.LORA_WEIGHT_NAME)
+    uninterrupted = load_file(output_dir / "checkpoint-3" / script.LORA_WEIGHT_NAME)
+    for key in student:
+        torch.testing.assert_close(student[key] - before[key], 0.1 * (uninterrupted[key] - before[key]),
+                                   rtol=1e-3, atol=1e-6, msg=key)  # atol: fp32 rounding of the weights
+
+
+def test_the_training_loop_clips_the_gradient_norm(trained, tmp_path):
+    """Every optimizer step of a run sees gradients of norm --max_grad_norm at most (here far below their norm)."""
+    norms = []
+
+    def record(optimizer, args, kwargs):
+        gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in gradients])).item())
+
+    hook = register_optimizer_step_pre_hook(record)
+    try:
+        resume_from_checkpoint_2(trained, tmp_path / "resumed", "--max_grad_norm", 1e-4)
+    finally:
+        hook.remove()
+    assert norms and all(n == pytest.approx(1e-4, rel=1e-3) for n in norms), norms
 
 
 def test_failed_upload_keeps_outputs_and_prints_the_retry_command(tmp_path):

@@ -3,16 +3,21 @@ copy check that keeps its shared blocks identical to the LoRA script's."""
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 from accelerate import Accelerator
 from conftest import ROOT, TINY_KLEIN, TINY_ZIMAGE, load_family, run_in_process, script_args, train_in_process
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import train_dopsd_full as full_script
+import train_dopsd_lora as lora_script
 from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel, ZImagePipeline, ZImageTransformer2DModel
 from utils.check_copies import check_copies
 
@@ -27,7 +32,7 @@ FAMILIES = {
 def test_full_fine_tune_loads_into_the_stock_pipeline_and_changes_its_images(tmp_path, family):
     model, pipeline_class, transformer_class, call = FAMILIES[family]
     run_in_process(script_args(tmp_path, model, "--max_train_steps", 2, "--learning_rate", 1e-3, "--save_ema",
-                               "--ema_decay", 0.5, "--validation_prompt", "sks cat", "--validation_steps", 2),
+                               "--ema_decay", 0.9, "--validation_prompt", "sks cat", "--validation_steps", 2),
                    full_script)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
         "step-000002-prompt0-0.png", "step-000002-teacher-view.png"]
@@ -41,7 +46,7 @@ def test_full_fine_tune_loads_into_the_stock_pipeline_and_changes_its_images(tmp
     trained = transformer_class.from_pretrained(tmp_path / "transformer")
     tuned = generate(pipeline_class.from_pretrained(model, transformer=trained))
     assert abs(tuned - base).max() > 1e-3
-    # the EMA teacher (decay 0.5 over 2 steps) lies strictly between base and student
+    # the EMA teacher (decay 0.9 over 2 steps) lies strictly between base and student
     ema = transformer_class.from_pretrained(tmp_path / "transformer_ema")
     original = transformer_class.from_pretrained(model, subfolder="transformer")
     name, student = next((n, p) for n, p in trained.named_parameters() if n.endswith("weight") and p.dim() == 2)
@@ -54,17 +59,127 @@ def test_full_ema_is_the_closed_form_and_cpu_or_other_dtype_ema_trains_the_same(
     accelerator = Accelerator(cpu=True)
     results = []
     for ema_dtype in (None, torch.float64):
-        args, family = load_family(tmp_path, TINY_ZIMAGE, "--ema_decay", 0.5, script=full_script)
+        args, family = load_family(tmp_path, TINY_ZIMAGE, "--ema_decay", 0.9, script=full_script)
         examples = full_script.collect_examples(args, family.resolution_multiple)
         history = [[p.detach().clone() for p in family.transformer.parameters()]]  # the student before step 1
         ema, _ = train_in_process(family, args, examples, accelerator, 3, 1e-3, script=full_script, dtype=ema_dtype,
                                   after_step=lambda named: history.append([p.detach().clone() for _, p in named]))
         for i, shadow in enumerate(ema.shadow[:20]):
-            expected = 0.125 * history[0][i] + sum(0.5 * 0.5 ** (3 - j) * history[j][i] for j in (1, 2, 3))
+            # d = 0.9: a swapped d and 1 - d would fail
+            expected = 0.9 ** 3 * history[0][i] + sum(0.1 * 0.9 ** (3 - j) * history[j][i] for j in (1, 2, 3))
             torch.testing.assert_close(shadow.float(), expected, rtol=1e-5, atol=1e-6)
         results.append(history[-1])
     for alike, apart in zip(*results):
         torch.testing.assert_close(alike, apart, rtol=1e-5, atol=1e-6)
+
+
+def trained_weights(train_layers="layers,noise_refiner,context_refiner"):
+    """The tiny Z-Image transformer's trained (name, parameter) pairs under --train_layers: many tensors of similar
+    size, so one tensor's scratch is small beside a copy of them all."""
+    transformer = ZImageTransformer2DModel.from_pretrained(TINY_ZIMAGE, subfolder="transformer")
+    names = set(full_script.resolve_trainable(transformer, train_layers))
+    return [(n, p) for n, p in transformer.named_parameters() if n in names]
+
+
+def held_bytes(ema):
+    """Bytes of the storages an EMA object references, the student's parameters not counted."""
+    students = {p.untyped_storage().data_ptr() for p in ema.parameters}
+    storages = {}
+
+    def visit(value):
+        if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in students:
+            storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    for value in vars(ema).values():
+        visit(value)
+    return sum(storages.values())
+
+
+class NewTensorBytes(TorchDispatchMode):
+    """The most bytes that tensors created inside the block hold at one time (tensors that existed before, and
+    views of them, not counted)."""
+
+    def __init__(self, existing):
+        super().__init__()
+        self.existing = {t.untyped_storage().data_ptr() for t in existing}
+        self.live, self.peak = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.live = {key: (ref, size) for key, (ref, size) in self.live.items() if ref() is not None}
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in self.existing:
+                self.live.setdefault(tensor.untyped_storage().data_ptr(),
+                                     (weakref.ref(tensor), tensor.untyped_storage().nbytes()))
+        self.peak = max(self.peak, sum(size for _, size in self.live.values()))
+        return out
+
+
+def test_a_bf16_ema_costs_half_an_fp32_one_and_computes_what_the_lora_scripts_does():
+    """Held between passes, built by an update and held during a teacher pass: a bf16 EMA of the trained weights
+    holds half the bytes of an fp32 one, and neither its update nor its teacher pass builds an fp32 copy of the
+    weights. The full script's own EMA gives the LoRA script's shadow and teacher, bit for bit."""
+    named = trained_weights()
+    parameters = [p for _, p in named]
+    weights_fp32 = sum(4 * p.numel() for p in parameters)
+    emas = {(script, dtype): script.EMATeacher(named, 0.9, dtype=dtype, seed=3)
+            for script in (full_script, lora_script) for dtype in (torch.float32, torch.bfloat16)}
+    generator = torch.Generator().manual_seed(0)
+    updates, swaps = {}, {}
+    for step in range(3):
+        with torch.no_grad():
+            for parameter in parameters:
+                parameter.add_(0.01 * torch.randn(parameter.shape, generator=generator))
+        students = [p.detach().clone() for p in parameters]
+        for (script, dtype), ema in emas.items():
+            with NewTensorBytes(parameters + ema.shadow) as update:
+                ema.update()
+            teacher = [s.float() for s in ema.shadow]
+            with NewTensorBytes(parameters + ema.shadow + teacher) as swap, ema.swapped_in():
+                assert all(torch.equal(p, t) for p, t in zip(parameters, teacher))  # the teacher, exactly
+            updates[script, dtype], swaps[script, dtype] = update.peak, swap.peak
+            assert all(torch.equal(p, s) for p, s in zip(parameters, students))  # the student is back, exactly
+        for dtype in (torch.float32, torch.bfloat16):
+            for own, lora in zip(emas[full_script, dtype].shadow, emas[lora_script, dtype].shadow):
+                assert torch.equal(own, lora)
+    fp32, bf16 = emas[full_script, torch.float32], emas[full_script, torch.bfloat16]
+    assert held_bytes(fp32) == weights_fp32 and held_bytes(bf16) == weights_fp32 // 2
+    assert updates[full_script, torch.float32] == 0 and swaps[full_script, torch.float32] == 0
+    assert updates[full_script, torch.bfloat16] < weights_fp32 / 2  # less than a bf16 copy of the weights
+    assert swaps[full_script, torch.bfloat16] < weights_fp32  # the student's bottom halves and one tensor's scratch
+    assert held_bytes(emas[lora_script, torch.bfloat16]) > weights_fp32  # the LoRA script's keeps an fp32 stash
+
+
+def test_a_resumed_bf16_ema_draws_the_rounding_noise_of_an_uninterrupted_one(tmp_path):
+    """The stochastic rounding's noise follows the update count, which the checkpoint saves and a resume restores:
+    after a save and a load, the next update is the uninterrupted one's, bit for bit (decay 0.9, so the rounding
+    decides many weights)."""
+    named = trained_weights()
+    uninterrupted = full_script.EMATeacher(named, 0.9, dtype=torch.bfloat16, seed=3)
+    generator = torch.Generator().manual_seed(0)
+
+    def step(*emas):
+        with torch.no_grad():
+            for _, parameter in named:
+                parameter.add_(0.01 * torch.randn(parameter.shape, generator=generator))
+        for ema in emas:
+            ema.update()
+
+    for _ in range(3):
+        step(uninterrupted)
+    uninterrupted.save(tmp_path)
+    resumed = full_script.EMATeacher(named, 0.9, dtype=torch.bfloat16, seed=3)
+    resumed.load(tmp_path)
+    fresh = full_script.EMATeacher(named, 0.9, dtype=torch.bfloat16, seed=3)
+    fresh.load(tmp_path)
+    fresh.num_updates = 0  # what a resume that forgot the count would do
+    step(uninterrupted, resumed, fresh)
+    assert resumed.num_updates == uninterrupted.num_updates == 4
+    assert all(torch.equal(a, b) for a, b in zip(resumed.shadow, uninterrupted.shadow))
+    assert not all(torch.equal(a, b) for a, b in zip(fresh.shadow, uninterrupted.shadow))
 
 
 def test_two_processes_train_and_end_with_identical_weights(tmp_path):
@@ -84,19 +199,32 @@ def test_two_processes_train_and_end_with_identical_weights(tmp_path):
     assert any((rank0[k] - base[k]).abs().max() > 0 for k in rank0)
 
 
-def test_full_resume_restores_weights_and_teacher(tmp_path, caplog):
-    argv = script_args(tmp_path, TINY_ZIMAGE, "--learning_rate", 1e-3, "--ema_decay", 0.5,
-                       "--checkpointing_steps", 1, "--validation_steps", 100)
-    run_in_process([*argv, "--max_train_steps", 2], full_script)
+def test_full_resume_ends_with_the_uninterrupted_runs_weights(tmp_path, caplog):
+    """A copy of a 3-step run without its last checkpoint, resumed from checkpoint-2 (mid-epoch: 4 images, one per
+    step), ends with the uninterrupted run's student and teacher: the same batch, noise, optimizer state and EMA."""
+    def argv(output_dir):
+        return script_args(output_dir, TINY_ZIMAGE, "--learning_rate", 1e-3, "--ema_decay", 0.9,
+                           "--checkpointing_steps", 1, "--gradient_accumulation_steps", 1, "--validation_steps", 100,
+                           "--max_train_steps", 3)
+
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    run_in_process(argv(uninterrupted), full_script)
+    shutil.copytree(uninterrupted, resumed)
+    shutil.rmtree(resumed / "checkpoint-3")
     with caplog.at_level(logging.INFO):
-        run_in_process([*argv, "--max_train_steps", 3, "--resume_from_checkpoint", "latest"], full_script)
+        run_in_process([*argv(resumed), "--resume_from_checkpoint", "latest"], full_script)
     assert "resuming from" in caplog.text and "checkpoint-2" in caplog.text
-    old_teacher = load_file(tmp_path / "checkpoint-2" / "ema_teacher.safetensors")
-    teacher = load_file(tmp_path / "checkpoint-3" / "ema_teacher.safetensors")
-    student = ZImageTransformer2DModel.from_pretrained(tmp_path / "checkpoint-3", subfolder="transformer")
-    for name, value in student.named_parameters():
-        torch.testing.assert_close(teacher[name], 0.5 * old_teacher[name] + 0.5 * value.detach())
-    assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    for name in ("transformer/diffusion_pytorch_model.safetensors", "ema_teacher.safetensors"):
+        got, expected = load_file(resumed / "checkpoint-3" / name), load_file(uninterrupted / "checkpoint-3" / name)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-7, msg=key)
+    old_teacher = load_file(resumed / "checkpoint-2" / "ema_teacher.safetensors")
+    teacher = load_file(resumed / "checkpoint-3" / "ema_teacher.safetensors")
+    student = load_file(resumed / "checkpoint-3" / "transformer" / "diffusion_pytorch_model.safetensors")
+    for name, value in student.items():
+        torch.testing.assert_close(teacher[name], 0.9 * old_teacher[name] + 0.1 * value)
+    assert (resumed / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def test_train_layers_trains_only_those_layers(tmp_path):

@@ -1,6 +1,7 @@
 """The method's claims (docs/method.md §2-§4) on the tiny Z-Image-Turbo: on-policy roll-out, teacher context, EMA,
 loss."""
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -102,8 +103,13 @@ def test_cached_contexts_equal_fresh_ones(tmp_path, accelerator):
     args, family = load_family(tmp_path)
     examples = script.collect_examples(args, family.resolution_multiple)
     store = script.ContextStore(family, examples, accelerator, args.output_dir)
+    # two captions of one image are two cache entries with two contexts (the caption is part of the key)
+    first, second = next(pair for pair in zip(examples, examples[1:]) if pair[0].image_index == pair[1].image_index)
+    assert first.caption != second.caption and store.path(first) != store.path(second)
     store.fill()
     assert len(list(store.folder.glob("*.safetensors"))) == len(examples) == 6  # 4 images, 2 with 2 captions
+    for role in (0, 1):
+        assert not torch.equal(store.get(first)[role]["prompt_embeds"], store.get(second)[role]["prompt_embeds"])
     for example in examples:
         cached, fresh = store.get(example), store.compute(example)
         assert cached.keys() == fresh.keys() == {"student", "teacher"}
@@ -239,3 +245,26 @@ def test_single_backward_mode_gives_the_same_gradient(tmp_path, accelerator):
     torch.testing.assert_close(losses[0], losses[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
+
+
+def test_validation_renders_the_teachers_view_with_the_teachers_context(tmp_path, accelerator):
+    """The teacher-view image is the EMA teacher's roll-out conditioned on [image, caption] of the first example, not
+    on its caption alone."""
+    args, family = load_family(tmp_path, TINY_ZIMAGE, "--validation_inference_steps", 2)
+    examples = script.collect_examples(args, family.resolution_multiple)
+    store, validation = script.cache_contexts(args, family, examples, accelerator)
+    add_random_lora(family.transformer, args)
+    ema = script.EMATeacher([(n, p) for n, p in family.transformer.named_parameters() if p.requires_grad], 0.9)
+    logged, _ = script.log_validation(family, family.transformer, ema, validation, args, accelerator, step=1)
+    (teacher_view,) = logged[f"teacher view: {examples[0].caption}"]
+
+    def view(role):
+        generator = torch.Generator().manual_seed(args.seed)
+        with ema.swapped_in():
+            latents = script.sample(family, family.transformer, validation["teacher_view"][role],
+                                    *examples[0].bucket, 2, generator)
+        return np.asarray(family.decode(latents)[0], dtype=np.int16)
+
+    teacher, student = view("teacher"), view("student")
+    assert np.abs(teacher - student).max() > 0
+    assert np.array_equal(np.asarray(teacher_view, dtype=np.int16), teacher)
