@@ -46,7 +46,8 @@ MIN_IMAGE_SIDE = 64  # smaller photos carry too little detail for a ~1 MP teache
 # Copied from train_dopsd_lora.LR_SCHEDULERS
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 # Copied from train_dopsd_lora.QUANTIZATION_BACKENDS
-QUANTIZATION_BACKENDS = {"none": None, "int8": "bitsandbytes", "nf4": "bitsandbytes", "fp8": "torchao"}
+QUANTIZATION_BACKENDS = {"none": None, "int8": "bitsandbytes", "nf4": "bitsandbytes", "fp8": "torchao",
+                         "fp8_compute": "torchao"}
 # Copied from train_dopsd_lora.PRIOR_PROMPTS
 PRIOR_PROMPTS = ["a photo of a dog in a park", "a portrait of an old man", "a city street at night",
                  "a bowl of fruit on a wooden table"]  # --prior_prompts: everyday subjects a concept LoRA should leave
@@ -226,7 +227,8 @@ def add_common_arguments(parser):
         default="none",
         choices=list(QUANTIZATION_BACKENDS),
         help="Store the frozen transformer's block weights quantised (the LoRA stays full precision and trains as"
-        " usual): int8 (bitsandbytes LLM.int8), nf4 (bitsandbytes 4-bit, QLoRA), fp8 (torchao float8 weight-only).",
+        " usual): int8 (bitsandbytes LLM.int8), nf4 (bitsandbytes 4-bit, QLoRA), fp8 (torchao float8 weight-only),"
+        " fp8_compute (float8 weights and matmuls on fp8 tensor cores, compute capability 8.9+).",
     )
     group.add_argument(
         "--quantize_encoders",
@@ -375,6 +377,9 @@ def check_args(parser, args):
                      " --report_to none")
     if args.report_to == "wandb" and not is_wandb_available():
         parser.error("--report_to wandb needs the wandb package: pip install wandb, or pass --report_to none")
+    if args.quantize_base == "fp8_compute" and not has_fp8_tensor_cores():
+        parser.error("--quantize_base fp8_compute needs a CUDA GPU with fp8 tensor cores (compute capability 8.9+:"
+                     " RTX 40xx, L4, H100 or newer); use --quantize_base fp8 (weight-only) here")
     for flag in ("quantize_base", "quantize_encoders"):
         method = getattr(args, flag)
         if method != "none":
@@ -955,6 +960,13 @@ def image_to_tensor(image):
 
 
 
+# Copied from train_dopsd_lora.has_fp8_tensor_cores
+def has_fp8_tensor_cores():
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
 # Copied from train_dopsd_lora.quantization_backend
 def quantization_backend(method):
     """The imported library that quantises with `method` (ImportError when it is missing or broken)."""
@@ -996,6 +1008,13 @@ def quantize_linear_layers(model, method, device, compute_dtype):
         backend.quantize_(model, backend.Float8WeightOnlyConfig(set_inductor_config=False),
                           filter_fn=lambda module, name: name in linears, device=device)
         return len(linears)
+    if method == "fp8_compute":
+        backend.quantize_(model, backend.Float8DynamicActivationFloat8WeightConfig(
+            granularity=backend.PerRow(), set_inductor_config=False),
+            filter_fn=lambda module, name: name in linears, device=device)
+        for linear in linears.values():  # still nn.Linear, so the LoRA wraps it as before
+            linear.forward = fp8_compute_forward.__get__(linear)
+        return len(linears)
     for name, linear in linears.items():
         parent_name, _, child_name = name.rpartition(".")
         has_bias = linear.bias is not None
@@ -1017,6 +1036,29 @@ def quantize_linear_layers(model, method, device, compute_dtype):
             quantized.bias = linear.bias
         setattr(model.get_submodule(parent_name), child_name, quantized.to(device).requires_grad_(False))
     return len(linears)
+
+
+# Copied from train_dopsd_lora.Float8ComputeLinear
+class Float8ComputeLinear(torch.autograd.Function):
+    """A frozen fp8_compute linear: forward on fp8 tensor cores (torchao quantises the input per row on the fly);
+    backward gives the input's gradient through the dequantised weight (the weight itself is frozen), which the
+    LoRA layers before it need and which torchao's fp8 matmul has no derivative for."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias):
+        ctx.save_for_backward(weight)
+        return F.linear(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (weight,) = ctx.saved_tensors
+        return grad_output @ weight.dequantize().to(grad_output.dtype), None, None
+
+
+# Copied from train_dopsd_lora.fp8_compute_forward
+def fp8_compute_forward(linear, input):
+    """The forward of an fp8_compute nn.Linear (bound to each by quantize_linear_layers)."""
+    return Float8ComputeLinear.apply(input, linear.weight, linear.bias)
 
 
 # Copied from train_dopsd_lora.full_precision_state
@@ -2659,6 +2701,20 @@ def compile_by_default(device):
     return device.type == "cuda" and has_triton()
 
 
+# Copied from train_dopsd_lora.COMPILE_CACHE_FILE
+COMPILE_CACHE_FILE = "torch-compile-cache.bin"  # beside the checkpoints: a resumed run loads it, not recompiles
+
+
+# Copied from train_dopsd_lora.out_of_memory
+def out_of_memory(error):
+    """Whether `error`, or what it wraps, ran out of memory: an eager retry would not help."""
+    while error is not None:
+        if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+            return True
+        error = getattr(error, "inner_exception", None) or error.__cause__
+    return False
+
+
 # Copied from train_dopsd_lora.CompiledBlocks
 class CompiledBlocks:
     """torch.compile of the transformer's repeated blocks (diffusers' regional compilation) for every pass: the
@@ -2666,38 +2722,79 @@ class CompiledBlocks:
 
     Shapes are dynamic, so aspect buckets, the teacher's longer context and validation sizes share one set of
     graphs instead of compiling per shape. The teacher's weights are swapped in by storage, which keeps dynamo's
-    guards valid: after the first step nothing recompiles. New graphs are counted and logged. If compiling fails,
-    `call` puts the blocks back to eager and does the work again.
+    guards valid: after the first step nothing recompiles. New graphs are counted and logged.
+
+    A compile cannot make a run worse: while compiled, work that fails (dynamo, AOTAutograd's lazy backward compile,
+    inductor, triton, a later recompile) is done again eager, once, after one warning line, and the blocks stay
+    eager; if the eager retry fails too, its error is raised. Out of memory and user errors are raised at once. The
+    compiler's cache artifacts are kept in COMPILE_CACHE_FILE beside the checkpoints, so a resumed run reuses them.
     """
 
     backend = "inductor"
 
-    def __init__(self, transformer, enabled):
+    def __init__(self, transformer, enabled, cache_folder=None):
         self.transformer = transformer
         self.enabled = enabled
         self.graphs = 0
+        self.window, self.window_noise = [], None  # the accumulation window's micro-batches, its first noise state
+        self.loaded_artifacts = set()
         if enabled:
+            if cache_folder is not None:
+                self.load_cache(Path(cache_folder, COMPILE_CACHE_FILE))
             transformer.compile_repeated_blocks(backend=self.backend, dynamic=True)
 
-    def undo(self):
+    def fall_back(self, error):
+        """After `error` in compiled work: whether an eager retry may help. If so, one warning line and the blocks
+        are eager from now on."""
+        if not self.enabled or isinstance(error, UserError) or out_of_memory(error):
+            return False
+        cause = getattr(error, "inner_exception", None) or error  # what the compiler backend raised
+        reason = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
+        logger.warning(f"torch.compile failed ({reason}); going on eager from the same state (--no-compile skips"
+                       " the attempt)")
         for module in self.transformer.modules():
             module._compiled_call_impl = None  # what nn.Module.compile set
         self.enabled = False
+        return True
 
-    def call(self, work, reset=None):
-        """work(); if compiling fails in it: one warning line, eager blocks, reset() and work() again."""
-        if not self.enabled:
-            return work()
+    def call(self, work):
+        """work() (no gradients: validation, the base model's samples); done again eager if it fails compiled."""
         try:
             return work()
-        except torch._dynamo.exc.TorchDynamoException as error:
-            cause = getattr(error, "inner_exception", None) or error  # what the compiler backend raised
-            reason = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
-            logger.warning(f"torch.compile failed ({reason}); going on eager (--no-compile skips the attempt)")
-            self.undo()
-            if reset is not None:
-                reset()
+        except Exception as error:
+            if not self.fall_back(error):
+                raise
             return work()
+
+    def micro_batch(self, step, batch, accelerator, model, noise_generator, parameters):
+        """step(batch) for one micro-batch, inside accelerator.accumulate(model); returns its loss.
+
+        While compiled, the micro-batches since the last optimizer step are kept. If one fails, the whole window
+        runs again eager: the noise generator back at the window's start, its gradients dropped, the earlier
+        micro-batches under no_sync (they were not the window's last), then this one. accumulate()'s bookkeeping
+        stands as it is: the earlier micro-batches' optimizer_step calls only counted, and this micro-batch's
+        sync_gradients still decides the optimizer step that follows.
+        """
+        if not self.enabled:
+            return step(batch)
+        if not self.window:
+            self.window_noise = noise_generator.get_state()
+        self.window.append(batch)
+        try:
+            loss = step(batch)
+        except Exception as error:
+            if not self.fall_back(error):
+                raise
+            noise_generator.set_state(self.window_noise)
+            for parameter in parameters:
+                parameter.grad = None
+            for earlier in self.window[:-1]:
+                with accelerator.no_sync(model):
+                    step(earlier)
+            loss = step(batch)
+        if accelerator.sync_gradients or not self.enabled:
+            self.window = []
+        return loss
 
     def log_new_graphs(self, where):
         if not self.enabled:
@@ -2706,6 +2803,39 @@ class CompiledBlocks:
         if graphs > self.graphs:
             logger.info(f"torch.compile: {graphs - self.graphs} new graph(s) at {where}, {graphs} in all")
             self.graphs = graphs
+
+    def load_cache(self, path):
+        """Hand the compiler the artifacts a previous run saved at `path`; a damaged or foreign file: one warning."""
+        if not path.is_file():
+            return
+        quiet = logging.getLogger("torch.compiler._cache")  # it logs a traceback for a damaged file
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            info = torch.compiler.load_cache_artifacts(path.read_bytes())
+        except Exception:
+            info = None
+        finally:
+            quiet.setLevel(level)
+        if info is None:
+            logger.warning(f"{path} is damaged or was written by another torch version: compiling anew")
+            return
+        self.loaded_artifacts = {(kind, key) for kind, keys in info.artifacts.items() for key in keys}
+        logger.info(f"torch.compile: {len(self.loaded_artifacts)} cached artifact(s) loaded from {path}")
+
+    def save_cache(self, folder):
+        """Write the compiler's cache artifacts to COMPILE_CACHE_FILE in `folder` (with each checkpoint). A set
+        that lacks some of the loaded artifacts (torch records only what this process compiled) keeps the file."""
+        if not self.enabled:
+            return
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            return
+        artifacts, info = saved
+        if not self.loaded_artifacts <= {(kind, key) for kind, keys in info.artifacts.items() for key in keys}:
+            return
+        with atomic_output(Path(folder, COMPILE_CACHE_FILE)) as temporary:
+            temporary.write_bytes(artifacts)
 
 
 # Copied from train_dopsd_lora.setup
@@ -2859,14 +2989,6 @@ def apply_optimizer_settings(optimizer, lr_scheduler, args):
     schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
     if previous != args.learning_rate:
         logger.info(f"learning rate {previous} -> {args.learning_rate} from the resumed step on")
-# Copied from train_dopsd_lora.restart_step
-def restart_step(noise_generator, noise_state, parameters):
-    """Undo a first step that failed part-way: its roll-out noise is drawn again and its gradients are dropped."""
-    noise_generator.set_state(noise_state)
-    for parameter in parameters:
-        parameter.grad = None
-
-
 # Copied from train_dopsd_lora.train
 def train(args, accelerator, family, transformer, optimizer, ema_teacher, examples, store, validation, resume_path,
           project_name):
@@ -2886,7 +3008,7 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
     transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader,
                                                                            lr_scheduler)
     network = accelerator.unwrap_model(transformer)  # both roles, the teacher's passes and the validation images
-    compiled = CompiledBlocks(network, args.compile)
+    compiled = CompiledBlocks(network, args.compile, args.output_dir)
     backward_per_step = accelerator.distributed_type != DistributedType.DEEPSPEED
 
     if accelerator.is_main_process and args.report_to != "none":
@@ -2920,6 +3042,8 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
 
     def checkpoint():
         save_checkpoint(accelerator, args.output_dir, global_step, noise_generator, args.checkpoints_total_limit)
+        if accelerator.is_main_process:
+            compiled.save_cache(args.output_dir)
 
     def step(batch):
         if args.objective == "sft":
@@ -2933,17 +3057,11 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
         validation["prior_reference"] = compiled.call(lambda: base_prior_samples(family, network, validation, args,
                                                                                  resumed=resume_path is not None))
     transformer.train()
-    images, bad_steps, stop, first_step = {}, 0, StopRequest(), True
+    images, bad_steps, stop = {}, 0, StopRequest()
     try:
         for batch in batches:
             with accelerator.accumulate(transformer):
-                if first_step:  # the passes compile here; if that fails, the step restarts eager from the same noise
-                    noise_state = noise_generator.get_state()
-                    loss = compiled.call(lambda: step(batch),
-                                         reset=lambda: restart_step(noise_generator, noise_state, trainable))
-                    first_step = False
-                else:
-                    loss = step(batch)
+                loss = compiled.micro_batch(step, batch, accelerator, transformer, noise_generator, trainable)
                 compiled.log_new_graphs(f"step {global_step + 1} (bucket {batch['bucket'][0]}x{batch['bucket'][1]})")
                 applied = optimizer_step(accelerator, optimizer, lr_scheduler, trainable, args.max_grad_norm, loss)
             if not accelerator.sync_gradients:

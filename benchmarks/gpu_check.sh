@@ -1,28 +1,29 @@
 #!/usr/bin/env bash
 # The GPU figures of this trainer in one command; JSON lines, markdown and logs go to OUTDIR.
 #
-#   bash benchmarks/gpu_check.sh OUTDIR [all|speed|memory|lease]
+#   bash benchmarks/gpu_check.sh OUTDIR [all|speed|memory|quick]
 #
-# speed: the timing table (steps 1-3 below). memory: the --quantize_base memory table with its 16 GB / 12 GB fit
-# checks and the fp16 check (benchmarks/bench_memory.py), in full. all (default): speed, then memory as time allows.
-# lease: what fits one 15-minute GPU loan (under 9.5 minutes, each step capped): the eager table at 1024², compiled
-# klein-4B, then the memory table of klein-4B and Z-Image at 1024²; a capped step that runs out keeps its rows.
-# It leaves 8 files in OUTDIR, what one lent-GPU call brings back.
-#
-# Z-Image-Turbo, FLUX.2-klein-4B and -9B (random full-size weights) at 1024², K=4, gradient checkpointing, the
-# default LoRA, eager and compiled; klein-4B's edit teacher with a 512² reference; then, time allowing, 512² and the
-# memory table of benchmarks/bench_memory.py if it exists. It stops at the first failing command and ends with a
-# short table against the targets.
+# speed: Z-Image-Turbo, FLUX.2-klein-4B and -9B (random full-size weights) at 1024², K=4, gradient checkpointing,
+#   the default LoRA: eager and compiled (compile seconds of the first three buckets, recompiles); a compiled run
+#   that starts from a first run's saved compiler cache (what a resumed run pays); --quantize_base fp8 and
+#   fp8_compute against the bf16 base (seconds, peak, prediction difference; fp8_compute needs compute capability
+#   8.9+); klein-4B's edit teacher with a 512² reference; 512².
+# memory: the --quantize_base memory table with its 16 GB / 12 GB fit checks and the fp16 check.
+# all (default): speed, then memory as time allows.
+# quick: the most important figures in under 10 minutes of GPU time, each step capped (a capped step that runs out
+#   keeps its rows): eager and compiled klein-4B, its compile from a saved cache, fp8_compute on klein-4B, then the
+#   eager rows of Z-Image and klein-9B.
+# It stops at the first failing command (quick goes on) and ends with a short table against the targets.
 # GPU_CHECK_TINY=1 runs the same commands on the tiny CPU models (a check of this script, in minutes on a CPU).
 set -euo pipefail
 
-OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR [all|speed|memory|lease]}
+OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR [all|speed|memory|quick]}
 PART=${2:-all}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 
-# The lent GPU machine lacks diffusers and has no network: install the carried wheels first
-# (/work/shared/device-wheels/README.md). Elsewhere (no .whl/ folder) the installed packages are used.
+# A machine without network access can bring its wheels in .whl/; without that folder the installed packages are
+# used.
 if compgen -G ".whl/*.whl" > /dev/null; then
   S=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $S .whl/*.whl && export PYTHONPATH=$S PYTHONUNBUFFERED=1 || exit
 fi
@@ -36,34 +37,67 @@ else
 fi
 python3 -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 
-BENCH=(python3 benchmarks/bench_dopsd.py --rollout_steps 4 --gradient_checkpointing --repeats 2
-       --modes eager compiled --compile_backend "$BACKEND" --output "$OUT/bench.jsonl")
-rm -f "$OUT/bench.jsonl"
+BENCH_ARGS=(--rollout_steps 4 --gradient_checkpointing --repeats 2 --modes eager compiled --compile_backend "$BACKEND")
+BENCH=(python3 benchmarks/bench_dopsd.py "${BENCH_ARGS[@]}" --output "$OUT/bench.jsonl")
+rm -f "$OUT/bench.jsonl" "$OUT/bench-cache.jsonl"
 
-if [ "$PART" = lease ]; then
+# bench_dopsd.py, then the compiler's cache artifacts written to (save) or read first from (load) a file: a
+# compiled run, then one from its saved cache in an empty inductor cache folder, as a resumed run starts.
+WITH_CACHE='import runpy, sys, torch
+mode, cache = sys.argv.pop(1), sys.argv.pop(1)
+sys.argv[0] = "benchmarks/bench_dopsd.py"
+if mode == "load":
+    print("compiler cache artifacts loaded:", torch.compiler.load_cache_artifacts(open(cache, "rb").read()))
+runpy.run_path(sys.argv[0], run_name="__main__")
+saved = torch.compiler.save_cache_artifacts() if mode == "save" else None
+if saved is not None:
+    open(cache, "wb").write(saved[0])
+    print(f"saved {len(saved[0]) / 2**20:.1f} MiB of compiler cache artifacts to {cache}")'
+cached_compile() {
+  local folder; folder=$(mktemp -d)
+  TORCHINDUCTOR_CACHE_DIR=$folder/first python3 -c "$WITH_CACHE" save "$OUT/compile-cache.bin" "${BENCH_ARGS[@]}" \
+    --output "$OUT/bench-cache.jsonl" --modes compiled "$@"
+  if [ -f "$OUT/compile-cache.bin" ]; then
+    TORCHINDUCTOR_CACHE_DIR=$folder/resumed python3 -c "$WITH_CACHE" load "$OUT/compile-cache.bin" \
+      "${BENCH_ARGS[@]}" --output "$OUT/bench-cache.jsonl" --modes compiled "$@"
+  fi
+  rm -rf "$folder"
+}
+# fp8_compute needs fp8 tensor cores (compute capability 8.9+); elsewhere its rows are left out.
+FP8=(none fp8)
+if python3 -c "import sys, train_dopsd_lora as t; sys.exit(not t.has_fp8_tensor_cores())" 2>/dev/null; then
+  FP8+=(fp8_compute)
+fi
+
+if [ "$PART" = quick ]; then
   capped() { local seconds=$1 log=$2; shift 2; timeout "$seconds" "$@" 2>&1 | tee "$OUT/$log" || echo "(failed or stopped at its ${seconds} s cap)"; }
-  capped 200 bench-eager.log "${BENCH[@]}" --models "${MODELS[@]}" --resolutions "$RES" --modes eager
-  capped 150 bench-compiled.log "${BENCH[@]}" --models "$KLEIN" --resolutions "$RES" --modes compiled
-  for m in "$KLEIN" "${MODELS[0]}"; do
-    capped 110 "memory-$m.log" python3 benchmarks/bench_memory.py --models "$m" --resolutions "$RES" --output_dir "$OUT/memory"
-  done
+  capped 220 bench-klein.log "${BENCH[@]}" --models "$KLEIN" --resolutions "$RES"
+  capped 150 cache.log cached_compile --models "$KLEIN" --resolutions "$RES"
+  capped 90 fp8.log python3 benchmarks/bench_memory.py --models "$KLEIN" --resolutions "$RES" \
+    --quantize_base "${FP8[@]}" --output_dir "$OUT/fp8"
+  capped 100 bench-eager.log "${BENCH[@]}" --models "${MODELS[0]}" "${MODELS[@]:2}" --resolutions "$RES" --modes eager
 elif [ "$PART" != memory ]; then
   # 1. The table: every model at the training resolution, eager and compiled.
   "${BENCH[@]}" --models "${MODELS[@]}" --resolutions "$RES" --markdown "$OUT/bench-main.md" 2>&1 | tee "$OUT/bench-main.log"
-  # 2. What --reference_resolution saves on klein's edit teacher.
+  # 2. The compile a resumed run pays with the saved compiler cache.
+  cached_compile --models "${MODELS[@]}" --resolutions "$RES" 2>&1 | tee "$OUT/cache.log"
+  # 3. fp8 compute against weight-only fp8 and the bf16 base: seconds, peak, prediction difference.
+  python3 benchmarks/bench_memory.py --models "${MODELS[@]}" --resolutions "$RES" --quantize_base "${FP8[@]}" \
+    --output_dir "$OUT/fp8" 2>&1 | tee "$OUT/fp8.log"
+  # 4. What --reference_resolution saves on klein's edit teacher.
   "${BENCH[@]}" --models "$KLEIN" --resolutions "$RES" --reference_resolutions "$REFERENCE" \
     --markdown "$OUT/bench-reference.md" 2>&1 | tee "$OUT/bench-reference.log"
-  # 3. Time allowing: the smaller resolution.
+  # 5. Time allowing: the smaller resolution.
   if [ "$PART" = speed ] || [ "$SECONDS" -lt "$BUDGET_S" ]; then
     "${BENCH[@]}" --models "${MODELS[@]}" --resolutions "$SMALL_RES" --markdown "$OUT/bench-small.md" 2>&1 \
       | tee "$OUT/bench-small.log"
   fi
 fi
 if [ "$PART" = memory ] || { [ "$PART" = all ] && [ "$SECONDS" -lt "$BUDGET_S" ]; }; then
-  # 4. Peak memory per --quantize_base option at 512² and 1024², fit under 16 GB and 12 GB caps, prediction vs bf16.
+  # 6. Peak memory per --quantize_base option at 512² and 1024², fit under 16 GB and 12 GB caps, prediction vs bf16.
   python3 benchmarks/bench_memory.py --models "${MEMORY_MODELS[@]}" --resolutions "$SMALL_RES" "$RES" \
     --output_dir "$OUT/memory" 2>&1 | tee "$OUT/memory.log"
-  # 5. fp16 (cards without bf16): non-finite steps and the largest block output over 10 iterations.
+  # 7. fp16 (cards without bf16): non-finite steps and the largest block output over 10 iterations.
   python3 benchmarks/bench_memory.py --models "${MEMORY_MODELS[@]}" --resolutions "$RES" --fp16_check 10 \
     --output_dir "$OUT/fp16" 2>&1 | tee "$OUT/fp16.log"
 fi
@@ -94,5 +128,9 @@ for r in rows:
     print(f"{r['model']:<13}{r['resolution']:>6}{r['reference_resolution'] or '-':>6}{r['mode']:>10}"
           f"{r['iteration_s']:>9}{target or '-':>8}{r['ratio']:>7}{mfu_spec:>9}{mfu_matmul:>11}{peak:>7}"
           f"{compile_s:>11}")
+cached = out / "bench-cache.jsonl"
+if cached.exists():
+    for r in map(json.loads, cached.read_text().splitlines()):
+        print(f"compile s per bucket, {r['model']}: {r.get('compile_first_call_s')} (first run, then from the saved cache)")
 print(f"\nfull table: {out / 'bench.md'}; rows: {out / 'bench.jsonl'}")
 EOF
