@@ -2834,8 +2834,8 @@ class CompiledBlocks:
         artifacts, info = saved
         if not self.loaded_artifacts <= {(kind, key) for kind, keys in info.artifacts.items() for key in keys}:
             return
-        with atomic_output(Path(folder, COMPILE_CACHE_FILE)) as temporary:
-            temporary.write_bytes(artifacts)
+        write_output(Path(folder, COMPILE_CACHE_FILE), lambda temporary: temporary.write_bytes(artifacts), folder,
+                     optional=True)
 
 
 # Copied from train_dopsd_lora.setup
