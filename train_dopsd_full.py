@@ -2755,10 +2755,14 @@ class CompiledBlocks:
         reason = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
         logger.warning(f"torch.compile failed ({reason}); going on eager from the same state (--no-compile skips"
                        " the attempt)")
+        self.undo()
+        return True
+
+    def undo(self):
+        """The blocks eager again, for good."""
         for module in self.transformer.modules():
             module._compiled_call_impl = None  # what nn.Module.compile set
         self.enabled = False
-        return True
 
     def call(self, work):
         """work() (no gradients: validation, the base model's samples); done again eager if it fails compiled."""
