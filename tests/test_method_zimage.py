@@ -108,7 +108,7 @@ def test_cached_contexts_equal_fresh_ones(tmp_path, accelerator):
     assert first.caption != second.caption and store.path(first) != store.path(second)
     store.fill()
     assert len(list(store.folder.glob("*.safetensors"))) == len(examples) == 6  # 4 images, 2 with 2 captions
-    for role in (0, 1):
+    for role in ("student", "teacher"):
         assert not torch.equal(store.get(first)[role]["prompt_embeds"], store.get(second)[role]["prompt_embeds"])
     for example in examples:
         cached, fresh = store.get(example), store.compute(example)

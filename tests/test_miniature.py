@@ -1,0 +1,54 @@
+"""The miniature world (examples/miniature) at smoke sizes: it builds into a klein pipeline the trainer loads, and
+the experiment's pipeline (train with the trainer, sample, score, tabulate) runs end to end on it."""
+
+import json
+import sys
+
+import torch
+from PIL import Image
+
+from conftest import ROOT, lora_script
+
+
+sys.path.insert(0, str(ROOT / "examples" / "miniature"))
+
+import build_world  # noqa: E402
+import run_experiment  # noqa: E402
+
+
+def test_world_builds_and_fine_tuning_changes_its_samples(tmp_path):
+    torch.set_num_threads(1)
+    world = tmp_path / "world"
+    record = build_world.build(world, build_world.SMOKE_SIZES, log=lambda *_: None)
+
+    # A FLUX.2-klein folder that the trainer recognises, with batch-norm statistics measured on the data.
+    assert json.loads((world / "model" / "model_index.json").read_text())["_class_name"] == "Flux2KleinPipeline"
+    family = build_world.load_family(world / "model", 64, tmp_path / "scratch")
+    assert isinstance(family, lora_script.Flux2Klein) and family.pipeline.vae_scale_factor == 4
+    assert family.pipeline.vae.bn.running_mean.abs().sum() > 0
+    assert not torch.allclose(family.pipeline.vae.bn.running_var, torch.ones(16))
+    photos = sorted((world / "concept").glob("*.png"))
+    assert len(photos) == 6 and all(Image.open(p).size == (64, 64) for p in photos)
+    assert {p.with_suffix(".txt").read_text().strip() for p in photos} == {build_world.CONCEPT_CAPTION}
+    assert set(record["metrics"]) >= {"pretrained_4_steps", "distilled_4_steps", "distilled_reference_heart_accuracy"}
+
+    sizes = {"concept_samples": 4, "prior_per_shape": 1}
+    settings = dict(run_experiment.FINE_TUNE, max_train_steps=2, gradient_accumulation_steps=1)
+    base = run_experiment.run_one(world, tmp_path / "base", "base", 0, settings, **sizes)
+    tuned = run_experiment.run_one(world, tmp_path / "dopsd", "dopsd", 0, settings, **sizes)
+    assert (tmp_path / "dopsd" / lora_script.LORA_WEIGHT_NAME).exists()
+    assert tuned["concept_pixels"].shape == (4, 3, 64, 64) and tuned["prior_pixels"].shape == (8, 3, 64, 64)
+    assert not torch.allclose(tuned["concept_latents"], base["concept_latents"])  # the LoRA changed the model
+
+    evaluation = run_experiment.Evaluation(world, tmp_path / "scratch", **sizes)
+    scores = evaluation.scores(tuned, base)
+    assert scores["prior_drift"] > 0 and evaluation.scores(base, base)["prior_drift"] == 0
+    for name in ("concept_accuracy", "prior_accuracy", "prior_bleed", "palette_prior", "near_copies"):
+        assert 0 <= scores[name] <= 1
+    assert scores["diversity_rms"] > 0 and scores["nearest_photo_rms"] > 0
+    assert 0.5 < evaluation.palette_ceiling()["photos"] <= 1  # flat colours: most pixels are palette colours
+
+    table = run_experiment.summarise({"base": [evaluation.scores(base, base)], "dopsd": [scores]})
+    assert run_experiment.markdown_table(table, (0,)).count("\n") == 4
+    run_experiment.write_grid(tmp_path / "grid.png", {"base": base, "dopsd": tuned}, evaluation.photos)
+    assert Image.open(tmp_path / "grid.png").size == (88 + 8 * 64, 4 * 64)
