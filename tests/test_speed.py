@@ -198,7 +198,7 @@ def test_compile_cache_is_saved_with_the_checkpoint_and_loaded_on_resume(tmp_pat
         finally:
             torch._dynamo.reset()
 
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger=script.logger.logger.name):  # whatever level earlier tests left
         run(1)
         assert cache.is_file() and (tmp_path / "checkpoint-1").is_dir()
         assert CountedArtifact.populated == []
@@ -207,10 +207,11 @@ def test_compile_cache_is_saved_with_the_checkpoint_and_loaded_on_resume(tmp_pat
     assert any(f"1 cached artifact(s) loaded from {cache}" in r.getMessage() for r in caplog.records)
     cache.write_bytes(b"not a cache")
     caplog.clear()
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger=script.logger.logger.name):
         script.CompiledBlocks(None, False).load_cache(cache)
-    assert [r.getMessage() for r in caplog.records] == [
-        f"{cache} is damaged or was written by another torch version: compiling anew"]
+    messages = [r.getMessage() for r in caplog.records]  # "[RANK 0] " in front once accelerate has started
+    assert len(messages) == 1 and messages[0].endswith(
+        f"{cache} is damaged or was written by another torch version: compiling anew")
 
 
 def test_compile_is_off_by_default_on_cpu_and_can_be_forced():
