@@ -9,8 +9,8 @@ row, and decides what else is proved:
 - "setup": refused while the model folder, the data, the checkpoints and the model family are read; the last line is
   `error: ...` (a loading progress bar may come before it), and nothing is written: no output folder, no change at
   all under the row's folder.
-- "main": refused once the transformer is loaded, which is after setup has prepared the output folder; the last line
-  is `error: ...`.
+- "main": refused once the transformer is loaded; the last line is `error: ...`, and still nothing is written (the
+  first write, claim_output_dir, comes after every check).
 
 A row applies to both scripts unless it names one: "lora" for the LoRA flags (--rank, --lora_alpha, --lora_layers),
 "full" for what only full fine-tuning refuses (--quantize_base, a --train_layers prefix).
@@ -245,9 +245,8 @@ def test_every_bad_input_is_one_clear_line(kind, tmp_path, capsys):
             assert err.startswith("usage: ") and last.startswith(f"{prog}: error: "), context
         else:
             assert last.startswith("error: "), context
-        if row.stage != "main":
-            assert not (case / "out").exists(), context  # nothing is written before the input is checked
-            assert tree(case) == before, context
+        assert not (case / "out").exists(), context  # nothing is written before the input is checked
+        assert tree(case) == before, context
 
 
 @pytest.mark.parametrize("kind", SCRIPTS)
