@@ -1900,10 +1900,11 @@ def dopsd_step(family, student, network, ema_teacher, batch, accelerator, rollou
     timesteps, sigmas = family.rollout_schedule(rollout_steps, height, width)
     latents = family.initial_noise(len(batch["student"]), height, width, generator)  # fresh noise: on-policy
     noise = latents
+    clean = target_latents(batch, noise.device) if objective == "offpolicy" else None
     total_loss = torch.zeros((), device=latents.device)
     for k in range(rollout_steps):
         if objective == "offpolicy":
-            latents = noised_target(batch, noise, sigmas[k])
+            latents = noised_target(clean, noise, sigmas[k])
         with torch.no_grad(), ema_teacher.swapped_in(), accelerator.autocast():
             teacher_velocity = family.predict(network, latents, timesteps[k], teacher_context)
         # Gradients of all but the last step stay local; DDP averages them once, at the last backward.
@@ -1927,11 +1928,11 @@ def target_latents(batch, device):
 
 
 # Copied from train_dopsd_lora.noised_target
-def noised_target(batch, noise, sigma):
-    """The training image's latents noised to `sigma` (one, or one per sample) on the flow-matching path:
+def noised_target(clean, noise, sigma):
+    """Clean latents x0 noised to `sigma` (one, or one per sample) on the flow-matching path:
     (1 - sigma) x0 + sigma noise, in the noise's dtype."""
     sigma = sigma.view(-1, 1, 1, 1) if sigma.dim() else sigma
-    return ((1 - sigma) * target_latents(batch, noise.device) + sigma * noise.float()).to(noise.dtype)
+    return ((1 - sigma) * clean + sigma * noise.float()).to(noise.dtype)
 
 
 # Copied from train_dopsd_lora.sft_step
@@ -1942,9 +1943,10 @@ def sft_step(family, student, batch, accelerator, generator=None):
     height, width = batch["bucket"]
     noise = family.initial_noise(len(batch["student"]), height, width, generator)
     sigmas = family.training_sigmas(len(batch["student"]), height, width, generator)
-    latents = noised_target(batch, noise, sigmas)
+    clean = target_latents(batch, noise.device)
+    latents = noised_target(clean, noise, sigmas)
     velocity = family.predict(student, latents, sigmas * 1000, family.collate(batch["student"]))
-    loss = F.mse_loss(velocity.float(), noise.float() - target_latents(batch, noise.device))
+    loss = F.mse_loss(velocity.float(), noise.float() - clean)
     accelerator.backward(loss)
     return loss.detach()
 
