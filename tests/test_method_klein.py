@@ -93,7 +93,7 @@ def test_grafted_vlm_reproduces_klein_text_features(tmp_path):
     text = family.pipeline.tokenizer.apply_chat_template(
         [{"role": "user", "content": caption}], tokenize=False, add_generation_prompt=True, enable_thinking=False
     )
-    hidden_states, _ = family.vlm.hidden_states(text, max_length=family.max_sequence_length)
+    hidden_states, _ = family.vlm.hidden_states(text, max_length=family.args.max_sequence_length)
     stacked = torch.cat([hidden_states[k][0] for k in (9, 18, 27)], dim=-1)
     assert stacked.shape == student.shape == (512, 3 * 32)
     # interleaved per token as the pipeline stacks them: [layer 9 | layer 18 | layer 27]
