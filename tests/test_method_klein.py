@@ -100,6 +100,18 @@ def test_grafted_vlm_reproduces_klein_text_features(tmp_path):
     torch.testing.assert_close(stacked, student, rtol=1e-5, atol=1e-5)
 
 
+def test_max_sequence_length_is_the_pipelines_and_keys_the_cache(tmp_path):
+    _, short = load_family(tmp_path, TINY_KLEIN, "--max_sequence_length", "64")
+    caption = "a close-up photo of sks cat"
+    embeds = short.encode_student_context(caption)["prompt_embeds"]
+    expected, _ = short.pipeline.encode_prompt(caption, device="cpu", max_sequence_length=64)
+    assert embeds.shape == (64, 3 * 32)
+    torch.testing.assert_close(embeds, expected[0])
+    _, default = load_family(tmp_path / "default", TINY_KLEIN)
+    assert "max_sequence_length" not in default.context_fingerprint()  # caches made before the flag stay valid
+    assert short.context_fingerprint()["max_sequence_length"] == 64
+
+
 def test_vlm_teacher_context_holds_the_image_and_batches(tmp_path):
     args, family = load_family(tmp_path, TINY_KLEIN, "--teacher_context", "vlm")
     examples = script.collect_examples(args, family.resolution_multiple)

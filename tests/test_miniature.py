@@ -23,7 +23,7 @@ def test_world_builds_and_fine_tuning_changes_its_samples(tmp_path):
 
     # A FLUX.2-klein folder that the trainer recognises, with batch-norm statistics measured on the data.
     assert json.loads((world / "model" / "model_index.json").read_text())["_class_name"] == "Flux2KleinPipeline"
-    family = build_world.load_family(world / "model", 64, tmp_path / "scratch")
+    family = build_world.load_family(world / "model", 64, tmp_path / "scratch", build_world.text_tokens(world))
     assert isinstance(family, lora_script.Flux2Klein) and family.pipeline.vae_scale_factor == 4
     assert family.pipeline.vae.bn.running_mean.abs().sum() > 0
     assert not torch.allclose(family.pipeline.vae.bn.running_var, torch.ones(16))

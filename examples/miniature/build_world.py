@@ -189,13 +189,14 @@ class WorldSizes:
     latent_channels: int = 4
     vae_steps: int = 900
     vae_batch: int = 16
-    hidden: int = 64
+    text_tokens: int = 64  # the trainer's --max_sequence_length: short captions, and a quarter of the cost of 512
+    hidden: int = 96
     heads: int = 4
-    double_layers: int = 1
+    double_layers: int = 2
     single_layers: int = 2
     pool_size: int = 6000  # rendered training pairs per task
     nonce_words: int = 150
-    pretrain_steps: int = 500
+    pretrain_steps: int = 3000
     pretrain_batch: int = 32
     pretrain_lr: float = 1e-3
     ode_substeps: tuple = (2, 4, 6, 20)  # Euler steps of the 32-step ODE inside each of the 4 student steps
@@ -206,6 +207,7 @@ class WorldSizes:
     classifier_steps: int = 400
     check_images: int = 512  # images for the batch-norm statistics and the classifier's check
     eval_per_shape: int = 16
+    eval_every: int = 500  # pretraining steps between progress checks (shape accuracy at 32 steps)
     seed: int = 0
 
 
@@ -307,12 +309,18 @@ def save_pipeline(vae, transformer, folder, seed):
     pipeline.save_pretrained(folder)
 
 
-def load_family(model_folder, resolution, scratch):
+def text_tokens(world):
+    """The caption length a built world was made with (the trainer's --max_sequence_length)."""
+    record = json.loads((Path(world) / "build.json").read_text())
+    return record["sizes"].get("text_tokens", 512)
+
+
+def load_family(model_folder, resolution, scratch, max_sequence_length):
     """The trainer's klein family on the model folder, as `train_dopsd_lora.py` builds it (float32, CPU)."""
     scratch = Path(scratch)  # the family reads no data; the folders only satisfy the argument checks
     args = trainer.parse_args(["--pretrained_model_name_or_path", str(model_folder), "--instance_data_dir",
                                str(scratch / "data"), "--output_dir", str(scratch / "out"), "--resolution",
-                               str(resolution)])
+                               str(resolution), "--max_sequence_length", str(max_sequence_length)])
     family_class = trainer.detect_family(args)
     family_class.apply_defaults(args, trainer.TRAINING)
     return family_class(args, torch.float32, torch.device("cpu"))
@@ -454,7 +462,7 @@ def flow_matching_loss(family, transformer, clean, context, generator):
     return F.mse_loss(velocity, noise - clean)
 
 
-def pretrain(family, table, pools, sizes, log):
+def pretrain(family, table, pools, sizes, log, classifier=None):
     transformer = family.transformer.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=sizes.pretrain_lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, sizes.pretrain_steps)
@@ -473,7 +481,11 @@ def pretrain(family, table, pools, sizes, log):
         optimizer.step()
         schedule.step()
         if step % 100 == 0 or step == sizes.pretrain_steps - 1:
-            log(f"pretrain step {step}: text {text_loss.item():.4f}, reference {reference_loss.item():.4f}")
+            log(f"pretrain step {step}: text {text_loss.item():.4f}, reference {reference_loss.item():.4f}"
+                f" ({time.strftime('%H:%M:%S')})")
+        if classifier is not None and (step + 1) % sizes.eval_every == 0:
+            check = score_samples(family, transformer, classifier, table, sizes, 32, 1, per_shape=4)
+            log(f"pretrain step {step + 1}: shape accuracy at 32 steps {check['accuracy']:.3f}")
     transformer.eval().requires_grad_(False)
 
 
@@ -636,9 +648,9 @@ def prior_prompts():
 
 
 @torch.no_grad()
-def score_samples(family, transformer, classifier, table, sizes, num_steps, seed):
+def score_samples(family, transformer, classifier, table, sizes, num_steps, seed, per_shape=None):
     """Classifier accuracy and palette share of samples of 'a photo of a <shape>' for every prior shape."""
-    count = sizes.eval_per_shape
+    count = per_shape or sizes.eval_per_shape
     generator = torch.Generator().manual_seed(seed)
     correct, palette = [], []
     for label, prompt in enumerate(prior_prompts()):
@@ -686,41 +698,54 @@ def write_concept(folder, resolution, seed, count=6):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build(out, sizes=None, log=print):
-    """Build the world into `out` (model/, classifier.pt, concept/, build.json); returns the build record."""
+def build(out, sizes=None, log=print, reuse=None):
+    """Build the world into `out` (model/, classifier.pt, concept/, build.json); returns the build record. With
+    `reuse` (a built world), its autoencoder and classifier are taken instead of trained again: the transformer
+    stages, which are most of the cost, then start from the same codec and the same judge."""
     sizes = sizes or WorldSizes()
     out = Path(out)
     started = time.time()
     timings = {}
+    reused = json.loads((Path(reuse) / "build.json").read_text()) if reuse else None
 
     def mark(stage, since):
         timings[stage] = round(time.time() - since, 1)
         log(f"{stage}: {timings[stage]} s")
         return time.time()
 
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
     rng = np.random.default_rng(sizes.seed)
     torch.manual_seed(sizes.seed)
     clock = time.time()
-    vae, reconstruction_mse = train_vae(sizes, rng, log)
-    clock = mark("vae", clock)
+    if reused:
+        vae = AutoencoderKLFlux2.from_pretrained(Path(reuse) / "model" / "vae").eval().requires_grad_(False)
+        classifier = load_classifier(reuse)
+        reconstruction_mse = reused["metrics"]["vae_reconstruction_mse"]
+        classifier_accuracy = reused["metrics"]["classifier_accuracy"]
+        for stage in ("vae", "classifier"):
+            timings[stage] = reused["timings_s"][stage]
+        log(f"autoencoder and classifier taken from {reuse}")
+    else:
+        vae, reconstruction_mse = train_vae(sizes, rng, log)
+        clock = mark("vae", clock)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
 
     model = out / "model"
     save_pipeline(vae, make_transformer(sizes, sizes.latent_channels), model, sizes.seed)
     scratch = Path(tempfile.mkdtemp())
-    family = load_family(model, sizes.resolution, scratch)
+    family = load_family(model, sizes.resolution, scratch, sizes.text_tokens)
     table = CaptionTable(family)
     pools = make_pools(family, table, sizes, rng, log)
     check_teacher_context(family, table, render(random_layout(rng, "star", sizes.resolution), "red", "blue",
                                                 sizes.resolution), CONCEPT_CAPTION)
     clock = mark("data", clock)
 
-    classifier, classifier_accuracy = train_classifier(sizes, rng, log)
+    if not reused:
+        classifier, classifier_accuracy = train_classifier(sizes, rng, log)
+        clock = mark("classifier", clock)
     torch.save(classifier.state_dict(), out / "classifier.pt")
-    clock = mark("classifier", clock)
 
-    pretrain(family, table, pools, sizes, log)
+    pretrain(family, table, pools, sizes, log, classifier)
     clock = mark("pretrain", clock)
     metrics = {"vae_reconstruction_mse": reconstruction_mse, "classifier_accuracy": classifier_accuracy}
     metrics["pretrained_4_steps"] = score_samples(family, family.transformer, classifier, table, sizes, 4, 1)
@@ -738,8 +763,11 @@ def build(out, sizes=None, log=print):
     family.pipeline.save_pretrained(model)
     write_concept(out / "concept", sizes.resolution, sizes.seed + 40)
     shutil.rmtree(scratch, ignore_errors=True)
-    record = {"sizes": asdict(sizes), "metrics": metrics, "timings_s": timings,
-              "build_time_s": round(time.time() - started, 1), "torch_threads": torch.get_num_threads()}
+    # The build time counts the reused stages at what they took when they were built.
+    build_time = time.time() - started + sum(timings[stage] for stage in ("vae", "classifier") if reused)
+    record = {"sizes": asdict(sizes), "metrics": metrics, "timings_s": timings, "build_time_s": round(build_time, 1),
+              "torch_threads": torch.get_num_threads(), "reused_from_earlier_build": ["vae", "classifier"] if reused
+              else []}
     (out / "build.json").write_text(json.dumps(record, indent=1) + "\n")
     log(json.dumps(metrics, indent=1))
     log(f"built {out} in {record['build_time_s']} s")
@@ -750,9 +778,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, default=HERE / "world")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the build is timed with 1).")
+    parser.add_argument("--reuse", type=Path, default=None, help="A built world whose autoencoder and classifier"
+                        " are taken instead of trained again.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    build(args.output_dir)
+    torch.set_flush_denormal(True)  # tiny activations late in training otherwise slow the CPU down several-fold
+    build(args.output_dir, reuse=args.reuse)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,8 @@ def available_objectives(world):
 def training_argv(world, output_dir, objective, seed, settings=FINE_TUNE):
     argv = ["--pretrained_model_name_or_path", str(world / "model"), "--instance_data_dir", str(world / "concept"),
             "--output_dir", str(output_dir), "--resolution", "64", "--report_to", "none", "--seed", str(seed),
-            "--checkpointing_steps", "1000000", "--validation_steps", "1000000", "--overwrite_output_dir"]
+            "--checkpointing_steps", "1000000", "--validation_steps", "1000000", "--overwrite_output_dir",
+            "--max_sequence_length", str(world_lib.text_tokens(world))]
     for flag, value in settings.items():
         argv += [f"--{flag}", str(value)]
     if objective != "dopsd":
@@ -101,7 +102,7 @@ class Evaluation:
 
     def __init__(self, world, scratch, concept_samples=CONCEPT_SAMPLES, prior_per_shape=PRIOR_SAMPLES_PER_SHAPE):
         world = Path(world)
-        self.family = world_lib.load_family(world / "model", 64, scratch)
+        self.family = world_lib.load_family(world / "model", 64, scratch, world_lib.text_tokens(world))
         self.table = world_lib.CaptionTable(self.family)
         self.classifier = world_lib.load_classifier(world)
         photos = sorted((world / "concept").glob("*.png"))
@@ -176,7 +177,7 @@ def run_one(world, run_dir, objective, seed, settings=FINE_TUNE, **evaluation_si
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if objective == "base":
-        transformer = world_lib.load_family(world / "model", 64, run_dir).transformer
+        transformer = world_lib.load_family(world / "model", 64, run_dir, world_lib.text_tokens(world)).transformer
     else:
         transformer = trainer.main(trainer.parse_args(training_argv(world, run_dir, objective, seed, settings)))
     train_seconds = time.time() - started
