@@ -191,7 +191,11 @@ class WorldSizes:
     vae_batch: int = 16
     text_tokens: int = 64  # the trainer's --max_sequence_length: short captions, and a quarter of the cost of 512
     hidden: int = 96
-    heads: int = 4
+    heads: int = 2
+    # Rotary dimensions per position axis (frame, height, width, token), summing to the head width. The noisy image
+    # varies only in height and width: with an even split of a narrow head (6 each), one usable frequency is left
+    # per axis and the samples were shapeless blobs.
+    rope_axes: tuple = (4, 16, 16, 12)
     double_layers: int = 2
     single_layers: int = 2
     pool_size: int = 6000  # rendered training pairs per task
@@ -211,7 +215,8 @@ class WorldSizes:
     seed: int = 0
 
 
-SMOKE_SIZES = WorldSizes(vae_channels=(8, 8, 8), vae_steps=20, vae_batch=8, hidden=32, heads=2, single_layers=1,
+SMOKE_SIZES = WorldSizes(vae_channels=(8, 8, 8), vae_steps=20, vae_batch=8, hidden=32, heads=2, rope_axes=(4, 4, 4, 4),
+                         single_layers=1,
                          pool_size=48, nonce_words=4, pretrain_steps=6, pretrain_batch=8, distill_paths=8,
                          ode_substeps=(1, 1, 1, 2), distill_steps=4, distill_batch=8, classifier_steps=8,
                          check_images=32, eval_per_shape=1)
@@ -295,7 +300,7 @@ def make_transformer(sizes, latent_channels):
         patch_size=1, in_channels=4 * latent_channels, num_layers=sizes.double_layers,
         num_single_layers=sizes.single_layers, attention_head_dim=head_dim, num_attention_heads=sizes.heads,
         joint_attention_dim=3 * text_config(make_tokenizer()).hidden_size, timestep_guidance_channels=256,
-        axes_dims_rope=(head_dim // 4,) * 4, guidance_embeds=False,
+        axes_dims_rope=sizes.rope_axes, guidance_embeds=False,
     )
 
 
@@ -707,6 +712,7 @@ def build(out, sizes=None, log=print, reuse=None):
     started = time.time()
     timings = {}
     reused = json.loads((Path(reuse) / "build.json").read_text()) if reuse else None
+    continued = reused and (Path(reuse) / "pretrained").is_dir() and reused.get("pretrain_steps_total")
 
     def mark(stage, since):
         timings[stage] = round(time.time() - since, 1)
@@ -745,7 +751,13 @@ def build(out, sizes=None, log=print, reuse=None):
         clock = mark("classifier", clock)
     torch.save(classifier.state_dict(), out / "classifier.pt")
 
+    if continued:
+        # Pretraining goes on from an earlier build's pretrained transformer (same sizes), with a fresh schedule.
+        state = Flux2Transformer2DModel.from_pretrained(Path(reuse) / "pretrained").state_dict()
+        family.transformer.load_state_dict(state)
+        log(f"pretraining continues from {reuse}/pretrained ({continued} steps before)")
     pretrain(family, table, pools, sizes, log, classifier)
+    family.transformer.save_pretrained(out / "pretrained")  # to continue from; the model folder gets the distilled
     clock = mark("pretrain", clock)
     metrics = {"vae_reconstruction_mse": reconstruction_mse, "classifier_accuracy": classifier_accuracy}
     metrics["pretrained_4_steps"] = score_samples(family, family.transformer, classifier, table, sizes, 4, 1)
@@ -767,7 +779,10 @@ def build(out, sizes=None, log=print, reuse=None):
     build_time = time.time() - started + sum(timings[stage] for stage in ("vae", "classifier") if reused)
     record = {"sizes": asdict(sizes), "metrics": metrics, "timings_s": timings, "build_time_s": round(build_time, 1),
               "torch_threads": torch.get_num_threads(), "reused_from_earlier_build": ["vae", "classifier"] if reused
-              else []}
+              else [], "pretrain_steps_total": (continued or 0) + sizes.pretrain_steps}
+    if continued:
+        record["timings_s"]["pretrain_before"] = reused["timings_s"]["pretrain"]
+        record["build_time_s"] = round(build_time + reused["timings_s"]["pretrain"], 1)
     (out / "build.json").write_text(json.dumps(record, indent=1) + "\n")
     log(json.dumps(metrics, indent=1))
     log(f"built {out} in {record['build_time_s']} s")
@@ -779,11 +794,13 @@ def main():
     parser.add_argument("--output_dir", type=Path, default=HERE / "world")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the build is timed with 1).")
     parser.add_argument("--reuse", type=Path, default=None, help="A built world whose autoencoder and classifier"
-                        " are taken instead of trained again.")
+                        " are taken instead of trained again; where it kept its pretrained transformer, pretraining"
+                        " continues from it (--pretrain_steps more).")
+    parser.add_argument("--pretrain_steps", type=int, default=WorldSizes.pretrain_steps)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # tiny activations late in training otherwise slow the CPU down several-fold
-    build(args.output_dir, reuse=args.reuse)
+    build(args.output_dir, WorldSizes(pretrain_steps=args.pretrain_steps), reuse=args.reuse)
 
 
 if __name__ == "__main__":
