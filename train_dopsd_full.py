@@ -77,9 +77,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows every flag's default, except where there is none to show or the help text already says it."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default:" in (action.help or "").lower():
-            return action.help
+        if action.default is None or action.default is False or "default:" in (action.help or "").lower():
+            return action.help  # (not `in (None, False)`: a default of 0 equals False and would be hidden)
         return super()._get_help_string(action)
+
+
+# Copied from train_dopsd_lora.ArgumentParser
+class ArgumentParser(argparse.ArgumentParser):
+    """A flag error is one line saying what to fix, like every other error, without the 60-line usage before it
+    (--help shows that). Exit status 2, as argparse's."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
 
 
 # Copied from train_dopsd_lora.number
@@ -153,8 +162,8 @@ def resolution(text):
 
 # Own version of train_dopsd_lora.parse_args
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="D-OPSD full fine-tuning for Z-Image-Turbo and FLUX.2-klein.",
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(description="D-OPSD full fine-tuning for Z-Image-Turbo and FLUX.2-klein.",
+                            formatter_class=HelpFormatter)
     add_common_arguments(parser)
 
     group = parser.add_argument_group("full fine-tuning")
@@ -228,7 +237,8 @@ def add_common_arguments(parser):
         choices=list(QUANTIZATION_BACKENDS),
         help="Store the frozen transformer's block weights quantised (the LoRA stays full precision and trains as"
         " usual): int8 (bitsandbytes LLM.int8), nf4 (bitsandbytes 4-bit, QLoRA), fp8 (torchao float8 weight-only),"
-        " fp8_compute (float8 weights and matmuls on fp8 tensor cores, compute capability 8.9+).",
+        " fp8_compute (float8 weights and matmuls on fp8 tensor cores, compute capability 8.9+)."
+        if TRAINING == "lora" else argparse.SUPPRESS,  # full fine-tuning trains those weights: refused, not listed
     )
     group.add_argument(
         "--quantize_encoders",
@@ -453,6 +463,9 @@ class ModelFamily:
         if args.teacher_vlm_rope_theta != "text_encoder" and args.teacher_context != "vlm":
             raise UserError(f"--teacher_vlm_rope_theta applies to the vlm teacher only, not to {cls.name}'s"
                             f" {args.teacher_context} teacher")
+        if args.teacher_vlm_name_or_path is not None and args.teacher_context != "vlm":
+            raise UserError(f"--teacher_vlm_name_or_path applies to the vlm teacher only, not to {cls.name}'s"
+                            f" {args.teacher_context} teacher: add --teacher_context vlm to use that VLM, or drop it")
         if args.learning_rate is None:
             args.learning_rate = cls.default_learning_rate if training == "lora" else cls.default_learning_rate / 10
         args.validation_inference_steps = args.validation_inference_steps or cls.default_inference_steps
