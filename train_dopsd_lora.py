@@ -2019,9 +2019,11 @@ def log_validation(family, transformer, ema_teacher, validation, args, accelerat
             import wandb
 
             # the teacher's view has its training bucket's size: a panel of its own (one panel warns of mixed sizes)
-            tracker.log({panel: [wandb.Image(i, caption=n) for n, imgs in logged.items() for i in imgs
-                                 if n.startswith("teacher view") == (panel == "teacher view")]
-                         for panel in ("validation", "teacher view")}, step=step)
+            panels = {"validation": [], "teacher view": []}
+            for name, images in logged.items():
+                panel = "teacher view" if name.startswith("teacher view") else "validation"
+                panels[panel] += [wandb.Image(image, caption=name) for image in images]
+            tracker.log(panels, step=step)
     accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
     family.pipeline.vae.to("cpu" if args.cache_contexts else accelerator.device)
     transformer.train()
