@@ -77,9 +77,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows every flag's default, except where there is none to show or the help text already says it."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default:" in (action.help or "").lower():
-            return action.help
+        if action.default is None or action.default is False or "default:" in (action.help or "").lower():
+            return action.help  # (not `in (None, False)`: a default of 0 equals False and would be hidden)
         return super()._get_help_string(action)
+
+
+# Copied from train_dopsd_lora.ArgumentParser
+class ArgumentParser(argparse.ArgumentParser):
+    """A flag error is one line saying what to fix, like every other error, without the 60-line usage before it
+    (--help shows that). Exit status 2, as argparse's."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
 
 
 # Copied from train_dopsd_lora.number
@@ -153,8 +162,8 @@ def resolution(text):
 
 # Own version of train_dopsd_lora.parse_args
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="D-OPSD full fine-tuning for Z-Image-Turbo and FLUX.2-klein.",
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(description="D-OPSD full fine-tuning for Z-Image-Turbo and FLUX.2-klein.",
+                            formatter_class=HelpFormatter)
     add_common_arguments(parser)
 
     group = parser.add_argument_group("full fine-tuning")
@@ -228,7 +237,8 @@ def add_common_arguments(parser):
         choices=list(QUANTIZATION_BACKENDS),
         help="Store the frozen transformer's block weights quantised (the LoRA stays full precision and trains as"
         " usual): int8 (bitsandbytes LLM.int8), nf4 (bitsandbytes 4-bit, QLoRA), fp8 (torchao float8 weight-only),"
-        " fp8_compute (float8 weights and matmuls on fp8 tensor cores, compute capability 8.9+).",
+        " fp8_compute (float8 weights and matmuls on fp8 tensor cores, compute capability 8.9+)."
+        if TRAINING == "lora" else argparse.SUPPRESS,  # full fine-tuning trains those weights: refused, not listed
     )
     group.add_argument(
         "--quantize_encoders",
@@ -315,7 +325,8 @@ def add_common_arguments(parser):
     group.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in the backward"
                        " pass: far less memory, more compute.")
     group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Compute"
-                       " precision (default: accelerate's config); bf16 on GPUs that have it.")
+                       " precision. Default: accelerate launch's setting if it has one, else bf16 on a GPU that has"
+                       " it, else no (fp32); fp16 on GPUs without bf16.")
     group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
     group.add_argument("--attention_backend", type=str, default=None, help="diffusers attention backend, e.g."
                        " flash, _flash_3, native (default: PyTorch SDPA).")
@@ -456,6 +467,9 @@ class ModelFamily:
         if args.teacher_vlm_rope_theta != "text_encoder" and args.teacher_context != "vlm":
             raise UserError(f"--teacher_vlm_rope_theta applies to the vlm teacher only, not to {cls.name}'s"
                             f" {args.teacher_context} teacher")
+        if args.teacher_vlm_name_or_path is not None and args.teacher_context != "vlm":
+            raise UserError(f"--teacher_vlm_name_or_path applies to the vlm teacher only, not to {cls.name}'s"
+                            f" {args.teacher_context} teacher: add --teacher_context vlm to use that VLM, or drop it")
         if args.learning_rate is None:
             args.learning_rate = cls.default_learning_rate if training == "lora" else cls.default_learning_rate / 10
         args.validation_inference_steps = args.validation_inference_steps or cls.default_inference_steps
@@ -937,7 +951,6 @@ from diffusers.pipelines.z_image.pipeline_z_image import (  # noqa: E402
     retrieve_timesteps,
 )
 from diffusers.training_utils import find_nearest_bucket, free_memory, generate_aspect_ratio_buckets  # noqa: E402
-from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -2099,8 +2112,12 @@ def log_validation(family, transformer, ema_teacher, validation, args, accelerat
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({"validation": [wandb.Image(i, caption=n) for n, imgs in logged.items() for i in imgs]},
-                        step=step)
+            # the teacher's view has its training bucket's size: a panel of its own (one panel warns of mixed sizes)
+            panels = {"validation": [], "teacher view": []}
+            for name, images in logged.items():
+                panel = "teacher view" if name.startswith("teacher view") else "validation"
+                panels[panel] += [wandb.Image(image, caption=name) for image in images]
+            tracker.log(panels, step=step)
     accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
     family.pipeline.vae.to("cpu" if args.cache_contexts else accelerator.device)
     transformer.train()
@@ -2187,16 +2204,58 @@ def metrics_table(output_dir, rows=12):
     return "\n".join(lines) + "\n"
 
 
+# Copied from train_dopsd_lora.hub_id
+def hub_id(name_or_path):
+    """The name if it is a Hub repository id, None for a local folder."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(name_or_path).exists():
+        return None
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return None
+    return name_or_path
+
+
+# Copied from train_dopsd_lora.base_model_reference
+def base_model_reference(name_or_path):
+    """The base model in the card's text: a link to its Hub page; a local folder by its name, no link."""
+    repo = hub_id(name_or_path)
+    if repo is None:
+        return f"a local pipeline folder (`{Path(name_or_path).name}`)"
+    return f"[{repo}](https://huggingface.co/{repo})"
+
+
+# Copied from train_dopsd_lora.card_prompt
+def card_prompt(args):
+    """The prompt of the card's code example: the first validation prompt (its samples are the card's gallery), else
+    the instance prompt as training saw it, else the trigger word."""
+    if args.validation_prompt:
+        return args.validation_prompt[0]
+    if args.instance_prompt:
+        return with_trigger_word(args.instance_prompt, args.trigger_word)
+    return args.trigger_word or "your prompt"
+
+
+# Copied from train_dopsd_lora.weights_location
+def weights_location(args, repo_id):
+    """Where the card's code loads the trained weights from: the Hub repository once its owner is known (user/name,
+    as --push_to_hub or a full --hub_model_id gives it), else the output folder."""
+    return repo_id if "/" in repo_id else args.output_dir
+
+
 # Copied from train_dopsd_lora.write_model_card
 def write_model_card(args, repo_id, description, widget, tags):
-    """README.md in output_dir: diffusers' card template with the base model's license and a gallery of samples."""
+    """README.md in output_dir: the Hub's metadata (base model, license, gallery, tags), then the description. A base
+    model from a local folder is named in the text only: the Hub links base models by repository id."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(library_name="diffusers", base_model=args.pretrained_model_name_or_path,
-                         instance_prompt=args.trigger_word, widget=widget or None,
+    data = ModelCardData(library_name="diffusers", base_model=hub_id(args.pretrained_model_name_or_path),
+                         instance_prompt=args.trigger_word, widget=widget or None, tags=tags,
                          **base_model_license(args.pretrained_model_name_or_path))
-    card = ModelCard.from_template(data, template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description)
-    write_output(Path(args.output_dir) / "README.md", populate_model_card(card, tags=tags).save, args.output_dir)
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{description}")
+    write_output(Path(args.output_dir) / "README.md", card.save, args.output_dir)
 
 
 # Copied from train_dopsd_lora.HUB_IGNORE
@@ -2267,14 +2326,18 @@ def save_model_card(args, family, repo_id, images):
     transformer_class = type(family.transformer).__name__
     trigger = (f"Use `{args.trigger_word}` in the prompt to trigger the concept." if args.trigger_word else
                "No trigger word: the captions of the training data were used.")
+    weights = weights_location(args, repo_id)
+    download = ("The transformer in diffusers format is under"
+                f" [`transformer/`](https://huggingface.co/{repo_id}/tree/main/transformer)." if weights == repo_id
+                else "The transformer in diffusers format is in `transformer/`, beside this card.")
+    prompt = json.dumps(card_prompt(args), ensure_ascii=False)
+    gallery = "\n<Gallery />\n" if widget else ""  # (no samples without a validation prompt)
     description = f"""
 # {repo_id}: {family.name} fully fine-tuned with D-OPSD
-
-<Gallery />
-
+{gallery}
 ## Model description
 
-The transformer of [{args.pretrained_model_name_or_path}](https://huggingface.co/{args.pretrained_model_name_or_path})
+The transformer of {base_model_reference(args.pretrained_model_name_or_path)}
 fine-tuned with {CARD_OBJECTIVE[args.objective].format(k=args.rollout_steps)}
 
 ## Trigger words
@@ -2283,7 +2346,7 @@ fine-tuned with {CARD_OBJECTIVE[args.objective].format(k=args.rollout_steps)}
 
 ## Download model
 
-The transformer in diffusers format is under [`transformer/`](https://huggingface.co/{repo_id}/tree/main/transformer).
+{download}
 {"The EMA teacher's weights are in `transformer_ema/`." if args.save_ema else ""}
 
 ## Use it with diffusers
@@ -2292,10 +2355,10 @@ The transformer in diffusers format is under [`transformer/`](https://huggingfac
 import torch
 from diffusers import {pipeline_class}, {transformer_class}
 
-transformer = {transformer_class}.from_pretrained("{repo_id}", subfolder="transformer", dtype=torch.bfloat16)
+transformer = {transformer_class}.from_pretrained("{weights}", subfolder="transformer", dtype=torch.bfloat16)
 pipe = {pipeline_class}.from_pretrained("{args.pretrained_model_name_or_path}", transformer=transformer,
                                      dtype=torch.bfloat16).to("cuda")
-image = pipe("your prompt", num_inference_steps={args.validation_inference_steps},
+image = pipe({prompt}, num_inference_steps={args.validation_inference_steps},
              guidance_scale={family.guidance_scale}).images[0]
 ```
 
@@ -2850,6 +2913,46 @@ class CompiledBlocks:
                      optional=True)
 
 
+# Copied from train_dopsd_lora.gpu_has_bf16
+def gpu_has_bf16():
+    """Whether the CUDA GPU computes bf16 natively (compute capability 8.0+). torch.cuda.is_bf16_supported() alone
+    also says yes where bf16 is only emulated (T4, V100): slowly, and not what the memory figures assume."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+# Copied from train_dopsd_lora.default_mixed_precision
+def default_mixed_precision():
+    """--mixed_precision when none is given: what `accelerate launch` was told (its config or flag), else bf16 on a
+    GPU that has it (every memory figure in the README is bf16; fp32 takes twice the memory), else none (fp32)."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION") or ("bf16" if gpu_has_bf16() else "no")
+
+
+# Copied from train_dopsd_lora.device_and_precision
+def device_and_precision(accelerator):
+    """The start-up line naming where the run computes and in which precision."""
+    device, precision = accelerator.device, accelerator.mixed_precision
+    line = f"training on {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    if accelerator.num_processes > 1:
+        line += f", {accelerator.num_processes} processes"
+    line += " in " + {"no": "fp32", "bf16": "bf16 mixed precision",
+                      "fp16": "fp16 mixed precision with a gradient scaler"}.get(precision, precision)
+    if device.type == "cuda" and precision == "no":
+        line += ("; --mixed_precision bf16 halves the memory" if gpu_has_bf16() else
+                 "; --mixed_precision fp16 halves the memory (this GPU has no bf16)")
+    return line
+
+
+# Copied from train_dopsd_lora.ProgressBarSafeHandler
+class ProgressBarSafeHandler(logging.StreamHandler):
+    """Log lines printed above the progress bar (tqdm.write), not glued onto the end of its line."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 # Copied from train_dopsd_lora.setup
 def setup(args):
     """Check inputs, start accelerate, load the model family. Bad input fails here, before any long work and before
@@ -2869,6 +2972,7 @@ def setup(args):
     resume_path = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     check_output_dir_is_free(args)
 
+    args.mixed_precision = args.mixed_precision or default_mixed_precision()
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -2877,7 +2981,8 @@ def setup(args):
                                             logging_dir=Path(args.output_dir, args.logging_dir)),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO,
+                        handlers=[ProgressBarSafeHandler()])
     if accelerator.is_local_main_process:
         transformers.utils.logging.set_verbosity_warning()
         diffusers.utils.logging.set_verbosity_warning()
@@ -2890,8 +2995,9 @@ def setup(args):
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     cuda = accelerator.device.type == "cuda"
-    if accelerator.mixed_precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+    if accelerator.mixed_precision == "bf16" and cuda and not gpu_has_bf16():
         raise UserError("this GPU has no bf16: use --mixed_precision fp16 (trained with a gradient scaler)")
+    logger.info(device_and_precision(accelerator))
 
     if accelerator.distributed_type == DistributedType.FSDP:
         raise UserError("FSDP shards the parameters that the EMA teacher swaps in; use DDP or DeepSpeed ZeRO-2"
@@ -3025,8 +3131,13 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
 
     if accelerator.is_main_process and args.report_to != "none":
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        if not write_output(Path(args.output_dir, args.logging_dir), lambda _: accelerator.init_trackers(
-                project_name, config=config), args.output_dir, optional=True, in_place=True):
+
+        def start_trackers(path):  # wandb's run folder goes here too, not into the current directory
+            path.mkdir(parents=True, exist_ok=True)
+            accelerator.init_trackers(project_name, config=config, init_kwargs={"wandb": {"dir": str(path)}})
+
+        if not write_output(Path(args.output_dir, args.logging_dir), start_trackers, args.output_dir, optional=True,
+                            in_place=True):
             accelerator.trackers = []
 
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)

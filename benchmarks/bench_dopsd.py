@@ -18,7 +18,7 @@ achieved FLOP/s over two peaks, each labelled: the card's dense bf16 peak from i
 for other cards) and what one large matmul in the training dtype measures on this device at the start of the run.
 Between models everything the last one held is freed (on a GPU the run stops if anything is left allocated), so
 each model's peak memory is its own. One JSON line per configuration goes to --output, a markdown table to
---markdown.
+--markdown (default: outputs/benchmarks/, which git ignores; measured rows worth keeping go to benchmarks/results/).
 
     python benchmarks/bench_dopsd.py --models z-image klein-4b --resolutions 1024 --gradient_checkpointing \
         --modes eager compiled
@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 ROOT = Path(__file__).resolve().parents[1]
+OUTPUT_DIR = ROOT / "outputs" / "benchmarks"  # ignored by git: a run never changes the repository's files
 sys.path.insert(0, str(ROOT))
 
 import train_dopsd_lora as trainer  # noqa: E402
@@ -429,8 +430,8 @@ def main(argv=None):
     parser.add_argument("--attention_backend", type=str, default=None)
     parser.add_argument("--memory_fraction", type=float, default=None, help="Cap the GPU memory (e.g. 16/80 to"
                         " check that a run fits a 16 GB card).")
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results.jsonl"))
-    parser.add_argument("--markdown", type=Path, default=Path("benchmarks/results.md"))
+    parser.add_argument("--output", type=Path, default=OUTPUT_DIR / "bench.jsonl", help="JSON lines, appended.")
+    parser.add_argument("--markdown", type=Path, default=OUTPUT_DIR / "bench.md", help="The markdown table.")
     args = parser.parse_args(argv)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     trainer.CompiledBlocks.backend = args.compile_backend

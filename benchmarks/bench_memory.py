@@ -11,7 +11,8 @@ each --quantize_base option (none = the bf16 base), with the trainer's own funct
   - with --fp16_check N: N iterations with fp16 weights under fp16 autocast and accelerate's gradient scaler (what
     --mixed_precision fp16 does on cards without bf16), counting non-finite losses and gradients and recording the
     largest activation magnitude at the output of any transformer block (fp16 overflows above 65504).
-One JSON line per row goes to OUTPUT_DIR/memory.jsonl, a markdown table to OUTPUT_DIR/memory.md.
+One JSON line per row goes to OUTPUT_DIR/memory.jsonl, a markdown table to OUTPUT_DIR/memory.md (default:
+outputs/benchmarks/memory/, which git ignores).
 
     python benchmarks/bench_memory.py --models z-image klein-4b klein-9b --quantize_base none nf4 int8 fp8
     python benchmarks/bench_memory.py --models z-image klein-4b klein-9b --fp16_check 20
@@ -239,7 +240,7 @@ def main(argv=None):
     parser.add_argument("--fp16_check", type=int, default=0, help="Instead of the memory table: run this many fp16"
                         " iterations per model (cards without bf16) and count non-finite steps.")
     parser.add_argument("--attention_backend", type=str, default=None)
-    parser.add_argument("--output_dir", type=Path, default=Path("benchmarks/memory"))
+    parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "benchmarks" / "memory")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     # One mixed precision per process (accelerate's state is global): fp16 for the fp16 check, else bf16.

@@ -3,6 +3,7 @@
 Everything runs on the CPU in float32 on the tiny random models under examples/tiny (no network, no downloads).
 """
 
+import json
 import logging
 import os
 import subprocess
@@ -27,11 +28,22 @@ CONCEPT = ROOT / "examples" / "data" / "chelsea-cat"
 TINY_RESOLUTION = 64
 
 
+def uses_vlm_teacher(model, extra):
+    """Whether a run of `model` with these flags has the VLM teacher (the scripts refuse a VLM named for another):
+    Z-Image-Turbo's default, or klein with --teacher_context vlm."""
+    flags = [str(a) for a in extra]
+    if "--teacher_context" in flags:
+        return flags[len(flags) - 1 - flags[::-1].index("--teacher_context") + 1] == "vlm"
+    index = Path(model) / "model_index.json"
+    return not (index.is_file() and json.loads(index.read_text())["_class_name"] == "Flux2KleinPipeline")
+
+
 def script_args(output_dir, model=TINY_ZIMAGE, *extra, data=CONCEPT):
-    """The argument list of a short tiny-model run; `extra` flags override the defaults (argparse keeps the last)."""
+    """The argument list of a short tiny-model run; `extra` flags override the defaults (argparse keeps the last).
+    The tiny teacher VLM is named where the run uses it."""
     return [
         "--pretrained_model_name_or_path", str(model),
-        "--teacher_vlm_name_or_path", str(TINY_VLM),
+        *(["--teacher_vlm_name_or_path", str(TINY_VLM)] if uses_vlm_teacher(model, extra) else []),
         "--instance_data_dir", str(data),
         "--output_dir", str(output_dir),
         "--resolution", str(TINY_RESOLUTION),

@@ -51,6 +51,30 @@ def test_benchmark_prints_a_row_per_configuration(tmp_path, monkeypatch):
     assert f"| n/a | {mfu} |" in table
 
 
+def test_a_benchmark_run_with_its_defaults_writes_into_the_ignored_outputs_folder(monkeypatch):
+    """Run as its docstring's CPU example shows (no output flags), a benchmark changes no file of the repository and
+    leaves no untracked one: its defaults lie under outputs/, which .gitignore names."""
+    import argparse
+
+    import benchmarks.bench_memory as bench_memory
+    from conftest import ROOT
+
+    parsers = []
+
+    def keep_parser(parser, args=None, namespace=None):
+        parsers.append(parser)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", keep_parser)
+    for main in (bench.main, bench_memory.main):
+        with pytest.raises(SystemExit):
+            main([])
+    defaults = [parsers[0].get_default("output"), parsers[0].get_default("markdown"),
+                parsers[1].get_default("output_dir")]
+    assert all(path.is_relative_to(ROOT / "outputs" / "benchmarks") for path in defaults), defaults
+    assert "/outputs/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
 def test_bench_spec_peak_is_looked_up_by_card_name(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: names[device.index])
     names = ["NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", "NVIDIA L4"]

@@ -3,13 +3,14 @@ and a bad input's one line without a traceback in a real process (every bad inpu
 
 import json
 import logging
+import re
 import shutil
 import sys
 
 import pytest
 import torch
 from conftest import load_lora_into_pipeline, CONCEPT, TINY_ZIMAGE, lora_script as script, run_in_process, run_script
-from conftest import script_args
+from conftest import ROOT, script_args
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -18,15 +19,19 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from diffusers import ZImagePipeline
 
 
+README = ROOT / "README.md"
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Three steps of one batch each via `accelerate launch`, a checkpoint after each, validation at the end."""
+    """Three steps of one batch each via `accelerate launch`, a checkpoint after each, validation at the end, logged
+    to wandb (offline)."""
     output_dir = tmp_path_factory.mktemp("zimage-run")
     result = run_script(script_args(output_dir, TINY_ZIMAGE, "--max_train_steps", 3, "--checkpointing_steps", 1,
                                     "--gradient_accumulation_steps", 1, "--validation_steps", 3,
                                     "--validation_prompt", "a photo of sks cat", "--ema_decay", 0.9,
-                                    "--learning_rate", 1e-3, "--rank", 8, "--lora_alpha", 16),
-                        launcher="accelerate")
+                                    "--learning_rate", 1e-3, "--rank", 8, "--lora_alpha", 16, "--report_to", "wandb"),
+                        launcher="accelerate", env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     return output_dir, result
 
 
@@ -48,6 +53,27 @@ def test_run_writes_lora_checkpoints_and_samples(trained):
         assert final[key].dtype == torch.bfloat16 and last[key].dtype == torch.float32
         scale = 2.0 if ".lora_B." in key else 1.0
         torch.testing.assert_close(final[key], (scale * last[key]).to(torch.bfloat16))
+
+
+def test_a_run_names_its_device_logs_above_the_progress_bar_and_writes_only_its_output_folder(trained):
+    output_dir, result = trained
+    lines = re.split(r"[\r\n]", result.stderr)
+    # the precision is said, not silent (accelerate launch --cpu: fp32)
+    assert any(line.endswith("] training on cpu in fp32") for line in lines), result.stderr[-3000:]
+    # each log line is a line of its own, also those written while the progress bar shows (the validation's)
+    logged = [line for line in lines if re.search(r" - (INFO|WARNING) - ", line)]
+    assert any("validation at step 3:" in line for line in logged)
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ - ", line) for line in logged), logged
+    # wandb's run folder is in the output folder's logs, not in the current directory (here the repository)
+    assert any(p.name.startswith("offline-run-") for p in (output_dir / "logs" / "wandb").iterdir())
+    started = output_dir.stat().st_ctime
+    assert not any(p.stat().st_mtime >= started for p in (ROOT / "wandb").glob("*"))
+    # the output folder holds what the README's quick start lists, nothing else
+    listed = re.search(r"leaves in `outputs/quickstart/`: (.*?)The images are", README.read_text(), re.S).group(1)
+    listed = {re.sub(r"-\d+$", "-N", name.rstrip("/")) for name in re.findall(r"`([^`]+)`", listed)
+              if not name.startswith("--")}  # (flags named on the way)
+    written = {re.sub(r"-\d+$", "-N", path.name) for path in output_dir.iterdir()}
+    assert written == listed
 
 
 def test_ema_teacher_is_updated_after_every_optimizer_step(trained):

@@ -1,12 +1,15 @@
 """The exported LoRA means the same in every loader, carries its description in the header, and the model card and
 Hub upload say what a user needs: both families, on the tiny models, without training (a random LoRA is exported)."""
 
+import ast
+import hashlib
 import json
 import re
 from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from conftest import TINY_KLEIN, TINY_ZIMAGE, add_random_lora, load_family, load_lora_into_pipeline
 from conftest import lora_script as script
 from PIL import Image
@@ -93,7 +96,7 @@ def exported(request, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("export")
     args, family = load_family(output_dir, request.param, "--trigger_word", "sks")
     add_random_lora(family.transformer, args)
-    script.export_lora(args, family, family.transformer, output_dir)
+    script.export_lora(args, family, family.transformer, output_dir, num_images=4)
     script.save_lora(family, family.transformer, output_dir / "checkpoint")
     return args, family, output_dir
 
@@ -146,6 +149,30 @@ def test_header_describes_the_lora_for_lora_managers(exported):
     assert header["modelspec.training_method"] == "D-OPSD" and header["modelspec.title"] == output_dir.name
     assert header["ss_network_dim"] == header["ss_network_alpha"] == "4"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", header["modelspec.date"])
+    # the trigger word where ComfyUI's LoRA managers and A1111 read it: kohya's tag frequencies ({data folder: {tag:
+    # images}}) and a trained-words list; and modelspec's usage hint with the few-step settings
+    assert json.loads(header["ss_tag_frequency"]) == {"chelsea-cat": {"sks": 4}}
+    assert header["ss_num_train_images"] == "4"
+    assert json.loads(header["trained_words"]) == ["sks"]
+    steps, guidance = (8, 0.0) if family.name == "Z-Image-Turbo" else (4, 1.0)
+    assert header["modelspec.usage_hint"] == (f"Trigger word: sks. {steps} steps, guidance {guidance}, LoRA strength"
+                                              f" 1.0 on {family.name}")
+    # modelspec's hash: sha256 of the tensor data, everything after the header
+    data = (output_dir / script.LORA_WEIGHT_NAME).read_bytes()
+    tensor_data = data[8 + int.from_bytes(data[:8], "little"):]
+    assert header["modelspec.hash_sha256"] == "0x" + hashlib.sha256(tensor_data).hexdigest()
+
+
+def test_a_lora_without_trigger_word_names_none(exported, tmp_path):
+    args, family, _ = exported
+    if family.name != "Z-Image-Turbo":
+        pytest.skip("one family is enough")
+    script.export_lora(SimpleNamespace(**{**vars(args), "trigger_word": None}), family, family.transformer, tmp_path,
+                       num_images=4)
+    with safe_open(tmp_path / script.LORA_WEIGHT_NAME, "pt") as f:
+        header = f.metadata()
+    assert not {"modelspec.trigger_phrase", "ss_tag_frequency", "trained_words"} & set(header)
+    assert header["modelspec.usage_hint"] == "8 steps, guidance 0.0, LoRA strength 1.0 on Z-Image-Turbo"
 
 
 @pytest.mark.parametrize("save_dtype, expected", [("fp16", torch.float16), ("fp32", torch.float32)])
@@ -155,7 +182,7 @@ def test_save_dtype_sets_the_precision_and_the_pipeline_loads_it(exported, tmp_p
         pytest.skip("one family is enough for the dtype flag")
     args.save_dtype = save_dtype
     try:
-        script.export_lora(args, family, family.transformer, tmp_path)
+        script.export_lora(args, family, family.transformer, tmp_path, num_images=4)
     finally:
         args.save_dtype = "bf16"
     state = load_file(tmp_path / script.LORA_WEIGHT_NAME)
@@ -177,17 +204,33 @@ def read_card(folder):
     return front, body
 
 
+def card_example(body):
+    """The card's Python example, parsed: (the prompt it samples, the string the trained weights load from)."""
+    code = ast.parse(body.split("```python\n")[1].split("```")[0])
+    calls = {node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id: node
+             for node in ast.walk(code) if isinstance(node, ast.Call)}
+    loads = calls["load_lora_weights"] if "load_lora_weights" in calls else next(
+        c for c in ast.walk(code) if isinstance(c, ast.Call) and any(k.arg == "subfolder" for k in c.keywords))
+    return calls["pipe"].args[0].value, loads.args[0].value
+
+
+def card_args(args, output_dir, **changes):
+    """The exported run's arguments as either script's card reads them."""
+    return SimpleNamespace(**{**vars(args), "output_dir": str(output_dir), "save_ema": False, "ema_dtype": "fp32",
+                              "ema_device": "cpu", "train_layers": None, **changes})
+
+
 @pytest.mark.parametrize("script_module", [script, full_script], ids=["lora", "full"])
 def test_model_card_names_license_gallery_trigger_and_usage(exported, tmp_path, script_module):
     args, family, _ = exported
-    card_args = SimpleNamespace(**{**vars(args), "output_dir": str(tmp_path), "save_ema": False, "ema_dtype": "fp32",
-                                   "ema_device": "cpu", "train_layers": None})
-    images = {"a photo of sks cat": [Image.new("RGB", (64, 64))], "teacher view: x": [Image.new("RGB", (64, 64))]}
-    script_module.save_model_card(card_args, family, "alice/sks-cat", images)
+    prompt = 'a photo of sks cat on the beach, "golden hour"'
+    images = {prompt: [Image.new("RGB", (64, 64))], "teacher view: x": [Image.new("RGB", (64, 64))]}
+    script_module.save_model_card(card_args(args, tmp_path, validation_prompt=[prompt]), family, "alice/sks-cat",
+                                  images)
     front, body = read_card(tmp_path)
     # local tiny models without a card: the folder name decides (z-image-turbo is known, flux2-klein is not)
     assert f"license: {'apache-2.0' if family.name == 'Z-Image-Turbo' else 'other'}" in front
-    assert "- text: a photo of sks cat" in front and "url: image_0.png" in front
+    assert yaml.safe_load(front)["widget"] == [{"text": prompt, "output": {"url": "image_0.png"}}]
     assert (tmp_path / "image_0.png").is_file()
     assert "instance_prompt: sks" in front
     for tag in ["diffusers", "d-opsd", *family.hub_tags]:
@@ -195,12 +238,39 @@ def test_model_card_names_license_gallery_trigger_and_usage(exported, tmp_path, 
     assert "<Gallery />" in body and "## Trigger words" in body and "`sks`" in body
     assert "## Download model" in body and "https://huggingface.co/alice/sks-cat/" in body
     assert "dtype=torch.bfloat16" in body and "torch_dtype" not in body
+    assert "TODO" not in front + body  # diffusers' template leaves "How to use: TODO" sections; this card has none
+    # the example prompts with the validation prompt (the gallery's), quoted so that the code runs as written
+    assert card_example(body) == (prompt, "alice/sks-cat")
+    # the base model is a local folder: named, not linked, and not the card's base_model (the Hub links that)
+    assert "base_model" not in front and f"huggingface.co/{args.pretrained_model_name_or_path}" not in body
+    folder = TINY_ZIMAGE.name if family.name == "Z-Image-Turbo" else TINY_KLEIN.name
+    assert f"a local pipeline folder (`{folder}`)" in body
     if script_module is script:
         assert "- template:sd-lora\n" in front and "- lora\n" in front
-        assert 'pipe.load_lora_weights("alice/sks-cat")' in body and "## Use it in ComfyUI / Forge" in body
-        assert "strength **1.0**" in body
-    else:
-        assert 'from_pretrained("alice/sks-cat", subfolder="transformer"' in body
+        assert "## Use it in ComfyUI / Forge" in body and "strength **1.0**" in body
+
+
+@pytest.mark.parametrize("script_module", [script, full_script], ids=["lora", "full"])
+def test_a_card_written_without_the_hub_links_nothing_it_cannot_name(exported, tmp_path, script_module):
+    """Without --push_to_hub the repository has no owner yet (a bare name): the card links no repository and its
+    example loads this folder; without a validation prompt there are no samples, so no gallery either."""
+    args, family, _ = exported
+    script_module.save_model_card(card_args(args, tmp_path, validation_prompt=None), family, "sks-cat",
+                                  {"teacher view: x": [Image.new("RGB", (64, 64))]})
+    front, body = read_card(tmp_path)
+    assert "huggingface.co/sks-cat" not in body and "<Gallery />" not in body and "widget" not in front
+    assert not list(tmp_path.glob("image_*.png"))
+    assert card_example(body) == ("sks", str(tmp_path))  # no validation prompt: the trigger word
+
+
+def test_a_hub_base_model_is_linked_and_named_in_the_card_data(exported, tmp_path, monkeypatch):
+    args, family, _ = exported
+    monkeypatch.setattr(script, "base_model_license", lambda name: {"license": "apache-2.0"})  # offline
+    script.save_model_card(card_args(args, tmp_path, pretrained_model_name_or_path="Tongyi-MAI/Z-Image-Turbo"),
+                           family, "alice/sks-cat", {})
+    front, body = read_card(tmp_path)
+    assert "base_model: Tongyi-MAI/Z-Image-Turbo" in front
+    assert "[Tongyi-MAI/Z-Image-Turbo](https://huggingface.co/Tongyi-MAI/Z-Image-Turbo)" in body
 
 
 def test_license_of_known_base_models_when_their_card_cannot_be_read():

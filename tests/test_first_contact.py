@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 from conftest import lora_script as script, script_args
@@ -52,9 +53,13 @@ def test_help_documents_every_flag_with_its_default(module, monkeypatch, capsys)
         module.parse_args(["--help"])
     parser = parsers[0]
     undocumented = [a.option_strings for a in parser._actions if not a.help or a.help == argparse.SUPPRESS]
-    assert undocumented == []
+    # full fine-tuning refuses --quantize_base (it trains those weights), so its --help does not offer it
+    assert undocumented == ([] if module is script else [["--quantize_base"]])
     text = " ".join(parser.format_help().split())
     assert "(default: 2000)" in text and "(default: 0.9999)" in text and "(default: None)" not in text
+    # a default of 0 is a default like any other (0 == False once hid it)
+    assert "Random seed. (default: 0)" in text and "lr schedule. (default: 0)" in text
+    assert "AdamW weight decay. (default: 0.0)" in text
     if module is script:
         assert "(default: 64)" in text and "(default: bf16)" in text
 
@@ -94,3 +99,57 @@ def test_help_answers_before_the_heavy_imports(script_name):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--pretrained_model_name_or_path" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def fake_gpu(monkeypatch, compute_capability_major, name="NVIDIA L4"):
+    """A CUDA GPU as torch sees it; bf16 tensors can be made on it, as on every CUDA card (emulated before 8.0)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(
+        major=compute_capability_major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+def test_without_mixed_precision_a_gpu_with_bf16_trains_in_bf16_and_says_so(monkeypatch):
+    import torch
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert script.default_mixed_precision() == "no"  # this CPU
+    fake_gpu(monkeypatch, 8)  # Ampere or newer
+    assert script.default_mixed_precision() == "bf16"
+    # a T4 or V100: torch says it "supports" bf16 (emulated, slowly), but it has none: fp32, and the line says so
+    fake_gpu(monkeypatch, 7, "Tesla T4")
+    assert torch.cuda.is_bf16_supported() and not script.gpu_has_bf16()
+    assert script.default_mixed_precision() == "no"
+    accelerator = SimpleNamespace(device=torch.device("cuda", 0), mixed_precision="no", num_processes=2)
+    assert script.device_and_precision(accelerator) == ("training on cuda:0 (Tesla T4), 2 processes in fp32;"
+                                                        " --mixed_precision fp16 halves the memory (this GPU has no"
+                                                        " bf16)")
+    # accelerate launch's own setting (its config or flag) wins
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert script.default_mixed_precision() == "fp16"
+
+
+def test_the_accelerate_configs_take_the_number_of_gpus_from_the_command_line():
+    """No config fixes the process count (8 processes on a 2-GPU machine fail deep inside); without
+    --num_processes accelerate refuses at once."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    from conftest import ROOT
+
+    for config in sorted((ROOT / "examples" / "accelerate").glob("*.yaml")):
+        parsed = launch_command_parser().parse_args(["--config_file", str(config), "--num_processes", "2", "x.py"])
+        assert _validate_launch_command(parsed)[0].num_processes == 2
+        with pytest.raises(ValueError, match="--num_processes"):
+            _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(config), "x.py"]))
+
+
+def test_the_install_section_names_every_optional_library_a_flag_needs():
+    from conftest import ROOT
+
+    install = ROOT.joinpath("README.md").read_text().split("## Install")[1].split("\n## ")[0]
+    for library in {"bitsandbytes", "torchao", "wandb"}:  # --quantize_base/--quantize_encoders, --use_8bit_adam; wandb
+        assert f"`{library}`" in install, library

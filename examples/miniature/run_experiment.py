@@ -65,7 +65,7 @@ GRID_PRIOR_SHAPES = ("circle", "star", "square", "ring")
 
 
 def quiet_parse(argv):
-    """trainer.parse_args, or None where the trainer refuses the arguments (its usage message is swallowed)."""
+    """trainer.parse_args, or None where the trainer refuses the arguments (its error line is swallowed)."""
     with contextlib.redirect_stderr(io.StringIO()):
         try:
             return trainer.parse_args(argv)

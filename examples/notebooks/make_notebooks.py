@@ -1,8 +1,10 @@
 """Write dopsd_colab.ipynb and dopsd_kaggle.ipynb (nbformat 4) from the cells below: python make_notebooks.py
 
-Both notebooks share every cell but the introduction, the settings and the log-in. Cell tags that
-tests/test_notebooks.py honours: "parameters" (the settings a test overrides), "hub" (log-in and upload, skipped
-in the test), "upload" (interactive file upload, skipped); lines starting with ! or % are shell/magic lines, skipped.
+Both notebooks share every cell but the introduction, the settings, the log-in and the photo upload. The first code
+cell holds the one setting a notebook cannot guess, REPO_URL (this trainer's git repository: your fork or copy), and
+stops with a message until it is set. Cell tags that tests/test_notebooks.py honours: "parameters" (the settings a test
+overrides), "hub" (log-in and upload to the Hub, skipped in the test), "upload" (interactive photo upload, run with
+stand-ins for the browser); lines starting with ! or % are shell/magic lines, skipped.
 """
 
 import json
@@ -10,7 +12,7 @@ from pathlib import Path
 
 
 HERE = Path(__file__).resolve().parent
-REPO_URL = "https://github.com/YOUR-ACCOUNT/dopsd"  # the URL of this trainer's repository (or your fork)
+REPO_URL = "https://github.com/YOUR-ACCOUNT/dopsd"  # the placeholder the first cell refuses until it is replaced
 
 
 def markdown(text):
@@ -23,9 +25,29 @@ def code(text, *tags):
 
 
 INSTALL = code(f"""
+# >>> SET THIS: the git URL of the D-OPSD trainer's repository (your fork or copy of it), then run the cell. <<<
+REPO_URL = "{REPO_URL}"
+
 # Install: the trainer and its requirements. torch is preinstalled here and is kept.
-!git clone {REPO_URL} dopsd
-%cd dopsd
+import os
+import subprocess
+from pathlib import Path
+
+if "YOUR-ACCOUNT" in REPO_URL:
+    raise ValueError("Set REPO_URL at the top of this cell to the git URL of the D-OPSD trainer's repository (your"
+                     " fork or copy of it), then run this cell again.")
+if not Path("train_dopsd_lora.py").is_file():  # not in the trainer's folder yet
+    if not Path("dopsd").exists():
+        clone = subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "dopsd"], capture_output=True, text=True,
+                               env={{**os.environ, "GIT_TERMINAL_PROMPT": "0"}})  # a wrong URL fails, never asks
+        if clone.returncode:
+            reason = (clone.stderr.strip().splitlines() or [f"exit status {{clone.returncode}}"])[-1]
+            raise ValueError(f"git clone {{REPO_URL}} failed ({{reason}}): check REPO_URL at the top of this cell, then"
+                             " run it again.")
+    if not Path("dopsd", "train_dopsd_lora.py").is_file():
+        raise ValueError(f"{{REPO_URL}} has no train_dopsd_lora.py: set REPO_URL to the D-OPSD trainer's repository,"
+                         " delete the dopsd folder (!rm -rf dopsd) and run this cell again.")
+    os.chdir("dopsd")
 !pip install -q -r requirements.txt
 """)
 
@@ -47,10 +69,40 @@ for name, data in files.upload().items():
         f.write(data)
 """, "upload")
 
+UPLOAD_KAGGLE = code("""
+# Choose your photos (and .txt captions) with the button: each is saved to DATA_DIR as it arrives, then run the next
+# cells. For many or large photos add them as a Kaggle dataset instead and set DATA_DIR to /kaggle/input/<name>.
+import os
+
+import ipywidgets
+from IPython.display import display
+
+os.makedirs(DATA_DIR, exist_ok=True)
+
+
+def save_uploads(change):
+    # ipywidgets 8: a tuple of {"name", "content", ...}; ipywidgets 7: {name: {"metadata": {"name", ...}, "content"}}
+    files = change["new"].values() if isinstance(change["new"], dict) else change["new"]
+    for file in files:
+        name = os.path.basename(file["name"] if "name" in file else file["metadata"]["name"])
+        with open(os.path.join(DATA_DIR, name), "wb") as f:
+            f.write(bytes(file["content"]))
+        print(f"saved {name}")
+
+
+uploader = ipywidgets.FileUpload(accept="image/*,.txt", multiple=True)
+uploader.observe(save_uploads, names="value")
+display(uploader)
+""", "upload")
+
 CHECK_DATA = code("""
 from pathlib import Path
 
-images = [p for p in sorted(Path(DATA_DIR).iterdir()) if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"}]
+folder = Path(DATA_DIR)
+suffixes = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+images = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in suffixes] if folder.is_dir() else []
+if not images:
+    raise ValueError(f"no photos in {DATA_DIR}: add them (the cell above uploads them), then run this cell again.")
 captioned = [p for p in images if p.with_suffix(".txt").exists()]
 print(f"{len(images)} images in {DATA_DIR}, {len(captioned)} with a caption file")
 """)
@@ -165,6 +217,9 @@ COLAB = [
 Teach FLUX.2-klein-4B (or Z-Image-Turbo) your concept and keep its 4-8-step sampling (D-OPSD, arXiv 2605.05204).
 **Runtime > Change runtime type**: klein-4B on an **L4** (24 GB; the free T4 has no bf16 and has not been measured
 with this trainer), Z-Image-Turbo on an **A100** (or L4). About 1000 steps take a few hours.
+
+**First**: set `REPO_URL` at the top of the next cell to the git URL of the D-OPSD trainer's repository (your fork or
+copy); the cell stops with this reminder until it is set.
 """),
     INSTALL,
     settings("black-forest-labs/FLUX.2-klein-4B", "/content/my_concept", COLAB_FLAGS, "klein-4B on an L4."),
@@ -178,12 +233,16 @@ KAGGLE = [
 Teach FLUX.2-klein-4B your concept and keep its 4-step sampling (D-OPSD, arXiv 2605.05204). **Settings**:
 Accelerator GPU T4 x2 or P100, Internet on. Both are 16 GB cards **without bf16**: the run uses fp16 with a gradient
 scaler at 768 px. This configuration has not been measured yet; if it runs out of memory lower `--resolution` or use
-Colab's L4. Add your images as a Kaggle dataset and point `DATA_DIR` to it (`/kaggle/input/<name>`).
+Colab's L4. Upload your photos with the upload cell, or add them as a Kaggle dataset and set `DATA_DIR` to it
+(`/kaggle/input/<name>`).
+
+**First**: set `REPO_URL` at the top of the next cell to the git URL of the D-OPSD trainer's repository (your fork or
+copy); the cell stops with this reminder until it is set.
 """),
     INSTALL,
-    settings("black-forest-labs/FLUX.2-klein-4B", "/kaggle/input/my-concept", KAGGLE_FLAGS,
-             "Kaggle T4 / P100 (16 GB, no bf16)."),
-    LOGIN_KAGGLE, IMAGES, CHECK_DATA, TRAIN, SAMPLES, PUSH, USE,
+    settings("black-forest-labs/FLUX.2-klein-4B", "/kaggle/working/my_concept", KAGGLE_FLAGS,
+             "Kaggle T4 / P100 (16 GB, no bf16). A Kaggle dataset as DATA_DIR: /kaggle/input/<name>"),
+    LOGIN_KAGGLE, IMAGES, UPLOAD_KAGGLE, CHECK_DATA, TRAIN, SAMPLES, PUSH, USE,
 ]
 
 
