@@ -2331,6 +2331,8 @@ def save_model_card(args, family, repo_id, images):
                 f" [`transformer/`](https://huggingface.co/{repo_id}/tree/main/transformer)." if weights == repo_id
                 else "The transformer in diffusers format is in `transformer/`, beside this card.")
     prompt = json.dumps(card_prompt(args), ensure_ascii=False)
+    if args.max_sequence_length != 512:  # trained on captions of another length: sample with the same
+        prompt += f", max_sequence_length={args.max_sequence_length}"
     gallery = "\n<Gallery />\n" if widget else ""  # (no samples without a validation prompt)
     description = f"""
 # {repo_id}: {family.name} fully fine-tuned with D-OPSD

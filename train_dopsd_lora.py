@@ -2260,6 +2260,8 @@ def save_model_card(args, family, repo_id, images):
                 f" ({args.save_dtype}, rank {args.rank}), also under *Files and versions*." if weights == repo_id else
                 f"`{LORA_WEIGHT_NAME}` ({args.save_dtype}, rank {args.rank}), beside this card.")
     prompt = json.dumps(card_prompt(args), ensure_ascii=False)
+    if args.max_sequence_length != 512:  # trained on captions of another length: sample with the same
+        prompt += f", max_sequence_length={args.max_sequence_length}"
     gallery = "\n<Gallery />\n" if widget else ""  # (no samples without a validation prompt)
     description = f"""
 # {repo_id}: D-OPSD LoRA for {family.name}

@@ -240,7 +240,7 @@ def test_model_card_names_license_gallery_trigger_and_usage(exported, tmp_path, 
     assert "dtype=torch.bfloat16" in body and "torch_dtype" not in body
     assert "TODO" not in front + body  # diffusers' template leaves "How to use: TODO" sections; this card has none
     # the example prompts with the validation prompt (the gallery's), quoted so that the code runs as written
-    assert card_example(body) == (prompt, "alice/sks-cat")
+    assert card_example(body) == (prompt, "alice/sks-cat") and "max_sequence_length" not in body
     # the base model is a local folder: named, not linked, and not the card's base_model (the Hub links that)
     assert "base_model" not in front and f"huggingface.co/{args.pretrained_model_name_or_path}" not in body
     folder = TINY_ZIMAGE.name if family.name == "Z-Image-Turbo" else TINY_KLEIN.name
@@ -255,12 +255,16 @@ def test_a_card_written_without_the_hub_links_nothing_it_cannot_name(exported, t
     """Without --push_to_hub the repository has no owner yet (a bare name): the card links no repository and its
     example loads this folder; without a validation prompt there are no samples, so no gallery either."""
     args, family, _ = exported
-    script_module.save_model_card(card_args(args, tmp_path, validation_prompt=None), family, "sks-cat",
-                                  {"teacher view: x": [Image.new("RGB", (64, 64))]})
+    script_module.save_model_card(card_args(args, tmp_path, validation_prompt=None, max_sequence_length=64), family,
+                                  "sks-cat", {"teacher view: x": [Image.new("RGB", (64, 64))]})
     front, body = read_card(tmp_path)
     assert "huggingface.co/sks-cat" not in body and "<Gallery />" not in body and "widget" not in front
     assert not list(tmp_path.glob("image_*.png"))
     assert card_example(body) == ("sks", str(tmp_path))  # no validation prompt: the trigger word
+    # trained on 64-token captions: the example samples with the same length (the default 512 is not written)
+    call = next(node for node in ast.walk(ast.parse(body.split("```python\n")[1].split("```")[0]))
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "pipe")
+    assert {k.arg: k.value.value for k in call.keywords}["max_sequence_length"] == 64
 
 
 def test_a_hub_base_model_is_linked_and_named_in_the_card_data(exported, tmp_path, monkeypatch):
