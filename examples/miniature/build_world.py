@@ -154,9 +154,9 @@ def render(layout, foreground, background, size):
     return image.resize((size, size), Image.Resampling.BOX)
 
 
-def two_colours(rng):
-    foreground, background = rng.choice(len(COLOURS), 2, replace=False)
-    return COLOURS[foreground], COLOURS[background]
+def two_colours(rng, colours=COLOURS):
+    foreground, background = rng.choice(len(colours), 2, replace=False)
+    return colours[foreground], colours[background]
 
 
 def to_pixels(images):
@@ -189,6 +189,11 @@ class WorldSizes:
     latent_channels: int = 4
     vae_steps: int = 900
     vae_batch: int = 16
+    # The domain the transformer learns: colours drawn from, and how far shapes move and scale (the autoencoder and
+    # the classifier see all eight colours and wider layouts).
+    colours: tuple = tuple(COLOURS)
+    jitter: float = 0.125
+    radius: tuple = (0.22, 0.36)
     text_tokens: int = 64  # the trainer's --max_sequence_length: short captions, and a quarter of the cost of 512
     hidden: int = 96
     heads: int = 2
@@ -403,15 +408,16 @@ def make_pools(family, table, sizes, rng, log, batch=256):
     text_images, text_captions, references, targets, reference_captions = [], [], [], [], []
     for _ in range(sizes.pool_size):
         shape = PRIOR_SHAPES[int(rng.integers(len(PRIOR_SHAPES)))]
-        foreground, background = two_colours(rng)
-        text_images.append(render(random_layout(rng, shape, size), foreground, background, size))
+        foreground, background = two_colours(rng, sizes.colours)
+        text_images.append(render(random_layout(rng, shape, size, sizes.jitter, sizes.radius), foreground, background,
+                                  size))
         text_captions.append(table(text_caption(shape, foreground, background, rng.random() < 0.7)))
         # Reference task: half named shapes, half random polygons; the target keeps the reference's outline and
         # placement, its colours are drawn anew (named in the caption, or left to chance).
         shape = PRIOR_SHAPES[int(rng.integers(len(PRIOR_SHAPES)))] if rng.random() < 0.5 else "polygon"
-        layout = random_layout(rng, shape, size)
-        references.append(render(layout, *two_colours(rng), size))
-        foreground, background = two_colours(rng)
+        layout = random_layout(rng, shape, size, sizes.jitter, sizes.radius)
+        references.append(render(layout, *two_colours(rng, sizes.colours), size))
+        foreground, background = two_colours(rng, sizes.colours)
         targets.append(render(layout, foreground, background, size))
         word = shape if shape != "polygon" and rng.random() < 0.5 else "shape"
         draw = rng.random()
@@ -672,7 +678,8 @@ def score_reference_generation(family, transformer, classifier, table, sizes, rn
     """Generation from a reference of the held-out shape with the concept's caption, as the edit teacher sees it:
     share of samples that the classifier names the held-out shape."""
     count = 4 * sizes.eval_per_shape
-    images = [render(random_layout(rng, CONCEPT_SHAPE, sizes.resolution), *two_colours(rng), sizes.resolution)
+    images = [render(random_layout(rng, CONCEPT_SHAPE, sizes.resolution, sizes.jitter, sizes.radius),
+                     *two_colours(rng, sizes.colours), sizes.resolution)
               for _ in range(count)]
     tokens, ids = reference_tokens(family, images)
     context = {"prompt_embeds": table.stack([table.teacher(CONCEPT_CAPTION)] * count), "image_latents": tokens,
@@ -687,13 +694,13 @@ def score_reference_generation(family, transformer, classifier, table, sizes, rn
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def write_concept(folder, resolution, seed, count=6):
+def write_concept(folder, resolution, seed, colours=COLOURS, count=6):
     """`count` photos of the held-out shape, roughly centred, in varied colours, each captioned CONCEPT_CAPTION."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
         image = render(random_layout(rng, CONCEPT_SHAPE, resolution, jitter=0.06, radius=(0.28, 0.34)),
-                       *two_colours(rng), resolution)
+                       *two_colours(rng, colours), resolution)
         image.save(folder / f"sks-{i}.png")
         (folder / f"sks-{i}.txt").write_text(CONCEPT_CAPTION + "\n")
 
@@ -773,7 +780,7 @@ def build(out, sizes=None, log=print, reuse=None):
 
     family.pipeline.transformer = family.transformer
     family.pipeline.save_pretrained(model)
-    write_concept(out / "concept", sizes.resolution, sizes.seed + 40)
+    write_concept(out / "concept", sizes.resolution, sizes.seed + 40, sizes.colours)
     shutil.rmtree(scratch, ignore_errors=True)
     # The build time counts the reused stages at what they took when they were built.
     build_time = time.time() - started + sum(timings[stage] for stage in ("vae", "classifier") if reused)
