@@ -1,11 +1,13 @@
 """Several training runs in one `accelerate launch` (for the multi-process tests: the processes start once).
 
-argv[1] is a JSON list of runs, each {"script": module name, "argv": [...], "resume": {"from": output_dir,
-"drop": "checkpoint-N"}}: a run with "resume" first gets a copy of that finished run's output folder without its
-checkpoint N (made by the main process). After each run every process writes probe-<rank>.pt in the run's output
-folder: the velocity the network predicts as student and, inside the EMA teacher's swap, as teacher, for the same
-input (recorded at the run's last validation, where every process of an FSDP2 run takes part), and under DDP and
-DeepSpeed its final weights.
+argv[1] is a JSON list of runs, each {"script": module name, "argv": [...], "copy": {...}, "env": {...}}:
+- "copy": {"from": an earlier run's output folder, "drop": [names]} starts the run from a copy of that folder
+  without those entries (a resumed run: without the last checkpoint); {"from": ..., "only": [names]} from a copy of
+  just those entries (the context cache). The main process copies.
+- "env" is set for the run: ACCELERATE_USE_FSDP "false" in a launch with an FSDP config makes a DDP run.
+After each run every process writes probe-<rank>.pt in the run's output folder: the velocity the network predicts
+as student and, inside the EMA teacher's swap, as teacher, for the same input (recorded at the run's last
+validation, where every process of an FSDP2 run takes part), and under DDP and DeepSpeed its final weights.
 
 accelerate 1.15 turns FSDP on only for GPU-type process groups; on CPU processes (gloo) this worker switches the
 state to FSDP after accelerate set it up, as accelerate does on GPUs, so the trainer's FSDP2 path runs unchanged.
@@ -16,12 +18,14 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,12 +34,14 @@ set_up_state = AcceleratorState.__init__
 
 def set_up_state_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
     set_up_state(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-    if os.environ.get("ACCELERATE_USE_FSDP") == "true" and self.distributed_type == DistributedType.MULTI_CPU:
-        self.fsdp_plugin = fsdp_plugin or FullyShardedDataParallelPlugin()
-        self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if self.distributed_type in (DistributedType.MULTI_CPU, DistributedType.FSDP):
+        fsdp = os.environ.get("ACCELERATE_USE_FSDP") == "true"
+        self.fsdp_plugin = (fsdp_plugin or FullyShardedDataParallelPlugin()) if fsdp else None
+        self.distributed_type = DistributedType.FSDP if fsdp else DistributedType.MULTI_CPU
+        PartialState._shared_state["distributed_type"] = self.distributed_type
 
 
-def probe(script, output_dir, record):
+def probe(script, record):
     """Wrap the script's log_validation: record student and teacher predictions on the teacher view's input."""
     log_validation = script.log_validation
 
@@ -51,7 +57,8 @@ def probe(script, output_dir, record):
             with ema_teacher.swapped_in():
                 teacher = family.predict(transformer, latents, timesteps[1], context)
             again = family.predict(transformer, latents, timesteps[1], context)  # the student, put back
-        record.update(latents=latents, timestep=timesteps[1], student=student, teacher=teacher, again=again)
+        record.update(latents=latents, timestep=timesteps[1], context=context, student=student, teacher=teacher,
+                      again=again)
         return log_validation(family, transformer, ema_teacher, validation, args, accelerator, step)
 
     return recording
@@ -59,17 +66,30 @@ def probe(script, output_dir, record):
 
 if __name__ == "__main__":
     AcceleratorState.__init__ = set_up_state_with_fsdp_on_cpu
+    os.environ["FORK_LAUNCHED"] = "1"  # accelerate then keeps the process group when a run ends, for the next one
+    launched_with = dict(os.environ)
     for run in json.loads(sys.argv[1]):
+        os.environ.update({**launched_with, **run.get("env", {})})
         script = importlib.import_module(run["script"])
         args = script.parse_args(run["argv"])
-        state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU") == "true")  # as Accelerator() will
-        if "resume" in run and state.is_main_process:
-            shutil.copytree(run["resume"]["from"], args.output_dir, ignore=shutil.ignore_patterns(
-                run["resume"]["drop"], "probe-*", ".dopsd.lock"))
-        state.wait_for_everyone()
+        rank = int(os.environ["RANK"])  # accelerate's state is the script's to set up (its process group)
+        copy = run.get("copy")
+        if copy and rank == 0:
+            source, copying = Path(copy["from"]), Path(f"{args.output_dir}.copying")
+            copying.mkdir(parents=True)
+            for entry in source.iterdir():
+                wanted = entry.name in copy["only"] if "only" in copy else entry.name not in copy["drop"]
+                if wanted and entry.name != ".dopsd.lock" and not entry.name.startswith("probe-"):
+                    (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, copying / entry.name)
+            copying.rename(args.output_dir)
+        while copy and not os.path.isdir(args.output_dir):
+            time.sleep(0.1)
         record = {}
-        script.log_validation = probe(script, args.output_dir, record)
+        script.log_validation = probe(script, record)
         model = script.main(args)
-        if not getattr(model, "_is_fsdp_managed_module", False) and "DTensor" not in str(type(next(model.parameters()))):
+        if not isinstance(next(model.parameters()), DTensor):  # FSDP2's shards: the run's saved outputs tell
             record["weights"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        torch.save(record, Path(args.output_dir) / f"probe-{state.process_index}.pt")
+        torch.save(record, Path(args.output_dir) / f"probe-{rank}.pt")
+        # The next run's Accelerator sets up its own engine on the same processes.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
