@@ -125,6 +125,11 @@ def test_deepspeed_zero2_as_shipped_trains_what_ddp_trains_and_resumes_exactly(d
     assert_same(saved(resumed, "ema"), saved(uninterrupted, "ema"), exact=True)
     if script == "train_dopsd_full":
         assert_teacher_is_the_ema(uninterrupted)
+        # ZeRO-2 splits the fp32 master weights and AdamW state; the weights it computes with and the EMA stay whole
+        held, whole = probe(uninterrupted)["bytes"], probe(reference)["bytes"]
+        assert held["weights"] == whole["weights"] and held["ema"] == whole["ema"]
+        assert abs(2 * held["master"] - whole["weights"]) <= whole["weights"] / 100  # half, up to alignment
+        assert held["adam"] == 2 * held["master"] and whole["adam"] == 2 * whole["weights"]
 
 
 def test_fsdp2_trains_what_ddp_trains_with_the_ema_teacher_on_its_shards_and_resumes_exactly(fsdp2_and_ddp):
@@ -138,3 +143,8 @@ def test_fsdp2_trains_what_ddp_trains_with_the_ema_teacher_on_its_shards_and_res
     assert_teacher_is_the_ema(reference)
     for key in ("student", "teacher"):  # both processes took part in every pass and got the same
         assert torch.equal(probe(uninterrupted, rank=1)[key], probe(uninterrupted)[key])
+    # each process holds its half of every weight, gradient, AdamW moment and EMA tensor (DDP: all of each)
+    whole, halves = probe(reference)["bytes"], [probe(uninterrupted, rank)["bytes"] for rank in (0, 1)]
+    for name in ("weights", "gradients", "adam", "ema"):
+        assert halves[0][name] + halves[1][name] == whole[name], name
+        assert abs(halves[0][name] - halves[1][name]) <= whole[name] / 100, name  # tensors split by rows
