@@ -895,6 +895,7 @@ import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from accelerate import Accelerator, PartialState  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
+from accelerate.utils.deepspeed import HfDeepSpeedConfig  # noqa: E402
 from accelerate.utils import (  # noqa: E402
     DeepSpeedPlugin,
     DistributedDataParallelKwargs,
@@ -2804,17 +2805,18 @@ def engine_options(args):
         for flag, given in (("--compile", args.compile), ("--use_8bit_adam", args.use_8bit_adam)):
             if given:
                 raise UserError(f"{flag} is not supported with FSDP2: drop it")
-        args.compile = False  # compiled blocks would trace FSDP2's gathers: not run here, so never by default
+        args.compile = False  # FSDP2 runs eager (--compile's default is on with CUDA)
         # Every backward reduce-scatters its gradients (the K roll-out steps and the accumulated micro-batches):
         # skipping the sync would hold a whole unsharded gradient on every GPU.
         options["gradient_accumulation_plugin"].sync_each_batch = True
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return options
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     try:
         plugin = DeepSpeedPlugin()
+        given = plugin.hf_ds_config if config_file == "none" else HfDeepSpeedConfig(config_file)  # as written
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read the DeepSpeed config ({first_line(error)})") from None
-    config = plugin.deepspeed_config
     if plugin.zero_stage == 3:
         sharded = "use FSDP2 (examples/accelerate/fsdp2.yaml)" if TRAINING == "full" else "use ZeRO-2"
         raise UserError(f"DeepSpeed ZeRO-3 shards the weights the EMA teacher swaps in: {sharded}")
@@ -2833,12 +2835,15 @@ def engine_options(args):
         "fp16.enabled": ("--mixed_precision", mixed_precision == "fp16"),
     }
     for key, (flag, value) in flags.items():
-        given = plugin.hf_ds_config.get_value(key)
-        if given not in (None, "auto") and given != value and str(given).lower() != str(value).lower():
-            raise UserError(f"the DeepSpeed config sets {key} to {given}, but {flag} gives {value}: set it to"
+        setting = given.get_value(key)
+        if setting not in (None, "auto") and setting != value and str(setting).lower() != str(value).lower():
+            raise UserError(f"the DeepSpeed config sets {key} to {setting}, but {flag} gives {value}: set it to"
                             " \"auto\" (the flag then decides) or to the flag's value")
-    config["train_micro_batch_size_per_gpu"] = args.train_batch_size  # the DataLoader's batch_sampler hides it
-    config["gradient_clipping"] = args.max_grad_norm  # DeepSpeed clips inside its own step
+    # The flags' values, set here because accelerate would not: the DataLoader's batch_sampler hides the batch size,
+    # a config without gradient_accumulation_steps gets 1, and DeepSpeed clips inside its own step.
+    plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=args.train_batch_size,
+                                   gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                   gradient_clipping=args.max_grad_norm)
     options["deepspeed_plugin"] = plugin
     if "LOCAL_RANK" in os.environ and not torch.accelerator.is_available():
         # accelerate picks no process-group backend for DeepSpeed without an accelerator (each process would train
@@ -2873,6 +2878,10 @@ def setup(args):
                                             logging_dir=Path(args.output_dir, args.logging_dir)),
         **options,
     )
+    launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+    if launched != accelerator.num_processes:  # each process would train alone, as process 0
+        raise UserError(f"{launched} processes were launched, but accelerate joined them into no process group (a"
+                        " machine without GPUs?): on CPUs, launch DDP with ACCELERATE_USE_CPU=true")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if accelerator.is_local_main_process:
         transformers.utils.logging.set_verbosity_warning()
