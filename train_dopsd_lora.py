@@ -2970,12 +2970,14 @@ def epoch_batches(dataloader, batch_sampler, accelerator, first_epoch, num_epoch
 
 def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, max_grad_norm, loss):
     """Clip and step. A step whose loss or gradients are not finite is skipped; returns whether it was applied."""
-    if accelerator.sync_gradients:
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            # DeepSpeed has stepped already, inside accelerator.backward, clipping to --max_grad_norm; ZeRO-1/2 skip
-            # a step whose gradient norm is not finite themselves (fp32, bf16 and fp16 alike), and say so here.
-            # fp16's overflow skips are its loss scaler's own business, as under DDP.
-            return accelerator.mixed_precision == "fp16" or not optimizer.step_was_skipped
+    applied = True
+    if accelerator.sync_gradients and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed has stepped already, inside accelerator.backward, clipping to --max_grad_norm (its optimizer's
+        # step and zero_grad below do nothing). Its ZeRO-1/2 optimizer skips a step whose gradient norm is not
+        # finite (fp32, bf16 and fp16 alike) and says so; accelerate's lr scheduler then leaves the step out too.
+        # fp16's overflow skips are its loss scaler's own business, as under DDP.
+        applied = accelerator.mixed_precision == "fp16" or not optimizer.step_was_skipped
+    elif accelerator.sync_gradients:
         grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
         # fp16's gradient scaler skips overflowing steps itself.
         if grad_norm is not None and accelerator.scaler is None:
@@ -2985,7 +2987,7 @@ def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, max_grad_no
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return True
+    return applied
 
 
 def apply_optimizer_settings(optimizer, lr_scheduler, args):

@@ -25,7 +25,8 @@ from diffusers import ZImageTransformer2DModel
 SCRIPTS = ("train_dopsd_full", "train_dopsd_lora")
 RUN = ["--pretrained_model_name_or_path", str(TINY_ZIMAGE), "--teacher_vlm_name_or_path", str(TINY_VLM),
        "--instance_data_dir", str(CONCEPT), "--resolution", "64", "--report_to", "none", "--seed", "0",
-       "--mixed_precision", "no", "--learning_rate", "1e-3", "--ema_decay", "0.9", "--max_train_steps", "2",
+       "--mixed_precision", "no", "--learning_rate", "1e-3", "--lr_scheduler", "linear", "--ema_decay", "0.9",
+       "--max_train_steps", "2",
        "--gradient_accumulation_steps", "2", "--checkpointing_steps", "1", "--rollout_steps", "2",
        "--prior_prompts", "--validation_inference_steps", "2"]
 DEEPSPEED = ["--config_file", str(ROOT / "examples" / "accelerate" / "deepspeed_zero2.yaml")]
