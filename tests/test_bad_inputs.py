@@ -213,7 +213,10 @@ BAD_INPUTS = [
     Bad("setup", "", "FSDP is for full fine-tuning (train_dopsd_full.py)", env=FSDP2, only="lora"),
     Bad("setup", "", "set fsdp_version: 2", env={**FSDP2, "FSDP_VERSION": "1"}, only="full"),
     Bad("setup", "", "set fsdp_offload_params: false", env={**FSDP2, "FSDP_OFFLOAD_PARAMS": "true"}, only="full"),
+    Bad("setup", "", "set fsdp_activation_checkpointing: false and pass --gradient_checkpointing instead",
+        env={**FSDP2, "FSDP_ACTIVATION_CHECKPOINTING": "true"}, only="full"),
     Bad("setup", "--compile", "--compile is not supported with FSDP2", env=FSDP2, only="full"),
+    Bad("setup", "--use_8bit_adam", "--use_8bit_adam is not supported with FSDP2", env=FSDP2, only="full"),
     Bad("setup", "", "2 processes were launched, but accelerate joined them into no process group",
         env={"WORLD_SIZE": "2"}),
 
