@@ -934,9 +934,13 @@ import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from accelerate import Accelerator, PartialState  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
+from accelerate.utils.deepspeed import HfDeepSpeedConfig  # noqa: E402
 from accelerate.utils import (  # noqa: E402
+    DeepSpeedPlugin,
     DistributedDataParallelKwargs,
     DistributedType,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
     ProjectConfiguration,
     is_tensorboard_available,
     is_wandb_available,
@@ -1757,40 +1761,66 @@ class EMATeacher:
     one update, (1 - d) * (theta - theta_bar), is far below half a bf16 step, so round-to-nearest would leave the
     teacher frozen. The rounding noise comes from a generator seeded by the seed and the update count (saved with
     the shadow), so a resumed run draws the same noise.
+
+    Under FSDP2 each process keeps the EMA of its own shards of the weights, and updates and swaps work on the
+    shards: FSDP2 gathers each forward's weights from its sharded storage, so a teacher pass sees only what is
+    copied into the shards (pointing a parameter's `.data` elsewhere would leave it on the student's weights). The
+    checkpoint file holds the whole teacher, gathered, as under every other engine.
     """
 
     FILE_NAME = "ema_teacher.safetensors"
 
     def __init__(self, named_parameters, decay, device=None, dtype=None, seed=0):
-        self.names, self.parameters = zip(*named_parameters)
         self.decay = decay
-        self.shadow = [p.detach().to(device=device or p.device, dtype=dtype or p.dtype, copy=True)
-                       for p in self.parameters]
-        self.stash = None  # student copies for the copy-in/copy-out swap (CPU EMA), allocated on first use
+        self.device, self.dtype = device, dtype  # None: the parameters'
         self.seed = seed
+        self.fsdp_modules = []
+        self.start(named_parameters)
+
+    def follow(self, network):
+        """Start over as the EMA of `network`'s trainable parameters, as accelerate prepared them (under FSDP2:
+        this process's shards of them)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        self.fsdp_modules = [module for module in network.modules() if isinstance(module, FSDPModule)]
+        self.start([(name, p) for name, p in network.named_parameters() if p.requires_grad])
+
+    def start(self, named_parameters):
+        named = list(named_parameters)
+        self.names, self.parameters = tuple(n for n, _ in named), tuple(p for _, p in named)
+        self.shadow = [w.detach().to(device=self.device or w.device, dtype=self.dtype or w.dtype, copy=True)
+                       for w in self.weights()]
+        self.stash = None  # student copies for the copy-in/copy-out swap (CPU EMA), allocated on first use
         self.num_updates = 0
+
+    def weights(self):
+        """What this process trains: the parameters, or under FSDP2 its shards of them (looked up at every use:
+        FSDP2 may move a shard to new storage)."""
+        return [p.to_local() for p in self.parameters] if self.fsdp_modules else list(self.parameters)
 
     @torch.no_grad()
     def update(self):
         weight = 1.0 - self.decay
         self.num_updates += 1
+        students = self.weights()
         if self.shadow[0].dtype != torch.bfloat16:
-            if all(p.device == s.device and p.dtype == s.dtype for p, s in zip(self.parameters, self.shadow)):
-                torch._foreach_lerp_(self.shadow, [p.detach() for p in self.parameters], weight)
+            if all(w.device == s.device and w.dtype == s.dtype for w, s in zip(students, self.shadow)):
+                torch._foreach_lerp_(self.shadow, [w.detach() for w in students], weight)
                 return
-            for shadow, parameter in zip(self.shadow, self.parameters):  # one tensor at a time: no second model
-                shadow.lerp_(parameter.detach().to(shadow.device, shadow.dtype), weight)
+            for shadow, student in zip(self.shadow, students):  # one tensor at a time: no second model
+                shadow.lerp_(student.detach().to(shadow.device, shadow.dtype), weight)
             return
         generator = torch.Generator(self.shadow[0].device).manual_seed(self.seed * 1_000_003 + self.num_updates)
-        for shadow, parameter in zip(self.shadow, self.parameters):  # one tensor at a time: fp32 scratch stays small
-            exact = shadow.float().lerp_(parameter.detach().to(shadow.device, torch.float32), weight)
+        for shadow, student in zip(self.shadow, students):  # one tensor at a time: fp32 scratch stays small
+            exact = shadow.float().lerp_(student.detach().to(shadow.device, torch.float32), weight)
             shadow.copy_(stochastic_round_to_bf16(exact, generator))
 
     @contextmanager
     def swapped_in(self):
         """Inside the block the student's parameters hold the teacher's weights (and the shadow is not the teacher).
 
-        - Shadow with the parameters' device and dtype (fp32 EMA on the accelerator): the storages are swapped.
+        - Shadow with the parameters' device and dtype (fp32 EMA on the accelerator): the storages are swapped, or
+          under FSDP2 the values of shard and shadow are exchanged, one tensor at a time.
         - bf16 shadow of fp32 weights on their device: the halves are exchanged, so the swap costs a quarter of the
           weights' bytes instead of a second fp32 copy. A bf16 number is the top half of an fp32 one: the parameter
           takes the teacher exactly, the shadow's storage keeps the student's top halves, and the student's bottom
@@ -1800,63 +1830,111 @@ class EMATeacher:
         Everything goes through `.data`, which autograd does not version: a student graph kept alive across the
         teacher pass (one backward after the K steps, DeepSpeed's arrangement; or gradient checkpointing's
         recomputation) would otherwise fail its version check. That is sound because the block runs no backward and
-        the student's values are restored bit for bit before any backward reads them.
+        the student's values are restored bit for bit before any backward reads them. Under FSDP2 the gathered
+        weights are dropped on the way in and out (the root module keeps its own from one forward to the next), so
+        the next forward gathers the shards as they are then.
         """
-        if all(p.device == s.device and p.dtype == s.dtype for p, s in zip(self.parameters, self.shadow)):
-            stash = [p.data for p in self.parameters]
-            for parameter, shadow in zip(self.parameters, self.shadow):
-                parameter.data = shadow
-            try:
-                yield
-            finally:
-                for parameter, data in zip(self.parameters, stash):
-                    parameter.data = data
-            return
-        if all(p.device == s.device and p.dtype == torch.float32 and s.dtype == torch.bfloat16
-               for p, s in zip(self.parameters, self.shadow)):
-            with torch.no_grad():
-                bottoms = []
-                for parameter, shadow in zip(self.parameters, self.shadow):
-                    bits = parameter.data.view(torch.int32)
-                    bottoms.append((bits & 0xFFFF).to(torch.int16))
-                    top = (bits >> 16).to(torch.int16)
-                    parameter.data.copy_(shadow)
-                    shadow.view(torch.int16).copy_(top)
-            try:
-                yield
-            finally:
-                with torch.no_grad():
-                    for parameter, shadow, bottom in zip(self.parameters, self.shadow, bottoms):
-                        teacher = parameter.data.to(torch.bfloat16)  # exact: it holds a bf16 value
-                        parameter.data.view(torch.int32).copy_((shadow.view(torch.int16).to(torch.int32) << 16)
-                                                               | (bottom.to(torch.int32) & 0xFFFF))
-                        shadow.copy_(teacher)
-            return
-        if self.stash is None:
-            self.stash = [torch.empty_like(p, device=s.device) for p, s in zip(self.parameters, self.shadow)]
-        with torch.no_grad():
-            for parameter, shadow, stash in zip(self.parameters, self.shadow, self.stash):
-                stash.copy_(parameter.data)
-                parameter.data.copy_(shadow)
+        self.reshard()
+        put_back = self.swap_in(self.weights())
         try:
             yield
         finally:
-            with torch.no_grad():
-                for parameter, stash in zip(self.parameters, self.stash):
-                    parameter.data.copy_(stash)
+            put_back()
+            self.reshard()
 
-    def save(self, folder):
-        save_file({name: s.detach().cpu().contiguous() for name, s in zip(self.names, self.shadow)},
-                  Path(folder) / self.FILE_NAME, metadata={"num_updates": str(self.num_updates)})
+    def reshard(self):
+        for module in self.fsdp_modules:
+            module.reshard()
+
+    @torch.no_grad()
+    def swap_in(self, students):
+        """Put the teacher into `students` (see swapped_in); returns the function that puts the student back."""
+        if all(w.device == s.device and w.dtype == s.dtype for w, s in zip(students, self.shadow)):
+            if self.fsdp_modules:
+                @torch.no_grad()
+                def exchange():
+                    for student, shadow in zip(students, self.shadow):
+                        scratch = student.data.clone()
+                        student.data.copy_(shadow)
+                        shadow.copy_(scratch)
+
+                exchange()
+                return exchange
+            stash = [p.data for p in self.parameters]
+            for parameter, shadow in zip(self.parameters, self.shadow):
+                parameter.data = shadow
+
+            def put_back():
+                for parameter, data in zip(self.parameters, stash):
+                    parameter.data = data
+
+            return put_back
+        if all(w.device == s.device and w.dtype == torch.float32 and s.dtype == torch.bfloat16
+               for w, s in zip(students, self.shadow)):
+            bottoms = []
+            for student, shadow in zip(students, self.shadow):
+                bits = student.data.view(torch.int32)
+                bottoms.append((bits & 0xFFFF).to(torch.int16))
+                top = (bits >> 16).to(torch.int16)
+                student.data.copy_(shadow)
+                shadow.view(torch.int16).copy_(top)
+
+            @torch.no_grad()
+            def join_halves():
+                for student, shadow, bottom in zip(students, self.shadow, bottoms):
+                    teacher = student.data.to(torch.bfloat16)  # exact: it holds a bf16 value
+                    student.data.view(torch.int32).copy_((shadow.view(torch.int16).to(torch.int32) << 16)
+                                                         | (bottom.to(torch.int32) & 0xFFFF))
+                    shadow.copy_(teacher)
+
+            return join_halves
+        if self.stash is None:
+            self.stash = [torch.empty_like(w, device=s.device) for w, s in zip(students, self.shadow)]
+        for student, shadow, stash in zip(students, self.shadow, self.stash):
+            stash.copy_(student.data)
+            student.data.copy_(shadow)
+
+        @torch.no_grad()
+        def copy_back():
+            for student, stash in zip(students, self.stash):
+                student.data.copy_(stash)
+
+        return copy_back
+
+    def whole(self, keep=True):
+        """{name: the teacher's tensor} on the CPU. Under FSDP2 every process calls it, and the shards are gathered
+        one tensor at a time; only a process that should `keep` them gets the tensors."""
+        from torch.distributed.tensor import DTensor
+
+        tensors = {}
+        for name, parameter, shadow in zip(self.names, self.parameters, self.shadow):
+            if self.fsdp_modules:
+                shadow = DTensor.from_local(shadow.to(parameter.to_local().device), parameter.device_mesh,
+                                            parameter.placements, shape=parameter.shape,
+                                            stride=parameter.stride()).full_tensor()
+            if keep:
+                tensors[name] = shadow.detach().cpu().contiguous()
+        return tensors
+
+    def save(self, folder, write=True):
+        tensors = self.whole(keep=write)
+        if write:
+            save_file(tensors, Path(folder) / self.FILE_NAME, metadata={"num_updates": str(self.num_updates)})
 
     @torch.no_grad()
     def load(self, folder):
-        saved = load_file(Path(folder) / self.FILE_NAME)
-        if set(saved) != set(self.names) or any(saved[n].shape != s.shape for n, s in zip(self.names, self.shadow)):
-            raise UserError(f"the EMA teacher in {folder} does not fit this model/LoRA configuration")
-        for name, shadow in zip(self.names, self.shadow):
-            shadow.copy_(saved[name])
+        from torch.distributed.tensor import distribute_tensor
+
         with safe_open(Path(folder) / self.FILE_NAME, "pt") as file:
+            if set(file.keys()) != set(self.names) or any(
+                    list(file.get_slice(n).get_shape()) != list(p.shape) for n, p in zip(self.names, self.parameters)):
+                raise UserError(f"the EMA teacher in {folder} does not fit this model/LoRA configuration")
+            for name, parameter, shadow in zip(self.names, self.parameters, self.shadow):
+                saved = file.get_tensor(name)
+                if self.fsdp_modules:  # this process's shard of it, cut where FSDP2 cuts the parameter
+                    saved = distribute_tensor(saved.to(parameter.to_local().device), parameter.device_mesh,
+                                              parameter.placements, src_data_rank=None).to_local()
+                shadow.copy_(saved)
             self.num_updates = int((file.metadata() or {}).get("num_updates", 0))
 
 
@@ -1923,9 +2001,10 @@ def dopsd_step(family, student, network, ema_teacher, batch, accelerator, rollou
             latents = noised_target(clean, noise, sigmas[k])
         with torch.no_grad(), ema_teacher.swapped_in(), accelerator.autocast():
             teacher_velocity = family.predict(network, latents, timesteps[k], teacher_context)
-        # Gradients of all but the last step stay local; DDP averages them once, at the last backward.
-        last = k == rollout_steps - 1
-        with nullcontext() if last or not backward_per_step else accelerator.no_sync(student):
+        # Gradients of all but the last step stay local; DDP averages them once, at the last backward. (FSDP2
+        # reduce-scatters every backward: local gradients would be whole, unsharded ones.)
+        sync = k == rollout_steps - 1 or not backward_per_step or accelerator.is_fsdp2
+        with nullcontext() if sync else accelerator.no_sync(student):
             student_velocity = family.predict(student, latents, timesteps[k], student_context)
             loss = dopsd_loss(student_velocity, teacher_velocity, latents, sigmas[k], loss_space)
             if backward_per_step:
@@ -2021,9 +2100,10 @@ PRIOR_REFERENCE_FILE = "prior_reference.safetensors"
 
 
 # Copied from train_dopsd_lora.base_prior_samples
-def base_prior_samples(family, transformer, validation, args, resumed):
+def base_prior_samples(family, transformer, validation, args, resumed, write=True):
     """The base model's samples of the prior prompts, the reference prior drift is measured against: made before
-    the first step (when the student is still the base model) and kept in output_dir for resumed runs."""
+    the first step (when the student is still the base model) and kept in output_dir for resumed runs (if
+    `write`)."""
     if not validation["prior"]:
         return None
     path = Path(args.output_dir) / PRIOR_REFERENCE_FILE
@@ -2041,8 +2121,9 @@ def base_prior_samples(family, transformer, validation, args, resumed):
                        " resolution, sampling steps or seed, and a resumed run no longer holds the base model")
         return None
     reference = prior_samples(family, transformer, validation["prior"], args)
-    write_output(path, lambda temporary: save_file(reference, temporary, metadata={"key": key}), args.output_dir,
-                 optional=True)
+    if write:
+        write_output(path, lambda temporary: save_file(reference, temporary, metadata={"key": key}),
+                     args.output_dir, optional=True)
     return reference
 
 
@@ -2067,7 +2148,8 @@ def log_validation(family, transformer, ema_teacher, validation, args, accelerat
     transformer.eval()
     family.pipeline.vae.to(accelerator.device)
     samples = Path(args.output_dir) / "samples"
-    saving = True  # until a write fails (a full disk): one warning, and the run goes on without samples
+    # The main process writes, until a write fails (a full disk): one warning, and the run goes on without samples.
+    saving = accelerator.is_main_process
 
     def save(image, name):
         nonlocal saving
@@ -2104,7 +2186,8 @@ def log_validation(family, transformer, ema_teacher, validation, args, accelerat
         with open(path, "a") as file:
             file.write(json.dumps(metrics) + "\n")
 
-    write_output(Path(args.output_dir) / METRICS_FILE, append, args.output_dir, optional=True, in_place=True)
+    if accelerator.is_main_process:
+        write_output(Path(args.output_dir) / METRICS_FILE, append, args.output_dir, optional=True, in_place=True)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             for name, images in logged.items():
@@ -2955,6 +3038,75 @@ class ProgressBarSafeHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+# Copied from train_dopsd_lora.engine_options
+def engine_options(args):
+    """Accelerator options for the DeepSpeed or FSDP setup `accelerate launch` passes in the environment, refused in
+    one line where this trainer cannot honour it. The flags stay the one source of the batch size, accumulation,
+    clipping and precision: a DeepSpeed JSON leaves them "auto" (filled in here) or agrees with them."""
+    options = {"gradient_accumulation_plugin": GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps),
+               "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=False)]}
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        if TRAINING == "lora":
+            raise UserError("FSDP is for full fine-tuning (train_dopsd_full.py); a LoRA trains with DDP or DeepSpeed"
+                            " ZeRO-2 (examples/accelerate/)")
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            raise UserError("set fsdp_version: 2 in the accelerate config: the EMA teacher works on FSDP2's"
+                            " per-parameter shards (examples/accelerate/fsdp2.yaml)")
+        if os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+            raise UserError("set fsdp_offload_params: false: it keeps the weight shards the EMA teacher swaps on"
+                            " the CPU; --ema_device cpu keeps the teacher itself off the GPU")
+        if os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true":
+            raise UserError("set fsdp_activation_checkpointing: false and pass --gradient_checkpointing instead")
+        for flag, given in (("--compile", args.compile), ("--use_8bit_adam", args.use_8bit_adam)):
+            if given:
+                raise UserError(f"{flag} is not supported with FSDP2: drop it")
+        args.compile = False  # FSDP2 runs eager (--compile's default is on with CUDA)
+        # Every backward reduce-scatters its gradients (the K roll-out steps and the accumulated micro-batches):
+        # skipping the sync would hold a whole unsharded gradient on every GPU.
+        options["gradient_accumulation_plugin"].sync_each_batch = True
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return options
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    try:
+        plugin = DeepSpeedPlugin()
+        given = plugin.hf_ds_config if config_file == "none" else HfDeepSpeedConfig(config_file)  # as written
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read the DeepSpeed config ({first_line(error)})") from None
+    if plugin.zero_stage == 3:
+        sharded = "use FSDP2 (examples/accelerate/fsdp2.yaml)" if TRAINING == "full" else "use ZeRO-2"
+        raise UserError(f"DeepSpeed ZeRO-3 shards the weights the EMA teacher swaps in: {sharded}")
+    if plugin.offload_param_device not in (None, "none"):
+        raise UserError("DeepSpeed offload_param moves the weights the EMA teacher swaps in to the CPU: remove it"
+                        " (offload_optimizer is fine)")
+    mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    flags = {  # DeepSpeed key: (flag, the value the flag gives it)
+        "train_micro_batch_size_per_gpu": ("--train_batch_size", args.train_batch_size),
+        "gradient_accumulation_steps": ("--gradient_accumulation_steps", args.gradient_accumulation_steps),
+        "train_batch_size": ("--train_batch_size x --gradient_accumulation_steps x processes",
+                             args.train_batch_size * args.gradient_accumulation_steps * processes),
+        "gradient_clipping": ("--max_grad_norm", args.max_grad_norm),
+        "bf16.enabled": ("--mixed_precision", mixed_precision == "bf16"),
+        "fp16.enabled": ("--mixed_precision", mixed_precision == "fp16"),
+    }
+    for key, (flag, value) in flags.items():
+        setting = given.get_value(key)
+        if setting not in (None, "auto") and setting != value and str(setting).lower() != str(value).lower():
+            raise UserError(f"the DeepSpeed config sets {key} to {setting}, but {flag} gives {value}: set it to"
+                            " \"auto\" (the flag then decides) or to the flag's value")
+    # The flags' values, set here because accelerate would not: the DataLoader's batch_sampler hides the batch size,
+    # a config without gradient_accumulation_steps gets 1, and DeepSpeed clips inside its own step.
+    plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=args.train_batch_size,
+                                   gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                   gradient_clipping=args.max_grad_norm)
+    options["deepspeed_plugin"] = plugin
+    if "LOCAL_RANK" in os.environ and not torch.accelerator.is_available():
+        # accelerate picks no process-group backend for DeepSpeed without an accelerator (each process would train
+        # alone as rank 0); gloo runs it on CPU processes.
+        options["kwargs_handlers"].append(InitProcessGroupKwargs(backend="gloo"))
+    return options
+
+
 # Copied from train_dopsd_lora.setup
 def setup(args):
     """Check inputs, start accelerate, load the model family. Bad input fails here, before any long work and before
@@ -2973,16 +3125,19 @@ def setup(args):
     examples = collect_examples(args, family_class.resolution_multiple)
     resume_path = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     check_output_dir_is_free(args)
-
     args.mixed_precision = args.mixed_precision or default_mixed_precision()
+    options = engine_options(args)
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=Path(args.output_dir, args.logging_dir)),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        **options,
     )
+    launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+    if launched != accelerator.num_processes:  # each process would train alone, as process 0
+        raise UserError(f"{launched} processes were launched, but accelerate joined them into no process group (a"
+                        " machine without GPUs?): on CPUs, launch DDP with ACCELERATE_USE_CPU=true")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO,
                         handlers=[ProgressBarSafeHandler()])
     if accelerator.is_local_main_process:
@@ -3001,9 +3156,6 @@ def setup(args):
         raise UserError("this GPU has no bf16: use --mixed_precision fp16 (trained with a gradient scaler)")
     logger.info(device_and_precision(accelerator))
 
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise UserError("FSDP shards the parameters that the EMA teacher swaps in; use DDP or DeepSpeed ZeRO-2"
-                        " (examples/accelerate/)")
     if args.compile is None:
         args.compile = compile_by_default(accelerator.device)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -3080,17 +3232,24 @@ def epoch_batches(dataloader, batch_sampler, accelerator, first_epoch, num_epoch
 # Copied from train_dopsd_lora.optimizer_step
 def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, max_grad_norm, loss):
     """Clip and step. A step whose loss or gradients are not finite is skipped; returns whether it was applied."""
-    if accelerator.sync_gradients:
+    applied = True
+    if accelerator.sync_gradients and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed has stepped already, inside accelerator.backward, clipping to --max_grad_norm (its optimizer's
+        # step and zero_grad below do nothing). Its ZeRO-1/2 optimizer skips a step whose gradient norm is not
+        # finite (fp32, bf16 and fp16 alike) and says so; accelerate's lr scheduler then leaves the step out too.
+        # fp16's overflow skips are its loss scaler's own business, as under DDP.
+        applied = accelerator.mixed_precision == "fp16" or not optimizer.step_was_skipped
+    elif accelerator.sync_gradients:
         grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
-        # fp16's gradient scaler skips overflowing steps itself; DeepSpeed returns no norm.
+        # fp16's gradient scaler skips overflowing steps itself.
         if grad_norm is not None and accelerator.scaler is None:
-            if not (torch.isfinite(grad_norm) and torch.isfinite(loss)):
+            if not (math.isfinite(float(grad_norm)) and math.isfinite(loss.item())):
                 optimizer.zero_grad(set_to_none=True)
                 return False
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return True
+    return applied
 
 
 # Copied from train_dopsd_lora.apply_optimizer_settings
@@ -3115,7 +3274,6 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
     """The D-OPSD loop: step, clip, optimizer step, EMA update; checkpoints and validation on schedule.
 
     Returns the prepared transformer and the last validation images."""
-    trainable = [p for p in transformer.parameters() if p.requires_grad]
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
@@ -3128,6 +3286,8 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
     transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader,
                                                                            lr_scheduler)
     network = accelerator.unwrap_model(transformer)  # both roles, the teacher's passes and the validation images
+    trainable = [p for p in transformer.parameters() if p.requires_grad]  # FSDP2 replaces them while preparing
+    ema_teacher.follow(network)
     compiled = CompiledBlocks(network, args.compile, args.output_dir)
     backward_per_step = accelerator.distributed_type != DistributedType.DEEPSPEED
 
@@ -3177,10 +3337,13 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
                              args.loss_space, noise_generator, backward_per_step, args.objective)
         return loss
 
-    if accelerator.is_main_process:
+    # Validation runs on the main process; under FSDP2 on every process (each forward gathers the weights from all
+    # of them), and the main one writes.
+    validating = accelerator.is_main_process or accelerator.is_fsdp2
+    if validating:
         network.eval()
-        validation["prior_reference"] = compiled.call(lambda: base_prior_samples(family, network, validation, args,
-                                                                                 resumed=resume_path is not None))
+        validation["prior_reference"] = compiled.call(lambda: base_prior_samples(
+            family, network, validation, args, resumed=resume_path is not None, write=accelerator.is_main_process))
     transformer.train()
     images, bad_steps, stop = {}, 0, StopRequest()
     try:
@@ -3210,7 +3373,7 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
                 raise UserError(f"stopped at step {global_step} after {bad_steps} consecutive non-finite steps:"
                                 " lower --learning_rate, or use --mixed_precision bf16 instead of fp16."
                                 f" checkpoint-{global_step} holds the last good weights")
-            if accelerator.is_main_process and (global_step % args.validation_steps == 0 or last):
+            if validating and (global_step % args.validation_steps == 0 or last):
                 images, _ = compiled.call(lambda: log_validation(family, network, ema_teacher, validation, args,
                                                                  accelerator, global_step))
                 compiled.log_new_graphs(f"validation at step {global_step}")
@@ -3267,6 +3430,21 @@ def prepare_student(args, family, accelerator):
     return transformer, [(name, p) for name, p in transformer.named_parameters() if p.requires_grad]
 
 
+def gathered_transformer(accelerator, transformer):
+    """Under FSDP2, the whole transformer as a plain module on the main process's CPU (None on the others), from
+    every process's shards; every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not accelerator.is_main_process:
+        return None
+    network = accelerator.unwrap_model(transformer)
+    with torch.device("meta"):  # no memory until the gathered tensors are assigned
+        model = getattr(diffusers, network.config["_class_name"]).from_config(network.config)
+    model.load_state_dict(state, assign=True)
+    return model
+
+
 # Own version of train_dopsd_lora.main
 def main(args):
     """Fine-tune the whole transformer (or --train_layers) with D-OPSD; returns the trained transformer."""
@@ -3276,20 +3454,20 @@ def main(args):
     store, validation = cache_contexts(args, family, examples, accelerator)
 
     # The student: the transformer itself. The teacher: the EMA of every trained weight, on the accelerator or the
-    # CPU (docs/method.md §2.4).
+    # CPU (docs/method.md §2.4), taken from the prepared student in train().
     transformer, trained = prepare_student(args, family, accelerator)
-    ema_teacher = EMATeacher(trained, args.ema_decay, device="cpu" if args.ema_device == "cpu" else None,
+    ema_teacher = EMATeacher((), args.ema_decay, device="cpu" if args.ema_device == "cpu" else None,
                              dtype=torch.bfloat16 if args.ema_dtype == "bf16" else torch.float32, seed=args.seed)
     logger.info(f"training {len(trained)} tensors, {sum(p.numel() for _, p in trained) / 1e6:.1f} M parameters;"
                 f" EMA teacher in {args.ema_dtype} on {args.ema_device}")
 
     def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and not accelerator.is_fsdp2:  # FSDP2: accelerate has saved the shards
             for model in models:
                 accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / "transformer")
                 if weights:  # empty under DeepSpeed, which saves the engine itself
                     weights.pop()
-            ema_teacher.save(output_dir)
+        ema_teacher.save(output_dir, write=accelerator.is_main_process)  # under FSDP2 every process sends shards
 
     def load_model_hook(models, input_dir):
         while models:
@@ -3306,12 +3484,22 @@ def main(args):
     transformer, images = train(args, accelerator, family, transformer, optimizer, ema_teacher, examples, store,
                                 validation, resume_path, "dopsd-full")
 
+    # Under FSDP2 every process sends its shards of the student (and the teacher) to the main one, which writes them.
+    gathered = gathered_transformer(accelerator, transformer) if accelerator.is_fsdp2 else None
+    teacher = ema_teacher.whole(keep=accelerator.is_main_process) if accelerator.is_fsdp2 and args.save_ema else None
+
     def save_outputs():
-        model = accelerator.unwrap_model(transformer)
+        model = gathered if gathered is not None else accelerator.unwrap_model(transformer)
         model.to(family.weight_dtype)  # the precision the stock pipeline loads
         write_output(Path(args.output_dir) / "transformer", model.save_pretrained, args.output_dir)
         logger.info(f"saved {Path(args.output_dir) / 'transformer'}")
-        if args.save_ema:
+        if args.save_ema and teacher is not None:
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if name in teacher:
+                        parameter.copy_(teacher[name])
+            write_output(Path(args.output_dir) / "transformer_ema", model.save_pretrained, args.output_dir)
+        elif args.save_ema:
             with ema_teacher.swapped_in():
                 write_output(Path(args.output_dir) / "transformer_ema", model.save_pretrained, args.output_dir)
 

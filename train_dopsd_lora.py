@@ -911,9 +911,13 @@ import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from accelerate import Accelerator, PartialState  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
+from accelerate.utils.deepspeed import HfDeepSpeedConfig  # noqa: E402
 from accelerate.utils import (  # noqa: E402
+    DeepSpeedPlugin,
     DistributedDataParallelKwargs,
     DistributedType,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
     ProjectConfiguration,
     is_tensorboard_available,
     is_wandb_available,
@@ -1702,8 +1706,8 @@ class EMATeacher:
     """The teacher's weights: theta_bar <- d * theta_bar + (1 - d) * theta after every optimizer step.
 
     It holds a shadow copy of the student's trainable parameters and starts equal to them (zero-initialised LoRA B:
-    the teacher starts as the base model). For a teacher pass the shadow is swapped into the student's parameters,
-    so one network with one set of modules plays both roles.
+    the teacher starts as the base model), as accelerate prepared them (`restart`). For a teacher pass the shadow is
+    swapped into the student's parameters, so one network with one set of modules plays both roles.
 
     A bf16 shadow is updated with stochastic rounding: at decay 0.9999 one update, (1 - d) * (theta - theta_bar), is
     far below half a bf16 step, so round-to-nearest would leave the teacher frozen at its start. Rounding up with
@@ -1715,12 +1719,23 @@ class EMATeacher:
     FILE_NAME = "ema_teacher.safetensors"
 
     def __init__(self, named_parameters, decay, device=None, dtype=None, seed=0):
-        self.names, self.parameters = zip(*named_parameters)
         self.decay = decay
-        self.shadow = [p.detach().to(device=device or p.device, dtype=dtype or p.dtype, copy=True)
+        self.device, self.dtype = device, dtype  # None: the parameters'
+        self.seed = seed
+        self.start(named_parameters)
+
+    def follow(self, network):
+        """Start over as the EMA of `network`'s trainable parameters. train() passes the student as accelerate
+        prepared it: the same on every process (DDP and DeepSpeed hand out process 0's weights, where each process
+        drew its own random LoRA A), so every process asks the same teacher."""
+        self.start([(name, p) for name, p in network.named_parameters() if p.requires_grad])
+
+    def start(self, named_parameters):
+        named = list(named_parameters)
+        self.names, self.parameters = tuple(n for n, _ in named), tuple(p for _, p in named)
+        self.shadow = [p.detach().to(device=self.device or p.device, dtype=self.dtype or p.dtype, copy=True)
                        for p in self.parameters]
         self.stash = None  # student copies for the copy-in/copy-out swap, allocated on first use
-        self.seed = seed
         self.num_updates = 0
 
     @torch.no_grad()
@@ -1844,9 +1859,10 @@ def dopsd_step(family, student, network, ema_teacher, batch, accelerator, rollou
             latents = noised_target(clean, noise, sigmas[k])
         with torch.no_grad(), ema_teacher.swapped_in(), accelerator.autocast():
             teacher_velocity = family.predict(network, latents, timesteps[k], teacher_context)
-        # Gradients of all but the last step stay local; DDP averages them once, at the last backward.
-        last = k == rollout_steps - 1
-        with nullcontext() if last or not backward_per_step else accelerator.no_sync(student):
+        # Gradients of all but the last step stay local; DDP averages them once, at the last backward. (FSDP2
+        # reduce-scatters every backward: local gradients would be whole, unsharded ones.)
+        sync = k == rollout_steps - 1 or not backward_per_step or accelerator.is_fsdp2
+        with nullcontext() if sync else accelerator.no_sync(student):
             student_velocity = family.predict(student, latents, timesteps[k], student_context)
             loss = dopsd_loss(student_velocity, teacher_velocity, latents, sigmas[k], loss_space)
             if backward_per_step:
@@ -1933,9 +1949,10 @@ def prior_samples(family, transformer, prior, args):
 PRIOR_REFERENCE_FILE = "prior_reference.safetensors"
 
 
-def base_prior_samples(family, transformer, validation, args, resumed):
+def base_prior_samples(family, transformer, validation, args, resumed, write=True):
     """The base model's samples of the prior prompts, the reference prior drift is measured against: made before
-    the first step (when the student is still the base model) and kept in output_dir for resumed runs."""
+    the first step (when the student is still the base model) and kept in output_dir for resumed runs (if
+    `write`)."""
     if not validation["prior"]:
         return None
     path = Path(args.output_dir) / PRIOR_REFERENCE_FILE
@@ -1953,8 +1970,9 @@ def base_prior_samples(family, transformer, validation, args, resumed):
                        " resolution, sampling steps or seed, and a resumed run no longer holds the base model")
         return None
     reference = prior_samples(family, transformer, validation["prior"], args)
-    write_output(path, lambda temporary: save_file(reference, temporary, metadata={"key": key}), args.output_dir,
-                 optional=True)
+    if write:
+        write_output(path, lambda temporary: save_file(reference, temporary, metadata={"key": key}),
+                     args.output_dir, optional=True)
     return reference
 
 
@@ -1976,7 +1994,8 @@ def log_validation(family, transformer, ema_teacher, validation, args, accelerat
     transformer.eval()
     family.pipeline.vae.to(accelerator.device)
     samples = Path(args.output_dir) / "samples"
-    saving = True  # until a write fails (a full disk): one warning, and the run goes on without samples
+    # The main process writes, until a write fails (a full disk): one warning, and the run goes on without samples.
+    saving = accelerator.is_main_process
 
     def save(image, name):
         nonlocal saving
@@ -2013,7 +2032,8 @@ def log_validation(family, transformer, ema_teacher, validation, args, accelerat
         with open(path, "a") as file:
             file.write(json.dumps(metrics) + "\n")
 
-    write_output(Path(args.output_dir) / METRICS_FILE, append, args.output_dir, optional=True, in_place=True)
+    if accelerator.is_main_process:
+        write_output(Path(args.output_dir) / METRICS_FILE, append, args.output_dir, optional=True, in_place=True)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             for name, images in logged.items():
@@ -2876,6 +2896,74 @@ class ProgressBarSafeHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+def engine_options(args):
+    """Accelerator options for the DeepSpeed or FSDP setup `accelerate launch` passes in the environment, refused in
+    one line where this trainer cannot honour it. The flags stay the one source of the batch size, accumulation,
+    clipping and precision: a DeepSpeed JSON leaves them "auto" (filled in here) or agrees with them."""
+    options = {"gradient_accumulation_plugin": GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps),
+               "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=False)]}
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        if TRAINING == "lora":
+            raise UserError("FSDP is for full fine-tuning (train_dopsd_full.py); a LoRA trains with DDP or DeepSpeed"
+                            " ZeRO-2 (examples/accelerate/)")
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            raise UserError("set fsdp_version: 2 in the accelerate config: the EMA teacher works on FSDP2's"
+                            " per-parameter shards (examples/accelerate/fsdp2.yaml)")
+        if os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+            raise UserError("set fsdp_offload_params: false: it keeps the weight shards the EMA teacher swaps on"
+                            " the CPU; --ema_device cpu keeps the teacher itself off the GPU")
+        if os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true":
+            raise UserError("set fsdp_activation_checkpointing: false and pass --gradient_checkpointing instead")
+        for flag, given in (("--compile", args.compile), ("--use_8bit_adam", args.use_8bit_adam)):
+            if given:
+                raise UserError(f"{flag} is not supported with FSDP2: drop it")
+        args.compile = False  # FSDP2 runs eager (--compile's default is on with CUDA)
+        # Every backward reduce-scatters its gradients (the K roll-out steps and the accumulated micro-batches):
+        # skipping the sync would hold a whole unsharded gradient on every GPU.
+        options["gradient_accumulation_plugin"].sync_each_batch = True
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return options
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    try:
+        plugin = DeepSpeedPlugin()
+        given = plugin.hf_ds_config if config_file == "none" else HfDeepSpeedConfig(config_file)  # as written
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read the DeepSpeed config ({first_line(error)})") from None
+    if plugin.zero_stage == 3:
+        sharded = "use FSDP2 (examples/accelerate/fsdp2.yaml)" if TRAINING == "full" else "use ZeRO-2"
+        raise UserError(f"DeepSpeed ZeRO-3 shards the weights the EMA teacher swaps in: {sharded}")
+    if plugin.offload_param_device not in (None, "none"):
+        raise UserError("DeepSpeed offload_param moves the weights the EMA teacher swaps in to the CPU: remove it"
+                        " (offload_optimizer is fine)")
+    mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    flags = {  # DeepSpeed key: (flag, the value the flag gives it)
+        "train_micro_batch_size_per_gpu": ("--train_batch_size", args.train_batch_size),
+        "gradient_accumulation_steps": ("--gradient_accumulation_steps", args.gradient_accumulation_steps),
+        "train_batch_size": ("--train_batch_size x --gradient_accumulation_steps x processes",
+                             args.train_batch_size * args.gradient_accumulation_steps * processes),
+        "gradient_clipping": ("--max_grad_norm", args.max_grad_norm),
+        "bf16.enabled": ("--mixed_precision", mixed_precision == "bf16"),
+        "fp16.enabled": ("--mixed_precision", mixed_precision == "fp16"),
+    }
+    for key, (flag, value) in flags.items():
+        setting = given.get_value(key)
+        if setting not in (None, "auto") and setting != value and str(setting).lower() != str(value).lower():
+            raise UserError(f"the DeepSpeed config sets {key} to {setting}, but {flag} gives {value}: set it to"
+                            " \"auto\" (the flag then decides) or to the flag's value")
+    # The flags' values, set here because accelerate would not: the DataLoader's batch_sampler hides the batch size,
+    # a config without gradient_accumulation_steps gets 1, and DeepSpeed clips inside its own step.
+    plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=args.train_batch_size,
+                                   gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                   gradient_clipping=args.max_grad_norm)
+    options["deepspeed_plugin"] = plugin
+    if "LOCAL_RANK" in os.environ and not torch.accelerator.is_available():
+        # accelerate picks no process-group backend for DeepSpeed without an accelerator (each process would train
+        # alone as rank 0); gloo runs it on CPU processes.
+        options["kwargs_handlers"].append(InitProcessGroupKwargs(backend="gloo"))
+    return options
+
+
 def setup(args):
     """Check inputs, start accelerate, load the model family. Bad input fails here, before any long work and before
     anything is written (claim_output_dir is the first write)."""
@@ -2893,16 +2981,19 @@ def setup(args):
     examples = collect_examples(args, family_class.resolution_multiple)
     resume_path = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     check_output_dir_is_free(args)
-
     args.mixed_precision = args.mixed_precision or default_mixed_precision()
+    options = engine_options(args)
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=Path(args.output_dir, args.logging_dir)),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        **options,
     )
+    launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+    if launched != accelerator.num_processes:  # each process would train alone, as process 0
+        raise UserError(f"{launched} processes were launched, but accelerate joined them into no process group (a"
+                        " machine without GPUs?): on CPUs, launch DDP with ACCELERATE_USE_CPU=true")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO,
                         handlers=[ProgressBarSafeHandler()])
     if accelerator.is_local_main_process:
@@ -2921,9 +3012,6 @@ def setup(args):
         raise UserError("this GPU has no bf16: use --mixed_precision fp16 (trained with a gradient scaler)")
     logger.info(device_and_precision(accelerator))
 
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise UserError("FSDP shards the parameters that the EMA teacher swaps in; use DDP or DeepSpeed ZeRO-2"
-                        " (examples/accelerate/)")
     if args.compile is None:
         args.compile = compile_by_default(accelerator.device)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -2996,17 +3084,24 @@ def epoch_batches(dataloader, batch_sampler, accelerator, first_epoch, num_epoch
 
 def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, max_grad_norm, loss):
     """Clip and step. A step whose loss or gradients are not finite is skipped; returns whether it was applied."""
-    if accelerator.sync_gradients:
+    applied = True
+    if accelerator.sync_gradients and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed has stepped already, inside accelerator.backward, clipping to --max_grad_norm (its optimizer's
+        # step and zero_grad below do nothing). Its ZeRO-1/2 optimizer skips a step whose gradient norm is not
+        # finite (fp32, bf16 and fp16 alike) and says so; accelerate's lr scheduler then leaves the step out too.
+        # fp16's overflow skips are its loss scaler's own business, as under DDP.
+        applied = accelerator.mixed_precision == "fp16" or not optimizer.step_was_skipped
+    elif accelerator.sync_gradients:
         grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
-        # fp16's gradient scaler skips overflowing steps itself; DeepSpeed returns no norm.
+        # fp16's gradient scaler skips overflowing steps itself.
         if grad_norm is not None and accelerator.scaler is None:
-            if not (torch.isfinite(grad_norm) and torch.isfinite(loss)):
+            if not (math.isfinite(float(grad_norm)) and math.isfinite(loss.item())):
                 optimizer.zero_grad(set_to_none=True)
                 return False
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return True
+    return applied
 
 
 def apply_optimizer_settings(optimizer, lr_scheduler, args):
@@ -3029,7 +3124,6 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
     """The D-OPSD loop: step, clip, optimizer step, EMA update; checkpoints and validation on schedule.
 
     Returns the prepared transformer and the last validation images."""
-    trainable = [p for p in transformer.parameters() if p.requires_grad]
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
@@ -3042,6 +3136,8 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
     transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader,
                                                                            lr_scheduler)
     network = accelerator.unwrap_model(transformer)  # both roles, the teacher's passes and the validation images
+    trainable = [p for p in transformer.parameters() if p.requires_grad]  # FSDP2 replaces them while preparing
+    ema_teacher.follow(network)
     compiled = CompiledBlocks(network, args.compile, args.output_dir)
     backward_per_step = accelerator.distributed_type != DistributedType.DEEPSPEED
 
@@ -3091,10 +3187,13 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
                              args.loss_space, noise_generator, backward_per_step, args.objective)
         return loss
 
-    if accelerator.is_main_process:
+    # Validation runs on the main process; under FSDP2 on every process (each forward gathers the weights from all
+    # of them), and the main one writes.
+    validating = accelerator.is_main_process or accelerator.is_fsdp2
+    if validating:
         network.eval()
-        validation["prior_reference"] = compiled.call(lambda: base_prior_samples(family, network, validation, args,
-                                                                                 resumed=resume_path is not None))
+        validation["prior_reference"] = compiled.call(lambda: base_prior_samples(
+            family, network, validation, args, resumed=resume_path is not None, write=accelerator.is_main_process))
     transformer.train()
     images, bad_steps, stop = {}, 0, StopRequest()
     try:
@@ -3124,7 +3223,7 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
                 raise UserError(f"stopped at step {global_step} after {bad_steps} consecutive non-finite steps:"
                                 " lower --learning_rate, or use --mixed_precision bf16 instead of fp16."
                                 f" checkpoint-{global_step} holds the last good weights")
-            if accelerator.is_main_process and (global_step % args.validation_steps == 0 or last):
+            if validating and (global_step % args.validation_steps == 0 or last):
                 images, _ = compiled.call(lambda: log_validation(family, network, ema_teacher, validation, args,
                                                                  accelerator, global_step))
                 compiled.log_new_graphs(f"validation at step {global_step}")
@@ -3199,9 +3298,10 @@ def main(args):
     claim_output_dir(args, accelerator)
     store, validation = cache_contexts(args, family, examples, accelerator)
 
-    # The student: a LoRA on the transformer. The teacher: the EMA of that LoRA (docs/method.md §2.4).
+    # The student: a LoRA on the transformer. The teacher: the EMA of that LoRA (docs/method.md §2.4), in fp32
+    # (DeepSpeed's bf16 casts the student's copy), taken from the prepared student in train().
     transformer, lora = prepare_student(args, family, accelerator)
-    ema_teacher = EMATeacher(lora, args.ema_decay)
+    ema_teacher = EMATeacher((), args.ema_decay, dtype=torch.float32)
     logger.info(f"LoRA on {len(lora_targets)} layers: {sum(p.numel() for _, p in lora) / 1e6:.2f} M parameters")
 
     def save_model_hook(models, weights, output_dir):

@@ -87,6 +87,17 @@ NO_TORCHAO = ("torchao", "torchao.quantization")
 NO_BITSANDBYTES = ("bitsandbytes",)
 
 
+def deepspeed(config):
+    """`accelerate launch`'s environment for a DeepSpeed config file holding `config`."""
+    def build(case):
+        (case / "deepspeed.json").write_text(json.dumps(config))
+        return {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(case / "deepspeed.json")}
+    return build
+
+
+FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+
+
 @dataclass(frozen=True)
 class Bad:
     """One bad input: where it is refused, the extra flags (split on spaces), the text of the last stderr line, and
@@ -102,6 +113,7 @@ class Bad:
     output: object = None  # default: a fresh "out" folder
     only: str = None  # "lora" or "full"; None: both scripts
     hide: tuple = ()  # modules made unimportable for this row
+    env: object = None  # environment variables (what `accelerate launch` sets from its config), or their builder
 
 
 BAD_INPUTS = [
@@ -187,6 +199,29 @@ BAD_INPUTS = [
     Bad("setup", ("--teacher_vlm_name_or_path", "Qwen/Qwen3-VL-4B-Instruct"), "--teacher_vlm_name_or_path applies to"
         " the vlm teacher only, not to FLUX.2-klein's edit teacher: add --teacher_context vlm", model=TINY_KLEIN),
     Bad("setup", "", "cannot write to --output_dir", output=below_a_file),
+    # a DeepSpeed or FSDP setup the trainer cannot honour, and processes accelerate did not join
+    Bad("setup", "", "DeepSpeed ZeRO-3 shards the weights the EMA teacher swaps in: use ZeRO-2",
+        env=deepspeed({"zero_optimization": {"stage": 3}}), only="lora"),
+    Bad("setup", "", "DeepSpeed ZeRO-3 shards the weights the EMA teacher swaps in: use FSDP2",
+        env=deepspeed({"zero_optimization": {"stage": 3}}), only="full"),
+    Bad("setup", "", "DeepSpeed offload_param moves the weights the EMA teacher swaps in to the CPU",
+        env=deepspeed({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}})),
+    Bad("setup", "--train_batch_size 2", "the DeepSpeed config sets train_micro_batch_size_per_gpu to 4, but"
+        " --train_batch_size gives 2", env=deepspeed({"zero_optimization": {"stage": 2},
+                                                       "train_micro_batch_size_per_gpu": 4})),
+    Bad("setup", "", "the DeepSpeed config sets gradient_clipping to 0.5, but --max_grad_norm gives 1.0",
+        env=deepspeed({"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5})),
+    Bad("setup", "", "cannot read the DeepSpeed config",
+        env={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "no-such-config.json"}),
+    Bad("setup", "", "FSDP is for full fine-tuning (train_dopsd_full.py)", env=FSDP2, only="lora"),
+    Bad("setup", "", "set fsdp_version: 2", env={**FSDP2, "FSDP_VERSION": "1"}, only="full"),
+    Bad("setup", "", "set fsdp_offload_params: false", env={**FSDP2, "FSDP_OFFLOAD_PARAMS": "true"}, only="full"),
+    Bad("setup", "", "set fsdp_activation_checkpointing: false and pass --gradient_checkpointing instead",
+        env={**FSDP2, "FSDP_ACTIVATION_CHECKPOINTING": "true"}, only="full"),
+    Bad("setup", "--compile", "--compile is not supported with FSDP2", env=FSDP2, only="full"),
+    Bad("setup", "--use_8bit_adam", "--use_8bit_adam is not supported with FSDP2", env=FSDP2, only="full"),
+    Bad("setup", "", "2 processes were launched, but accelerate joined them into no process group",
+        env={"WORLD_SIZE": "2"}),
 
     # -- refused once the transformer is loaded (setup has made the output folder by then) --
     Bad("main", "--lora_layers to_q,not_a_layer", "'not_a_layer' matches no linear layer", only="lora"),
@@ -228,9 +263,12 @@ def test_every_bad_input_is_one_clear_line(kind, tmp_path, capsys):
         if row.dataset:
             at = argv.index("--instance_data_dir")
             argv[at:at + 2] = ["--dataset_name", str(build(row.dataset, case))]
+        env = build(row.env, case) if row.env else {}
         before = tree(case)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(sys, "argv", [prog, *argv])
+            for name, value in env.items():
+                patch.setenv(name, value)
             for module in row.hide:
                 patch.setitem(sys.modules, module, None)
             if row.stage == "parse_args":
