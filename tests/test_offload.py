@@ -1,0 +1,93 @@
+"""--offload: the frozen base's weights live in host RAM and each layer's come to the accelerator only while it runs.
+
+On this CPU-only machine the hooks run with the host as both places (diffusers' group offloading allows it), so what
+is tested is what the trainer controls: which weights the hooks manage (every frozen base weight, never a LoRA
+weight, so the optimizer, the gradients and the EMA teacher's storage swap never see an offloaded tensor), that they
+run, and that an offloaded step, its optimizer step and its EMA update equal a resident one exactly. The command-line
+flag itself needs a CUDA GPU and says so.
+"""
+
+import torch
+from accelerate import Accelerator
+from conftest import TINY_ZIMAGE, load_family, lora_script as script
+
+from diffusers.hooks import group_offloading
+
+
+def offloaded_parameters(transformer):
+    """Every parameter a group-offloading hook of the transformer moves."""
+    managed = set()
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook(group_offloading._GROUP_OFFLOADING) if registry is not None else None
+        if hook is not None:
+            group = hook.group
+            managed.update(p for m in group.modules for p in m.parameters())
+            managed.update(group.parameters)
+    return managed
+
+
+def one_step(tmp_path, offload, onloads):
+    """One D-OPSD iteration, AdamW step and EMA update on the tiny Z-Image-Turbo, from a non-zero LoRA and a teacher
+    that differs from it; returns (loss, gradients, LoRA weights, EMA shadow, transformer, LoRA parameters)."""
+    args, family = load_family(tmp_path, TINY_ZIMAGE, "--rollout_steps", 2, "--rank", 4)
+    args.offload = offload  # the flag refuses a machine without CUDA; the function under it runs anywhere
+    accelerator = Accelerator(cpu=True)
+    examples = script.collect_examples(args, family.resolution_multiple)
+    store = script.ContextStore(family, examples, accelerator, args.output_dir)
+    store.fill()
+    torch.manual_seed(0)  # the LoRA's initial A
+    transformer, lora = script.prepare_student(args, family, accelerator)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in lora:
+            if "lora_B" in name:
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    ema = script.EMATeacher(lora, 0.5)
+    with torch.no_grad():
+        for shadow in ema.shadow:
+            shadow.add_(0.02 * torch.randn(shadow.shape, generator=generator))
+    optimizer = torch.optim.AdamW([p for _, p in lora], lr=1e-2)
+    batch = script.collate_examples([script.ContextDataset(examples, store)[0]])
+    onloads.clear()
+    loss, _ = script.dopsd_step(family, transformer, transformer, ema, batch, accelerator, args.rollout_steps,
+                                args.loss_space, torch.Generator().manual_seed(1))
+    gradients = [p.grad.clone() for _, p in lora]
+    optimizer.step()
+    ema.update()
+    return (loss, gradients, [p.detach().clone() for _, p in lora], [s.clone() for s in ema.shadow], transformer,
+            lora)
+
+
+def test_an_offloaded_step_equals_a_resident_one_and_the_lora_is_never_offloaded(tmp_path, monkeypatch):
+    onloads = []
+    onload = group_offloading.ModuleGroup.onload_
+
+    def counted_onload(group):
+        onloads.append(group)
+        return onload(group)
+
+    monkeypatch.setattr(group_offloading.ModuleGroup, "onload_", counted_onload)
+    resident = one_step(tmp_path / "resident", False, onloads)
+    assert onloads == []
+    offloaded = one_step(tmp_path / "offloaded", True, onloads)
+    transformer, lora = offloaded[4], offloaded[5]
+
+    managed = offloaded_parameters(transformer)
+    lora_parameters = {p for _, p in lora}
+    frozen = {p for p in transformer.parameters() if not p.requires_grad}
+    assert managed == frozen  # every base weight is offloaded ...
+    assert not managed & lora_parameters  # ... and no LoRA weight: the teacher's storage swap is untouched
+    assert not [name for name, m in transformer.named_modules() if "lora_" in name and hasattr(m, "_diffusers_hook")]
+    # the hooks ran in the step: every base linear layer was brought in (once per pass at least)
+    base_linears = [m for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)
+                    and "lora_" not in name]
+    assert {id(m) for g in onloads for m in g.modules} >= {id(m) for m in base_linears}
+
+    loss, gradients, weights, shadow = resident[:4]
+    torch.testing.assert_close(offloaded[0], loss, rtol=0, atol=0)
+    assert loss > 0
+    for expected, got in zip(gradients + weights + shadow, offloaded[1] + offloaded[2] + offloaded[3]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert any(g.abs().max() > 0 for g in gradients)
+
