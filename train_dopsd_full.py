@@ -2934,7 +2934,7 @@ def setup(args):
         raise UserError("FSDP shards the parameters that the EMA teacher swaps in; use DDP or DeepSpeed ZeRO-2"
                         " (examples/accelerate/)")
     if args.compile is None:
-        args.compile = compile_by_default(accelerator.device)
+        args.compile = compile_by_default(accelerator.device) and not getattr(args, "offload", False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     family = family_class(args, weight_dtype, accelerator.device)
     if args.resolution % family.resolution_multiple:

@@ -176,6 +176,10 @@ def parse_args(input_args=None):
         if args.quantize_base == "int8":
             parser.error("--offload cannot offload --quantize_base int8: bitsandbytes' int8 layers keep their own copy"
                          " of the weights on the GPU; use --quantize_base nf4 or fp8")
+        if args.compile:
+            parser.error("--compile gains nothing with --offload: the hook around every offloaded layer splits each"
+                         " block into one graph per layer, and most stay eager; drop --compile (off by default with"
+                         " --offload)")
     return args
 
 
@@ -2865,7 +2869,7 @@ def setup(args):
         raise UserError("FSDP shards the parameters that the EMA teacher swaps in; use DDP or DeepSpeed ZeRO-2"
                         " (examples/accelerate/)")
     if args.compile is None:
-        args.compile = compile_by_default(accelerator.device)
+        args.compile = compile_by_default(accelerator.device) and not getattr(args, "offload", False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     family = family_class(args, weight_dtype, accelerator.device)
     if args.resolution % family.resolution_multiple:

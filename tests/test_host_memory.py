@@ -29,7 +29,7 @@ def resident(earlier):
     for obj in gc.get_objects():
         if isinstance(obj, torch.nn.Module) and type(obj).__name__ in LARGE and obj not in earlier:
             storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                        for t in [*obj.parameters(), *obj.buffers()] if t.device.type != "meta"}
+                        for t in obj.parameters() if t.device.type != "meta"}
             if storages:
                 models.setdefault(LARGE[type(obj).__name__], {}).update(storages)
     return models

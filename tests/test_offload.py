@@ -7,9 +7,13 @@ run, and that an offloaded step, its optimizer step and its EMA update equal a r
 flag itself needs a CUDA GPU and says so.
 """
 
+import importlib.util
+import shutil
+
+import pytest
 import torch
 from accelerate import Accelerator
-from conftest import TINY_ZIMAGE, load_family, lora_script as script
+from conftest import CONCEPT, TINY_ZIMAGE, lora_script as script, script_args
 
 from diffusers.hooks import group_offloading
 
@@ -30,7 +34,14 @@ def offloaded_parameters(transformer):
 def one_step(tmp_path, offload, onloads):
     """One D-OPSD iteration, AdamW step and EMA update on the tiny Z-Image-Turbo, from a non-zero LoRA and a teacher
     that differs from it; returns (loss, gradients, LoRA weights, EMA shadow, transformer, LoRA parameters)."""
-    args, family = load_family(tmp_path, TINY_ZIMAGE, "--rollout_steps", 2, "--rank", 4)
+    data = tmp_path / "data"
+    data.mkdir(parents=True)
+    for name in ("chelsea-1.jpg", "chelsea-1.txt"):
+        shutil.copy(CONCEPT / name, data / name)
+    args = script.parse_args(script_args(tmp_path / "out", TINY_ZIMAGE, "--rollout_steps", 2, "--rank", 4,
+                                         "--gradient_checkpointing", data=data))
+    script.ZImageTurbo.apply_defaults(args, script.TRAINING)
+    family = script.ZImageTurbo(args, torch.float32, torch.device("cpu"))
     args.offload = offload  # the flag refuses a machine without CUDA; the function under it runs anywhere
     accelerator = Accelerator(cpu=True)
     examples = script.collect_examples(args, family.resolution_multiple)
@@ -38,6 +49,7 @@ def one_step(tmp_path, offload, onloads):
     store.fill()
     torch.manual_seed(0)  # the LoRA's initial A
     transformer, lora = script.prepare_student(args, family, accelerator)
+    transformer.train()  # as the training loop runs it: gradient checkpointing recomputes each block in the backward
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in lora:
@@ -91,3 +103,24 @@ def test_an_offloaded_step_equals_a_resident_one_and_the_lora_is_never_offloaded
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert any(g.abs().max() > 0 for g in gradients)
 
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("--quantize_base int8", "--offload cannot offload --quantize_base int8: bitsandbytes' int8 layers keep their own"
+     " copy of the weights on the GPU; use --quantize_base nf4 or fp8"),
+    ("--compile", "--compile gains nothing with --offload: the hook around every offloaded layer splits each block"
+     " into one graph per layer, and most stay eager; drop --compile (off by default with --offload)"),
+])
+def test_combinations_that_cannot_work_are_refused_on_a_cuda_machine(tmp_path, monkeypatch, capsys, flags,
+                                                                     expected):
+    """(The machine without CUDA is refused first: tests/test_bad_inputs.py.) int8 keeps a GPU copy of its weights,
+    so nothing would be offloaded; compiling offloaded layers splits every block into per-layer graphs that mostly
+    stay eager (checked on the CPU: 58 graphs and dynamo's recompile limit hit within three steps)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    if flags == "--quantize_base int8" and importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("--quantize_base int8 needs bitsandbytes")
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(script_args(tmp_path / "out", TINY_ZIMAGE, "--offload", *flags.split()))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(expected)
+    assert not (tmp_path / "out").exists()
