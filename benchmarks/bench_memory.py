@@ -36,6 +36,7 @@ OUTPUT_DIR/memory.md (phases.md).
 """
 
 import argparse
+import gc
 import json
 import shlex
 import shutil
@@ -272,7 +273,8 @@ def write_random_pipeline(name, folder, device):
     for part, model in parts.items():
         shutil.rmtree(folder / part)
         model.save_pretrained(folder / part, max_shard_size="5GB")
-    del parts
+    del parts, model
+    release(device)
     if kind != "z-image":
         return folder, None
     vlm_folder = folder / "teacher-vlm"
@@ -286,7 +288,16 @@ def write_random_pipeline(name, folder, device):
     with default_dtype_and_device(torch.bfloat16, device):
         vlm = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**vlm_config))
     vlm.save_pretrained(vlm_folder, max_shard_size="5GB")
+    del vlm
+    release(device)
     return folder, vlm_folder
+
+
+def release(device):
+    """Give the accelerator memory of deleted models back, so that the trainer's process can use it."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def memory_now():

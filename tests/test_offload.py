@@ -31,7 +31,7 @@ def offloaded_parameters(transformer):
     return managed
 
 
-def one_step(tmp_path, offload, onloads):
+def one_step(tmp_path, quantize_base, offload, onloads):
     """One D-OPSD iteration, AdamW step and EMA update on the tiny Z-Image-Turbo, from a non-zero LoRA and a teacher
     that differs from it; returns (loss, gradients, LoRA weights, EMA shadow, transformer, LoRA parameters)."""
     data = tmp_path / "data"
@@ -39,7 +39,7 @@ def one_step(tmp_path, offload, onloads):
     for name in ("chelsea-1.jpg", "chelsea-1.txt"):
         shutil.copy(CONCEPT / name, data / name)
     args = script.parse_args(script_args(tmp_path / "out", TINY_ZIMAGE, "--rollout_steps", 2, "--rank", 4,
-                                         "--gradient_checkpointing", data=data))
+                                         "--gradient_checkpointing", "--quantize_base", quantize_base, data=data))
     script.ZImageTurbo.apply_defaults(args, script.TRAINING)
     family = script.ZImageTurbo(args, torch.float32, torch.device("cpu"))
     args.offload = offload  # the flag refuses a machine without CUDA; the function under it runs anywhere
@@ -71,7 +71,12 @@ def one_step(tmp_path, offload, onloads):
             lora)
 
 
-def test_an_offloaded_step_equals_a_resident_one_and_the_lora_is_never_offloaded(tmp_path, monkeypatch):
+@pytest.mark.parametrize("quantize_base", ["none", pytest.param("nf4", marks=pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="nf4 needs bitsandbytes"))])
+def test_an_offloaded_step_equals_a_resident_one_and_the_lora_is_never_offloaded(tmp_path, monkeypatch,
+                                                                                 quantize_base):
+    """With a full-precision base and with an nf4 one (bitsandbytes' 4-bit layers under the hooks, peft's LoRA
+    around them)."""
     onloads = []
     onload = group_offloading.ModuleGroup.onload_
 
@@ -80,9 +85,9 @@ def test_an_offloaded_step_equals_a_resident_one_and_the_lora_is_never_offloaded
         return onload(group)
 
     monkeypatch.setattr(group_offloading.ModuleGroup, "onload_", counted_onload)
-    resident = one_step(tmp_path / "resident", False, onloads)
+    resident = one_step(tmp_path / "resident", quantize_base, False, onloads)
     assert onloads == []
-    offloaded = one_step(tmp_path / "offloaded", True, onloads)
+    offloaded = one_step(tmp_path / "offloaded", quantize_base, True, onloads)
     transformer, lora = offloaded[4], offloaded[5]
 
     managed = offloaded_parameters(transformer)
