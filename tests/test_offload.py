@@ -72,11 +72,12 @@ def one_step(tmp_path, quantize_base, offload, onloads):
 
 
 @pytest.mark.parametrize("quantize_base", ["none", pytest.param("nf4", marks=pytest.mark.skipif(
-    importlib.util.find_spec("bitsandbytes") is None, reason="nf4 needs bitsandbytes"))])
+    importlib.util.find_spec("bitsandbytes") is None, reason="nf4 needs bitsandbytes")), pytest.param(
+    "fp8", marks=pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="fp8 needs torchao"))])
 def test_an_offloaded_step_equals_a_resident_one_and_the_lora_is_never_offloaded(tmp_path, monkeypatch,
                                                                                  quantize_base):
-    """With a full-precision base and with an nf4 one (bitsandbytes' 4-bit layers under the hooks, peft's LoRA
-    around them)."""
+    """With a full-precision base, an nf4 one (bitsandbytes' 4-bit layers under the hooks, peft's LoRA around them)
+    and an fp8 one (torchao's weight tensors)."""
     onloads = []
     onload = group_offloading.ModuleGroup.onload_
 
