@@ -3165,8 +3165,9 @@ def main(args):
     accelerator, family, examples, resume_path = setup(args)
     lora_targets = resolve_lora_targets(family.transformer_layout, args.lora_layers)  # a bad --lora_layers fails now
     if args.offload and accelerator.num_processes > 1:
-        raise UserError("--offload is for one GPU: it keeps the base's weights in this process's host memory, which"
-                        " DDP and DeepSpeed do not expect; drop it, or train on one GPU")
+        raise UserError("--offload is for one GPU: DDP and DeepSpeed expect every weight of the model on the GPU"
+                        " (they synchronise them across processes), and --offload keeps the base's in host RAM; train"
+                        " on one GPU, or drop --offload")
     claim_output_dir(args, accelerator)
     store, validation = cache_contexts(args, family, examples, accelerator)
 
