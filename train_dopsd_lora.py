@@ -3123,6 +3123,11 @@ def prepare_student(args, family, accelerator):
         logger.info(f"base transformer: {count} linear layers quantised to {args.quantize_base}")
     if args.offload:
         offload_frozen_base(transformer, device)
+        logger.info("base transformer offloaded: its weights stay in host RAM, each layer's brought to the GPU while"
+                    " it runs")
+        if not args.gradient_checkpointing:
+            logger.warning("--offload without --gradient_checkpointing: the student's backward keeps every layer's"
+                           " weights on the GPU until it is done; add --gradient_checkpointing to save GPU memory")
     else:
         transformer.to(device)
     transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
