@@ -479,39 +479,89 @@ class ModelFamily:
     # -- loading -------------------------------------------------------------------------------------------------
     def __init__(self, args, weight_dtype, device, pipeline=None):
         """Load the pipeline named by the arguments (defaults applied), or wrap one built in code (the benchmark's
-        random weights)."""
+        random weights).
+
+        The text encoder comes first, straight to the accelerator (or memory-mapped from its files and quantised
+        onto it layer by layer, --quantize_encoders); the VAE, tokenizer and scheduler with it. The transformer is
+        loaded only when it is first used, after the contexts are cached (`load_transformer`), so that the host
+        never holds two large components at once; until then `transformer_layout` stands in for it."""
         assert args.teacher_context in self.teacher_contexts, "apply_defaults(args) comes first"
         self.args = args
         self.weight_dtype = weight_dtype
         self.device = device
         self.teacher_context = args.teacher_context
+        self._transformer = None
         if pipeline is None:
+            quantize = args.quantize_encoders != "none"
             try:
+                text_encoder = self.load_component("text_encoder", "cpu" if quantize else device)
                 pipeline = self.pipeline_class.from_pretrained(
                     args.pretrained_model_name_or_path,
                     revision=args.revision,
                     variant=args.variant,
                     dtype=weight_dtype,
                     cache_dir=args.cache_dir,
+                    transformer=None,
+                    text_encoder=text_encoder,
                 )
+                transformer_class = self.component_class("transformer")
+                config = transformer_class.load_config(args.pretrained_model_name_or_path, subfolder="transformer",
+                                                       revision=args.revision, cache_dir=args.cache_dir)
+                with torch.device("meta"):  # its modules without weights: config and layer names for the checks
+                    self.transformer_layout = transformer_class.from_config(config)
             except Exception as error:
                 raise UserError(f"cannot load {args.pretrained_model_name_or_path} as {self.name}: {error}") from None
+            if quantize:
+                quantize_linear_layers(text_encoder, args.quantize_encoders, device, weight_dtype)
+        else:
+            self._transformer = self.transformer_layout = pipeline.transformer
         self.pipeline = pipeline
         self.pipeline.set_progress_bar_config(disable=True)
-        self.transformer = self.pipeline.transformer
         self.scheduler = self.pipeline.scheduler
         self.vlm = None
-        if args.quantize_encoders != "none" and self.pipeline.text_encoder is not None:
-            quantize_linear_layers(self.pipeline.text_encoder, args.quantize_encoders, device, weight_dtype)
         for module in (self.pipeline.text_encoder, self.pipeline.vae):
             if module is not None:
                 module.to(device).requires_grad_(False).eval()
-        self.transformer.requires_grad_(False)
-        if args.attention_backend is not None:
+        if args.attention_backend is not None:  # checked on the layout: a bad name fails before anything is written
             try:
-                self.transformer.set_attention_backend(args.attention_backend)
+                self.transformer_layout.set_attention_backend(args.attention_backend)
             except Exception as error:
                 raise UserError(f"--attention_backend {args.attention_backend}: {error}") from None
+
+    def component_class(self, name):
+        """The class of one of the pipeline's components, as its model_index.json names it."""
+        library, class_name = DiffusionPipeline.load_config(
+            self.args.pretrained_model_name_or_path, revision=self.args.revision, cache_dir=self.args.cache_dir)[name]
+        return getattr(importlib.import_module(library), class_name)
+
+    def load_component(self, name, device):
+        """One of the pipeline's models in the training dtype, its weights put on `device` one tensor at a time as
+        they are read (on "cpu" they stay memory-mapped from the files until used)."""
+        args = self.args
+        return self.component_class(name).from_pretrained(
+            args.pretrained_model_name_or_path, subfolder=name, revision=args.revision, variant=args.variant,
+            dtype=self.weight_dtype, cache_dir=args.cache_dir, device_map={"": device})
+
+    @property
+    def transformer(self):
+        """The denoising transformer, loaded on first use (see load_transformer)."""
+        return self._transformer if self._transformer is not None else self.load_transformer()
+
+    def load_transformer(self, device=None):
+        """Load the transformer (once): straight to `device` (default: the accelerator), or on "cpu", memory-mapped
+        from its files, for --quantize_base and --offload to move layer by layer. Frozen; the LoRA or the full
+        fine-tuning makes its trained weights trainable."""
+        if self._transformer is None:
+            try:
+                transformer = self.load_component("transformer", device or self.device)
+            except Exception as error:
+                raise UserError(f"cannot load the transformer of {self.args.pretrained_model_name_or_path}:"
+                                f" {error}") from None
+            transformer.requires_grad_(False)
+            if self.args.attention_backend is not None:
+                transformer.set_attention_backend(self.args.attention_backend)
+            self._transformer = self.transformer_layout = self.pipeline.transformer = transformer
+        return self._transformer
 
     @property
     def pipeline_class(self):
@@ -520,8 +570,8 @@ class ModelFamily:
 
     # -- teacher encoders ----------------------------------------------------------------------------------------
     def load_teacher_vlm(self, drop_text_encoder=False):
-        """The grafted Qwen3-VL on the accelerator. With `drop_text_encoder` (the student contexts are done) the text
-        encoder goes once its weights are grafted, before the VLM arrives: one large encoder on the device at a time."""
+        """The grafted Qwen3-VL on the accelerator, sharing the text encoder's weights (one large encoder on the
+        device at a time). With `drop_text_encoder` (the student contexts are done) the text encoder itself goes."""
         vlm_path = self.args.teacher_vlm_name_or_path or self.default_teacher_vlm()
         self.vlm = GraftedVLM(vlm_path, self.pipeline.text_encoder, self.pipeline.tokenizer, self.weight_dtype,
                               cache_dir=self.args.cache_dir, rope_theta=self.args.teacher_vlm_rope_theta)
@@ -639,7 +689,7 @@ class ZImageTurbo(ModelFamily):
         # Caption positions run 1..padded length and the image starts after them on the same RoPE axis, so the
         # teacher context is capped below the transformer's first axis length (1024 -> 992), and at 1024
         # (docs/method.md §3.1).
-        axis_length = self.transformer.config.axes_lens[0]
+        axis_length = self.transformer_layout.config.axes_lens[0]
         self.max_teacher_tokens = min(1024, (axis_length - 2) // 32 * 32)
 
     def encode_student_context(self, caption):
@@ -670,7 +720,7 @@ class ZImageTurbo(ModelFamily):
 
     def initial_noise(self, batch_size, height, width, generator=None):
         vae_scale = self.pipeline.vae_scale_factor
-        shape = (batch_size, self.transformer.config.in_channels, 2 * (height // (vae_scale * 2)),
+        shape = (batch_size, self.transformer_layout.config.in_channels, 2 * (height // (vae_scale * 2)),
                  2 * (width // (vae_scale * 2)))
         return diffusers.utils.torch_utils.randn_tensor(shape, generator=generator, device=self.device,
                                                         dtype=torch.float32)
@@ -749,7 +799,7 @@ class Flux2Klein(ModelFamily):
 
     @property
     def modelspec_architecture(self):
-        config = self.transformer.config
+        config = self.transformer_layout.config
         return "Flux.2-klein-9b" if config.num_attention_heads * config.attention_head_dim > 3072 else "Flux.2-klein-4b"
 
     def default_teacher_vlm(self):
@@ -826,7 +876,7 @@ class Flux2Klein(ModelFamily):
 
     def initial_noise(self, batch_size, height, width, generator=None):
         vae_scale = self.pipeline.vae_scale_factor
-        shape = (batch_size, self.transformer.config.in_channels, height // (vae_scale * 2),
+        shape = (batch_size, self.transformer_layout.config.in_channels, height // (vae_scale * 2),
                  width // (vae_scale * 2))
         # The pipeline samples its noise in the prompt embeddings' dtype.
         return diffusers.utils.torch_utils.randn_tensor(shape, generator=generator, device=self.device,
@@ -1084,27 +1134,6 @@ def fp8_compute_forward(linear, input):
     return Float8ComputeLinear.apply(input, linear.weight, linear.bias)
 
 
-# Copied from train_dopsd_lora.full_precision_state
-def full_precision_state(model):
-    """The model's state dict on the CPU, quantised linear weights dequantised one at a time (what the graft
-    copies; the accelerator never holds a full-precision copy)."""
-    buffers = dict(model.named_buffers())
-    full = {name: value.cpu() for name, value in model.state_dict().items() if name in buffers}
-    for module_name, module in model.named_modules():
-        for name, parameter in module.named_parameters(recurse=False):
-            key = f"{module_name}.{name}" if module_name else name
-            if hasattr(parameter, "quant_state"):  # bitsandbytes 4-bit
-                import bitsandbytes
-
-                parameter = bitsandbytes.functional.dequantize_4bit(parameter.data, parameter.quant_state)
-            elif parameter.dtype == torch.int8 and getattr(module, "state", None) is not None:  # bitsandbytes int8
-                import bitsandbytes
-
-                parameter = bitsandbytes.functional.int8_vectorwise_dequant(parameter.data, module.state.SCB)
-            full[key] = parameter.detach().cpu()
-    return full
-
-
 # Copied from train_dopsd_lora.GraftedVLM
 class GraftedVLM:
     """Qwen3-VL whose language model is replaced by the pipeline's Qwen3 text encoder (docs/method.md §3.1).
@@ -1159,11 +1188,22 @@ class GraftedVLM:
         self.vlm = Qwen3VLForConditionalGeneration.from_pretrained(
             vlm_path, config=config, dtype=dtype, cache_dir=cache_dir
         )
-        self.vlm.model.language_model.load_state_dict({
-            key.removeprefix("model."): value
-            for key, value in full_precision_state(text_encoder).items()
-            if not key.startswith("lm_head.")
-        })
+        # The graft shares, it does not copy: the language model's linear layers become the text encoder's own
+        # modules (quantised ones included, --quantize_encoders) and its other weights the encoder's tensors, where
+        # they are (on the accelerator). Its own weights, memory-mapped from its files, are dropped unread, and so is
+        # its output head (only hidden states are used). No second copy of the encoder exists, on the host or the
+        # accelerator.
+        language_model, encoder = self.vlm.model.language_model, text_encoder.base_model
+        for name, module in list(language_model.named_modules()):
+            if isinstance(module, torch.nn.Linear):
+                parent, _, child = name.rpartition(".")
+                setattr(language_model.get_submodule(parent), child, encoder.get_submodule(name))
+        for name, parameter in encoder.named_parameters():
+            owner_name, _, parameter_name = name.rpartition(".")
+            owner = language_model.get_submodule(owner_name)
+            if not isinstance(owner, torch.nn.Linear):
+                setattr(owner, parameter_name, parameter)
+        del self.vlm.lm_head
         self.vlm.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(vlm_path, cache_dir=cache_dir)
@@ -2801,7 +2841,7 @@ MAY_CHANGE_ON_RESUME = (
     "ema_device", "output_dir", "checkpointing_steps", "checkpoints_total_limit", "validation_prompt",
     "validation_steps", "validation_inference_steps", "num_validation_images", "prior_prompts", "report_to",
     "logging_dir",
-    "hub_private", "save_dtype", "save_ema",
+    "hub_private", "save_dtype", "save_ema", "offload",
 )
 
 
@@ -3157,7 +3197,7 @@ def setup(args):
     logger.info(device_and_precision(accelerator))
 
     if args.compile is None:
-        args.compile = compile_by_default(accelerator.device)
+        args.compile = compile_by_default(accelerator.device) and not getattr(args, "offload", False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     family = family_class(args, weight_dtype, accelerator.device)
     if args.resolution % family.resolution_multiple:
@@ -3283,8 +3323,10 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
     batch_sampler = BucketBatchSampler(examples, args.train_batch_size, args.repeats, args.seed)
     dataloader = torch.utils.data.DataLoader(ContextDataset(examples, store), batch_sampler=batch_sampler,
                                              collate_fn=collate_examples)
+    # An offloaded base (--offload) is placed layer by layer by its hooks: accelerate must not move it as a whole.
+    placement = [False, None, None, None] if getattr(args, "offload", False) else None
     transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader,
-                                                                           lr_scheduler)
+                                                                           lr_scheduler, device_placement=placement)
     network = accelerator.unwrap_model(transformer)  # both roles, the teacher's passes and the validation images
     trainable = [p for p in transformer.parameters() if p.requires_grad]  # FSDP2 replaces them while preparing
     ema_teacher.follow(network)
@@ -3449,7 +3491,7 @@ def gathered_transformer(accelerator, transformer):
 def main(args):
     """Fine-tune the whole transformer (or --train_layers) with D-OPSD; returns the trained transformer."""
     accelerator, family, examples, resume_path = setup(args)
-    resolve_trainable(family.transformer, args.train_layers)  # a bad --train_layers fails now
+    resolve_trainable(family.transformer_layout, args.train_layers)  # a bad --train_layers fails now
     claim_output_dir(args, accelerator)
     store, validation = cache_contexts(args, family, examples, accelerator)
 

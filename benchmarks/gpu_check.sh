@@ -8,7 +8,12 @@
 #   that starts from a first run's saved compiler cache (what a resumed run pays); --quantize_base fp8 and
 #   fp8_compute against the bf16 base (seconds, peak, prediction difference; fp8_compute needs compute capability
 #   8.9+); klein-4B's edit teacher with a 512² reference; 512².
-# memory: the --quantize_base memory table with its 16 GB / 12 GB fit checks and the fp16 check.
+# memory: the figures "What machine do I need" still lacks, most important first, each step capped and none started
+#   after MEMORY_BUDGET_S (default 840) seconds: --offload (bf16 and nf4 base at 1024²: peak, s/iteration, fits
+#   under 16 / 12 / 8 GB caps); whole trainer runs per model (defaults, then the smallest settings:
+#   --quantize_encoders nf4 --quantize_base nf4 --offload) with host RAM (peak RSS and anonymous) and GPU peak per
+#   phase, the caching phases with and without --quantize_encoders included; fp16 (cards without bf16: non-finite
+#   steps over 10 iterations); 512² per --quantize_base; klein-9B with int8.
 # all (default): speed, then memory as time allows.
 # quick: the most important figures in under 10 minutes of GPU time, each step capped (a capped step that runs out
 #   keeps its rows): eager and compiled klein-4B, its compile from a saved cache, fp8_compute on klein-4B, then the
@@ -31,10 +36,13 @@ fi
 if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
   MODELS=(tiny-z-image tiny-klein); KLEIN=tiny-klein; RES=64; SMALL_RES=64; REFERENCE=48; MEMORY_MODELS=(tiny-z-image)
   BUDGET_S=100000; BACKEND=aot_eager  # inductor's C++ code generation takes minutes on a CPU
+  SMALLEST="--quantize_encoders int8 --quantize_base nf4"  # --offload needs CUDA
 else
   MODELS=(z-image klein-4b klein-9b); KLEIN=klein-4b; RES=1024; SMALL_RES=512; REFERENCE=512
   MEMORY_MODELS=(z-image klein-4b klein-9b); BUDGET_S=300; BACKEND=inductor
+  SMALLEST="--quantize_encoders nf4 --quantize_base nf4 --offload"
 fi
+MEMORY_BUDGET_S=${MEMORY_BUDGET_S:-840}
 python3 -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 
 BENCH_ARGS=(--rollout_steps 4 --gradient_checkpointing --repeats 2 --modes eager compiled --compile_backend "$BACKEND")
@@ -69,8 +77,9 @@ if python3 -c "import sys, train_dopsd_lora as t; sys.exit(not t.has_fp8_tensor_
   FP8+=(fp8_compute)
 fi
 
+capped() { local seconds=$1 log=$2; shift 2; timeout "$seconds" "$@" 2>&1 | tee "$OUT/$log" || echo "(failed or stopped at its ${seconds} s cap)"; }
+
 if [ "$PART" = quick ]; then
-  capped() { local seconds=$1 log=$2; shift 2; timeout "$seconds" "$@" 2>&1 | tee "$OUT/$log" || echo "(failed or stopped at its ${seconds} s cap)"; }
   capped 220 bench-klein.log "${BENCH[@]}" --models "$KLEIN" --resolutions "$RES"
   capped 150 cache.log cached_compile --models "$KLEIN" --resolutions "$RES"
   capped 90 fp8.log python3 benchmarks/bench_memory.py --models "$KLEIN" --resolutions "$RES" \
@@ -94,12 +103,29 @@ elif [ "$PART" != memory ]; then
   fi
 fi
 if [ "$PART" = memory ] || { [ "$PART" = all ] && [ "$SECONDS" -lt "$BUDGET_S" ]; }; then
-  # 6. Peak memory per --quantize_base option at 512² and 1024², fit under 16 GB and 12 GB caps, prediction vs bf16.
-  python3 benchmarks/bench_memory.py --models "${MEMORY_MODELS[@]}" --resolutions "$SMALL_RES" "$RES" \
-    --output_dir "$OUT/memory" 2>&1 | tee "$OUT/memory.log"
-  # 7. fp16 (cards without bf16): non-finite steps and the largest block output over 10 iterations.
-  python3 benchmarks/bench_memory.py --models "${MEMORY_MODELS[@]}" --resolutions "$RES" --fp16_check 10 \
-    --output_dir "$OUT/fp16" 2>&1 | tee "$OUT/fp16.log"
+  START=$SECONDS
+  # A step runs if the memory budget has time left; otherwise it is named as not measured.
+  step() {
+    if [ $((SECONDS - START)) -lt "$MEMORY_BUDGET_S" ]; then capped "$@"; else echo "skipped (memory budget spent): $2"; fi
+  }
+  MEMORY=(python3 benchmarks/bench_memory.py --repeats 1)
+  # 6. --offload: peak, s/iteration and the fit under 16 / 12 / 8 GB caps, bf16 and nf4 base.
+  step 420 offload.log "${MEMORY[@]}" --models "${MEMORY_MODELS[@]}" --resolutions "$RES" --quantize_base none nf4 \
+    --offload --cards_gb 16 12 8 --output_dir "$OUT/offload"
+  # 7. Whole runs of the trainer: host RAM and GPU peak per phase (caching with and without --quantize_encoders).
+  for model in "${MEMORY_MODELS[@]}"; do
+    step 300 "whole-$model.log" "${MEMORY[@]}" --models "$model" --whole_run --resolutions "$RES" \
+      --run_options "" "$SMALLEST" --output_dir "$OUT/whole"
+  done
+  # 8. fp16 (cards without bf16): non-finite steps and the largest block output over 10 iterations.
+  step 180 fp16.log "${MEMORY[@]}" --models "${MEMORY_MODELS[@]}" --resolutions "$RES" --fp16_check 10 \
+    --output_dir "$OUT/fp16"
+  # 9. 512²: peak per --quantize_base and the 16 / 12 / 8 GB fits (1024² is in the README).
+  step 240 memory-small.log "${MEMORY[@]}" --models "${MEMORY_MODELS[@]}" --resolutions "$SMALL_RES" \
+    --quantize_base none nf4 fp8 --cards_gb 16 12 8 --output_dir "$OUT/memory"
+  # 10. The one --quantize_base row of the 1024² table not measured yet.
+  step 120 memory-int8.log "${MEMORY[@]}" --models "${MEMORY_MODELS[@]: -1}" --resolutions "$RES" --quantize_base int8 \
+    --output_dir "$OUT/memory"
 fi
 [ -f "$OUT/bench.jsonl" ] || exit 0
 

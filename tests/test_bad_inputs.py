@@ -9,8 +9,8 @@ row, and decides what else is proved:
 - "setup": refused while the model folder, the data, the checkpoints and the model family are read; the last line is
   `error: ...` (a loading progress bar may come before it), and nothing is written: no output folder, no change at
   all under the row's folder.
-- "main": refused once the transformer is loaded; the last line is `error: ...`, and still nothing is written (the
-  first write, claim_output_dir, comes after every check).
+- "main": refused in main, against the transformer's layout (its modules, before its weights are loaded); the last
+  line is `error: ...`, and still nothing is written (the first write, claim_output_dir, comes after every check).
 
 A row applies to both scripts unless it names one: "lora" for the LoRA flags (--rank, --lora_alpha, --lora_layers),
 "full" for what only full fine-tuning refuses (--quantize_base, a --train_layers prefix).
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CONCEPT, TINY_KLEIN, TINY_ZIMAGE, script_args
 
 import train_dopsd_full as full_script
@@ -160,6 +161,9 @@ BAD_INPUTS = [
         model=missing("no-such-model"), only="full"),
     Bad("parse_args", "--quantize_base fp8", "--quantize_base fp8 needs torchao", model=missing("no-such-model"),
         only="lora", hide=NO_TORCHAO),
+    *([Bad("parse_args", "--offload", "--offload needs a CUDA GPU: it keeps the base in host RAM and brings each"
+           " layer to the GPU; without a GPU the run is on the CPU anyway, so drop the flag", only="lora")]
+      if not torch.cuda.is_available() else []),
 
     # -- refused while setup reads the model folder, the data and the checkpoints and builds the model family, before
     #    anything is written --
@@ -223,7 +227,7 @@ BAD_INPUTS = [
     Bad("setup", "", "2 processes were launched, but accelerate joined them into no process group",
         env={"WORLD_SIZE": "2"}),
 
-    # -- refused once the transformer is loaded (setup has made the output folder by then) --
+    # -- refused in main, against the transformer's layout, before anything is written --
     Bad("main", "--lora_layers to_q,not_a_layer", "'not_a_layer' matches no linear layer", only="lora"),
     Bad("main", "--train_layers not_a_layer", "--train_layers entry 'not_a_layer' matches no parameter", only="full"),
 ]

@@ -161,9 +161,22 @@ def test_memory_benchmark_rows_and_fp16_check_run_on_the_cpu(tmp_path):
     assert [r["quantize_base"] for r in rows] == ["none", "nf4"]
     assert rows[0]["prediction_rel_diff_vs_bf16"] == 0 < rows[1]["prediction_rel_diff_vs_bf16"] < 0.2
     assert all(r["iteration_s"] > 0 and r["peak_GiB"] is None and r["fits_12GB"] is None for r in rows)
+    offloaded, _ = bench_memory.main([*common, "--quantize_base", "none", "--offload"])  # the hooks, host to host
+    assert offloaded[0]["offload"] and offloaded[0]["prediction_rel_diff_vs_bf16"] == 0
+    rows += offloaded
     _, fp16_rows = bench_memory.main([*common, "--fp16_check", "2"])
     assert fp16_rows[0]["fp16_iterations"] == 2 and fp16_rows[0]["fp16_nonfinite_losses"] == 0
     assert fp16_rows[0]["fp16_max_block_output"] > 0
     written = [json.loads(line) for line in (tmp_path / "memory.jsonl").read_text().splitlines()]
     assert written == rows + fp16_rows
     assert "| tiny-klein | no | 64² | 1 | 2 | 0 | 0 |" in (tmp_path / "memory.md").read_text()
+
+
+def test_memory_benchmark_whole_run_reports_every_phase_on_the_cpu(tmp_path):
+    """--whole_run: the trainer itself, in a fresh process, with host memory per phase (no accelerator here)."""
+    rows = bench_memory.main(["--models", "tiny-klein", "--resolutions", "64", "--rollout_steps", "1", "--rank", "4",
+                              "--lora_alpha", "4", "--whole_run", "--output_dir", str(tmp_path)])
+    assert [r["phase"] for r in rows] == ["load", "student contexts", "teacher contexts", "load transformer",
+                                          "training", "outputs"]
+    assert all(0 < r["peak_anonymous_GiB"] <= r["peak_rss_GiB"] and r["peak_gpu_GiB"] is None for r in rows)
+    assert "| tiny-klein | (defaults) | 64² | training |" in (tmp_path / "phases.md").read_text()

@@ -168,6 +168,7 @@ def test_reference_image_is_the_pipelines_for_every_bucket(tmp_path, resolution)
     for every aspect bucket the teacher's reference pixels equal those the stock pipeline prepares for image=[target]
     (at --resolution 1024 two buckets exceed 1 MP; at 1536 all do)."""
     _, family = load_family(tmp_path, TINY_KLEIN)
+    family.load_transformer()  # the stock pipeline calls it; the family loads it only when first used
     captured = []
 
     def capture(images, **kwargs):
