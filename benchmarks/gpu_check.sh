@@ -46,7 +46,7 @@ MEMORY_BUDGET_S=${MEMORY_BUDGET_S:-840}
 python3 -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 
 BENCH_ARGS=(--rollout_steps 4 --gradient_checkpointing --repeats 2 --modes eager compiled --compile_backend "$BACKEND")
-BENCH=(python3 benchmarks/bench_dopsd.py "${BENCH_ARGS[@]}" --output "$OUT/bench.jsonl")
+BENCH=(python3 benchmarks/bench_dopsd.py "${BENCH_ARGS[@]}" --output "$OUT/bench.jsonl" --markdown "$OUT/bench.md")
 rm -f "$OUT/bench.jsonl" "$OUT/bench-cache.jsonl"
 
 # bench_dopsd.py, then the compiler's cache artifacts written to (save) or read first from (load) a file: a
