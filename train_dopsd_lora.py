@@ -560,7 +560,8 @@ class ModelFamily:
             transformer.requires_grad_(False)
             if self.args.attention_backend is not None:
                 transformer.set_attention_backend(self.args.attention_backend)
-            self._transformer = self.transformer_layout = self.pipeline.transformer = transformer
+            self.pipeline.register_modules(transformer=transformer)  # in its config too: save_pretrained writes it
+            self._transformer = self.transformer_layout = transformer
         return self._transformer
 
     @property

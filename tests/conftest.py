@@ -3,7 +3,6 @@
 Everything runs on the CPU in float32 on the tiny random models under examples/tiny (no network, no downloads).
 """
 
-import json
 import logging
 import os
 import subprocess
@@ -35,7 +34,7 @@ def uses_vlm_teacher(model, extra):
     if "--teacher_context" in flags:
         return flags[len(flags) - 1 - flags[::-1].index("--teacher_context") + 1] == "vlm"
     index = Path(model) / "model_index.json"
-    return not (index.is_file() and json.loads(index.read_text())["_class_name"] == "Flux2KleinPipeline")
+    return not (index.is_file() and '"Flux2KleinPipeline"' in index.read_text())  # a damaged index is not klein
 
 
 def script_args(output_dir, model=TINY_ZIMAGE, *extra, data=CONCEPT):
