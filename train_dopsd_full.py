@@ -985,7 +985,6 @@ import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from accelerate import Accelerator, PartialState  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
-from accelerate.utils.deepspeed import HfDeepSpeedConfig  # noqa: E402
 from accelerate.utils import (  # noqa: E402
     DeepSpeedPlugin,
     DistributedDataParallelKwargs,
@@ -997,6 +996,7 @@ from accelerate.utils import (  # noqa: E402
     is_wandb_available,
     set_seed,
 )
+from accelerate.utils.deepspeed import HfDeepSpeedConfig  # noqa: E402
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu  # noqa: E402

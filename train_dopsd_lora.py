@@ -980,7 +980,6 @@ import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from accelerate import Accelerator, PartialState  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
-from accelerate.utils.deepspeed import HfDeepSpeedConfig  # noqa: E402
 from accelerate.utils import (  # noqa: E402
     DeepSpeedPlugin,
     DistributedDataParallelKwargs,
@@ -992,6 +991,7 @@ from accelerate.utils import (  # noqa: E402
     is_wandb_available,
     set_seed,
 )
+from accelerate.utils.deepspeed import HfDeepSpeedConfig  # noqa: E402
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu  # noqa: E402
@@ -1766,7 +1766,7 @@ class EMATeacher:
     """The teacher's weights: theta_bar <- d * theta_bar + (1 - d) * theta after every optimizer step.
 
     It holds a shadow copy of the student's trainable parameters and starts equal to them (zero-initialised LoRA B:
-    the teacher starts as the base model), as accelerate prepared them (`restart`). For a teacher pass the shadow is
+    the teacher starts as the base model), as accelerate prepared them (`follow`). For a teacher pass the shadow is
     swapped into the student's parameters, so one network with one set of modules plays both roles.
 
     A bf16 shadow is updated with stochastic rounding: at decay 0.9999 one update, (1 - d) * (theta - theta_bar), is
