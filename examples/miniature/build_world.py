@@ -806,7 +806,7 @@ def main():
     parser.add_argument("--pretrain_steps", type=int, default=WorldSizes.pretrain_steps)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # tiny activations late in training otherwise slow the CPU down several-fold
+    torch.set_flush_denormal(True)  # so that tiny values late in training cannot slow the CPU down
     build(args.output_dir, WorldSizes(pretrain_steps=args.pretrain_steps), reuse=args.reuse)
 
 
