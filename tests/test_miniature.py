@@ -4,6 +4,7 @@ the experiment's pipeline (train with the trainer, sample, score, tabulate) runs
 import json
 import sys
 
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -52,3 +53,22 @@ def test_world_builds_and_fine_tuning_changes_its_samples(tmp_path):
     assert run_experiment.markdown_table(table, (0,)).count("\n") == 4
     run_experiment.write_grid(tmp_path / "grid.png", {"base": base, "dopsd": tuned}, evaluation.photos)
     assert Image.open(tmp_path / "grid.png").size == (88 + 8 * 64, 4 * 64)
+
+
+def test_a_world_built_on_another_reuses_its_codec_and_judge_and_continues_its_pretraining(tmp_path):
+    torch.set_num_threads(1)
+    sizes = build_world.SMOKE_SIZES
+    first = build_world.build(tmp_path / "first", sizes, log=lambda *_: None)
+    logged = []
+    second = build_world.build(tmp_path / "second", sizes, log=logged.append, reuse=tmp_path / "first")
+    assert first["pretrain_steps_total"] == sizes.pretrain_steps and first["reused_from_earlier_build"] == []
+    assert second["pretrain_steps_total"] == 2 * sizes.pretrain_steps
+    assert second["reused_from_earlier_build"] == ["vae", "classifier"]
+    assert any("pretraining continues from" in str(line) for line in logged)
+    for name in ("model/vae/diffusion_pytorch_model.safetensors", "classifier.pt"):
+        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
+    # the pretraining went on from the first world's pretrained weights, so the second's differ from them
+    pretrained = [safetensors.torch.load_file(tmp_path / world / "pretrained" / "diffusion_pytorch_model.safetensors")
+                  for world in ("first", "second")]
+    assert pretrained[0].keys() == pretrained[1].keys()
+    assert any(not torch.equal(pretrained[0][key], pretrained[1][key]) for key in pretrained[0])
