@@ -58,6 +58,8 @@ OBJECTIVES = {  # --objective: D-OPSD, and the two baselines it is measured agai
     "offpolicy": "the teacher's predictions on states noised from the training image (the paper's off-policy"
                  " ablation)",
 }
+# Copied from train_dopsd_lora.PIPELINE_MAX_SEQUENCE_LENGTH
+PIPELINE_MAX_SEQUENCE_LENGTH = 512  # caption tokens both pipelines encode by default (--max_sequence_length)
 # Own version of train_dopsd_lora.TRAINING
 TRAINING = "full"  # what this script trains (family defaults differ for LoRA)
 
@@ -263,7 +265,8 @@ def add_common_arguments(parser):
     group.add_argument("--instance_prompt", type=one_line, default=None, help="Caption for images that have none.")
     group.add_argument("--resolution", type=resolution, default=1024, help="Training area is resolution^2 pixels, in"
                        " aspect-ratio buckets.")
-    group.add_argument("--max_sequence_length", type=number(int, 32, 512), default=512, help="Caption tokens the"
+    group.add_argument("--max_sequence_length", type=number(int, 32, PIPELINE_MAX_SEQUENCE_LENGTH),
+                       default=PIPELINE_MAX_SEQUENCE_LENGTH, help="Caption tokens the"
                        " text encoder pads or cuts each caption to (the pipelines' default). Shorter trains faster on"
                        " short captions; sample with the same value.")
     group.add_argument("--repeats", type=number(int, 1), default=1,
@@ -618,7 +621,7 @@ class ModelFamily:
         }
         if args.reference_resolution is not None:  # absent by default, so earlier caches stay valid
             fingerprint["reference_resolution"] = args.reference_resolution
-        if args.max_sequence_length != 512:  # likewise
+        if args.max_sequence_length != PIPELINE_MAX_SEQUENCE_LENGTH:  # likewise
             fingerprint["max_sequence_length"] = args.max_sequence_length
         return fingerprint
 
@@ -2455,7 +2458,7 @@ def save_model_card(args, family, repo_id, images):
                 f" [`transformer/`](https://huggingface.co/{repo_id}/tree/main/transformer)." if weights == repo_id
                 else "The transformer in diffusers format is in `transformer/`, beside this card.")
     prompt = json.dumps(card_prompt(args), ensure_ascii=False)
-    if args.max_sequence_length != 512:  # trained on captions of another length: sample with the same
+    if args.max_sequence_length != PIPELINE_MAX_SEQUENCE_LENGTH:  # trained on other caption lengths: sample alike
         prompt += f", max_sequence_length={args.max_sequence_length}"
     gallery = "\n<Gallery />\n" if widget else ""  # (no samples without a validation prompt)
     description = f"""

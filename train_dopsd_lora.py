@@ -58,6 +58,7 @@ OBJECTIVES = {  # --objective: D-OPSD, and the two baselines it is measured agai
     "offpolicy": "the teacher's predictions on states noised from the training image (the paper's off-policy"
                  " ablation)",
 }
+PIPELINE_MAX_SEQUENCE_LENGTH = 512  # caption tokens both pipelines encode by default (--max_sequence_length)
 SAVE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # torch dtype names
 
 
@@ -267,7 +268,8 @@ def add_common_arguments(parser):
     group.add_argument("--instance_prompt", type=one_line, default=None, help="Caption for images that have none.")
     group.add_argument("--resolution", type=resolution, default=1024, help="Training area is resolution^2 pixels, in"
                        " aspect-ratio buckets.")
-    group.add_argument("--max_sequence_length", type=number(int, 32, 512), default=512, help="Caption tokens the"
+    group.add_argument("--max_sequence_length", type=number(int, 32, PIPELINE_MAX_SEQUENCE_LENGTH),
+                       default=PIPELINE_MAX_SEQUENCE_LENGTH, help="Caption tokens the"
                        " text encoder pads or cuts each caption to (the pipelines' default). Shorter trains faster on"
                        " short captions; sample with the same value.")
     group.add_argument("--repeats", type=number(int, 1), default=1,
@@ -618,7 +620,7 @@ class ModelFamily:
         }
         if args.reference_resolution is not None:  # absent by default, so earlier caches stay valid
             fingerprint["reference_resolution"] = args.reference_resolution
-        if args.max_sequence_length != 512:  # likewise
+        if args.max_sequence_length != PIPELINE_MAX_SEQUENCE_LENGTH:  # likewise
             fingerprint["max_sequence_length"] = args.max_sequence_length
         return fingerprint
 
@@ -2340,7 +2342,7 @@ def save_model_card(args, family, repo_id, images):
                 f" ({args.save_dtype}, rank {args.rank}), also under *Files and versions*." if weights == repo_id else
                 f"`{LORA_WEIGHT_NAME}` ({args.save_dtype}, rank {args.rank}), beside this card.")
     prompt = json.dumps(card_prompt(args), ensure_ascii=False)
-    if args.max_sequence_length != 512:  # trained on captions of another length: sample with the same
+    if args.max_sequence_length != PIPELINE_MAX_SEQUENCE_LENGTH:  # trained on other caption lengths: sample alike
         prompt += f", max_sequence_length={args.max_sequence_length}"
     gallery = "\n<Gallery />\n" if widget else ""  # (no samples without a validation prompt)
     description = f"""
