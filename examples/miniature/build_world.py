@@ -1,15 +1,15 @@
-"""Build the miniature world: a procedural image domain of coloured shapes and a step-distilled model of it.
+"""Build the miniature world: a procedural image domain of flat shapes and a step-distilled model of it.
 
 The model is a FLUX.2-klein pipeline folder (Flux2Transformer2DModel, AutoencoderKLFlux2, Qwen3 text encoder,
 byte-level tokenizer, FlowMatchEulerDiscreteScheduler with dynamic shifting) that `train_dopsd_lora.py` loads like the
 real checkpoint. It is made in the order the real model was:
 
 1. an autoencoder (the VAE) trained on the domain, its batch-norm statistics measured on the data;
-2. a transformer pretrained with flow matching, for text-to-image ("a red star on a blue background") and for
-   generation from a reference image (its VAE tokens appended after the noisy ones, with the trainer's edit-teacher
-   suffix: the trainer's own `Flux2Klein.predict` and contexts). The reference fixes the subject (outline and
-   placement); the caption, or chance, fixes the colours. Reference pairs include many random polygons, so the
-   ability carries over to outlines never seen in pretraining;
+2. a transformer pretrained with flow matching, for text-to-image ("a photo of a star") and for generation from a
+   reference image (its VAE tokens appended after the noisy ones, with the trainer's edit-teacher suffix: the
+   trainer's own `Flux2Klein.predict` and contexts). The target shows the reference's subject (outline and size) in
+   its place, in colours drawn again from the domain's (with the default single colour scheme: the reference itself).
+   Reference pairs include many random polygons, so the ability carries over to outlines never seen in pretraining;
 3. step distillation to the trainer's 4-step klein schedule, by regressing 4-step jumps onto the pretrained model's
    32-step ODE paths.
 
@@ -154,9 +154,13 @@ def render(layout, foreground, background, size):
     return image.resize((size, size), Image.Resampling.BOX)
 
 
-def two_colours(rng, colours=COLOURS):
-    foreground, background = rng.choice(len(colours), 2, replace=False)
-    return colours[foreground], colours[background]
+def two_colours(rng, foregrounds=COLOURS, backgrounds=COLOURS):
+    """A foreground colour and a different background colour."""
+    while True:
+        foreground = foregrounds[int(rng.integers(len(foregrounds)))]
+        background = backgrounds[int(rng.integers(len(backgrounds)))]
+        if foreground != background:
+            return foreground, background
 
 
 def to_pixels(images):
@@ -171,8 +175,8 @@ def nonce_word(rng):
             return word
 
 
-# Captions. Text-to-image: the colours are named, or left to chance ("a photo of a star"). Reference task: the
-# subject's word is a name, the word "shape" or a nonce word; colours as above.
+# Captions. Text-to-image: the colours are named, or not ("a photo of a star"). Reference task: the subject's word is
+# a name, the word "shape" or a nonce word; colours as above.
 def text_caption(shape, foreground, background, named_colours):
     return f"a {foreground} {shape} on a {background} background" if named_colours else f"a photo of a {shape}"
 
@@ -189,9 +193,14 @@ class WorldSizes:
     latent_channels: int = 4
     vae_steps: int = 900
     vae_batch: int = 16
-    # The domain the transformer learns: colours drawn from, and how far shapes move and scale (the autoencoder and
-    # the classifier see all eight colours and wider layouts).
-    colours: tuple = tuple(COLOURS)
+    # The domain the transformer learns: its colours, and how far shapes move and scale (the autoencoder and the
+    # classifier see all eight colours in any pair, and wider layouts). One colour scheme: with the eight colours in
+    # any pair, the transformer's samples stayed blurred blends of colours and no shapes formed in 3000 steps.
+    foregrounds: tuple = ("white",)
+    backgrounds: tuple = ("black",)
+    # The reference task's target: the reference's subject in its place, or at a new place (a teacher whose output
+    # depends on the noise too; 3000 more steps of it did not learn to move an outline it had never seen).
+    move_reference: bool = False
     jitter: float = 0.125
     radius: tuple = (0.22, 0.36)
     text_tokens: int = 64  # the trainer's --max_sequence_length: short captions, and a quarter of the cost of 512
@@ -205,19 +214,22 @@ class WorldSizes:
     single_layers: int = 2
     pool_size: int = 6000  # rendered training pairs per task
     nonce_words: int = 150
-    pretrain_steps: int = 3000
+    pretrain_steps: int = 4000
     pretrain_batch: int = 32
     pretrain_lr: float = 1e-3
     ode_substeps: tuple = (2, 4, 6, 20)  # Euler steps of the 32-step ODE inside each of the 4 student steps
     distill_paths: int = 384
-    distill_steps: int = 120
+    distill_steps: int = 400
     distill_batch: int = 16
     distill_lr: float = 2e-4
     classifier_steps: int = 400
     check_images: int = 512  # images for the batch-norm statistics and the classifier's check
     eval_per_shape: int = 16
-    eval_every: int = 500  # pretraining steps between progress checks (shape accuracy at 32 steps)
+    eval_every: int = 1000  # pretraining steps between progress checks (shape accuracy at 32 steps)
     seed: int = 0
+
+    def colours(self, rng):
+        return two_colours(rng, self.foregrounds, self.backgrounds)
 
 
 SMOKE_SIZES = WorldSizes(vae_channels=(8, 8, 8), vae_steps=20, vae_batch=8, hidden=32, heads=2, rope_axes=(4, 4, 4, 4),
@@ -408,16 +420,19 @@ def make_pools(family, table, sizes, rng, log, batch=256):
     text_images, text_captions, references, targets, reference_captions = [], [], [], [], []
     for _ in range(sizes.pool_size):
         shape = PRIOR_SHAPES[int(rng.integers(len(PRIOR_SHAPES)))]
-        foreground, background = two_colours(rng, sizes.colours)
+        foreground, background = sizes.colours(rng)
         text_images.append(render(random_layout(rng, shape, size, sizes.jitter, sizes.radius), foreground, background,
                                   size))
         text_captions.append(table(text_caption(shape, foreground, background, rng.random() < 0.7)))
-        # Reference task: half named shapes, half random polygons; the target keeps the reference's outline and
-        # placement, its colours are drawn anew (named in the caption, or left to chance).
+        # Reference task: half named shapes, half random polygons; the target is the reference's subject (outline and
+        # size), in its place or (move_reference) at a new one, in colours drawn again (named in the caption, or not).
         shape = PRIOR_SHAPES[int(rng.integers(len(PRIOR_SHAPES)))] if rng.random() < 0.5 else "polygon"
         layout = random_layout(rng, shape, size, sizes.jitter, sizes.radius)
-        references.append(render(layout, *two_colours(rng, sizes.colours), size))
-        foreground, background = two_colours(rng, sizes.colours)
+        references.append(render(layout, *sizes.colours(rng), size))
+        if sizes.move_reference:
+            moved = random_layout(rng, shape, size, sizes.jitter, (layout.radius / size,) * 2)
+            layout = Layout(shape, moved.cx, moved.cy, layout.radius, layout.outline)
+        foreground, background = sizes.colours(rng)
         targets.append(render(layout, foreground, background, size))
         word = shape if shape != "polygon" and rng.random() < 0.5 else "shape"
         draw = rng.random()
@@ -679,7 +694,7 @@ def score_reference_generation(family, transformer, classifier, table, sizes, rn
     share of samples that the classifier names the held-out shape."""
     count = 4 * sizes.eval_per_shape
     images = [render(random_layout(rng, CONCEPT_SHAPE, sizes.resolution, sizes.jitter, sizes.radius),
-                     *two_colours(rng, sizes.colours), sizes.resolution)
+                     *sizes.colours(rng), sizes.resolution)
               for _ in range(count)]
     tokens, ids = reference_tokens(family, images)
     context = {"prompt_embeds": table.stack([table.teacher(CONCEPT_CAPTION)] * count), "image_latents": tokens,
@@ -694,13 +709,13 @@ def score_reference_generation(family, transformer, classifier, table, sizes, rn
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def write_concept(folder, resolution, seed, colours=COLOURS, count=6):
-    """`count` photos of the held-out shape, roughly centred, in varied colours, each captioned CONCEPT_CAPTION."""
+def write_concept(folder, sizes, seed, count=6):
+    """`count` photos of the held-out shape, roughly centred, in the domain's colours, captioned CONCEPT_CAPTION."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        image = render(random_layout(rng, CONCEPT_SHAPE, resolution, jitter=0.06, radius=(0.28, 0.34)),
-                       *two_colours(rng, colours), resolution)
+        image = render(random_layout(rng, CONCEPT_SHAPE, sizes.resolution, jitter=0.06, radius=(0.28, 0.34)),
+                       *sizes.colours(rng), sizes.resolution)
         image.save(folder / f"sks-{i}.png")
         (folder / f"sks-{i}.txt").write_text(CONCEPT_CAPTION + "\n")
 
@@ -780,7 +795,7 @@ def build(out, sizes=None, log=print, reuse=None):
 
     family.pipeline.transformer = family.transformer
     family.pipeline.save_pretrained(model)
-    write_concept(out / "concept", sizes.resolution, sizes.seed + 40, sizes.colours)
+    write_concept(out / "concept", sizes, sizes.seed + 40)
     shutil.rmtree(scratch, ignore_errors=True)
     # The build time counts the reused stages at what they took when they were built.
     build_time = time.time() - started + sum(timings[stage] for stage in ("vae", "classifier") if reused)

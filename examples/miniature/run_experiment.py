@@ -44,7 +44,7 @@ from build_world import trainer  # noqa: E402
 
 # Set once for every objective, from the method's defaults (docs/method.md §5) where they apply at this size:
 # K = 4, EMA decay 0.9999, 1 image x 4 accumulation steps, AdamW, constant rate, clipping 1.0. The world's layers are
-# 64 wide, so the LoRA has rank 16 (alpha/r = 2, as the default 128/64), and a 0.3 M-parameter model needs a larger
+# 96 wide, so the LoRA has rank 16 (alpha/r = 2, as the default 128/64), and a 0.9 M-parameter model needs a larger
 # rate than klein's 2e-5 to move in 200 steps. With decay 0.9999 over 200 steps the teacher stays within 2 % of the
 # base model: in effect a frozen teacher.
 FINE_TUNE = {
