@@ -112,7 +112,9 @@ def train_in_process(family, args, examples, accelerator, steps, learning_rate, 
     """A short D-OPSD run with the script's own pieces (its student: a LoRA or the whole transformer; the step; the
     EMA teacher, with `ema_options` such as dtype), for claims about learning. after_step(named_parameters) runs
     after every EMA update."""
-    transformer, named = script.prepare_student(args, family, accelerator)
+    trained = (script.resolve_lora_targets(family.transformer_layout, args.lora_layers) if script is lora_script
+               else set(script.resolve_trainable(family.transformer_layout, args.train_layers)))
+    transformer, named = script.prepare_student(args, family, accelerator, trained)
     ema = script.EMATeacher(named, args.ema_decay, **ema_options)
     optimizer = torch.optim.AdamW([p for _, p in named], lr=learning_rate)
     store = script.ContextStore(family, examples, accelerator, args.output_dir)

@@ -48,7 +48,8 @@ def one_step(tmp_path, quantize_base, offload, onloads):
     store = script.ContextStore(family, examples, accelerator, args.output_dir)
     store.fill()
     torch.manual_seed(0)  # the LoRA's initial A
-    transformer, lora = script.prepare_student(args, family, accelerator)
+    targets = script.resolve_lora_targets(family.transformer_layout, args.lora_layers)
+    transformer, lora = script.prepare_student(args, family, accelerator, targets)
     transformer.train()  # as the training loop runs it: gradient checkpointing recomputes each block in the backward
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
