@@ -384,21 +384,15 @@ class ModelFamily:
         """The family's own flags, in its own --help group; a run may set only its own family's (apply_defaults)."""
 
     @classmethod
-    def own_flag_defaults(cls):
-        """{flag name: default} of the family's own flags."""
-        parser = argparse.ArgumentParser(add_help=False)
-        cls.add_arguments(parser)
-        return vars(parser.parse_args([]))
-
-    @classmethod
     def apply_defaults(cls, args, training):
         """Fill in every flag whose default depends on the family, in place; refuse flags of another family.
         `training` is the script's TRAINING. This is the one place family defaults are set."""
-        for other in MODEL_FAMILIES.values():
-            if other is not cls:
-                for flag, default in other.own_flag_defaults().items():
-                    if getattr(args, flag) != default:
-                        raise UserError(f"--{flag} applies to {other.name} only, not to {cls.name}")
+        for other in [family for family in MODEL_FAMILIES.values() if family is not cls]:
+            own_flags = argparse.ArgumentParser(add_help=False)
+            other.add_arguments(own_flags)
+            for flag, default in vars(own_flags.parse_args([])).items():
+                if getattr(args, flag) != default:
+                    raise UserError(f"--{flag} applies to {other.name} only, not to {cls.name}")
         args.teacher_context = args.teacher_context or cls.default_teacher_context
         if args.teacher_context not in cls.teacher_contexts:
             raise UserError(f"--teacher_context {args.teacher_context} is not available for {cls.name}"
@@ -599,12 +593,21 @@ class ModelFamily:
         raise NotImplementedError
 
     # -- images --------------------------------------------------------------------------------------------------
-    def decode(self, latents):
+    def unnormalize(self, latents):
+        """Latents in the scheduler's space -> the VAE's latent space (what output_type='latent' gives)."""
         raise NotImplementedError
+
+    def decode(self, latents):
+        vae = self.pipeline.vae
+        latents = self.unnormalize(latents.to(vae.device, vae.dtype))
+        return self.pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
 
     def generate(self, transformer, context, height, width, num_steps, generator):
         """Images from the stock pipeline for a cached student context."""
-        raise NotImplementedError
+        self.pipeline.transformer = transformer
+        return self.pipeline(prompt_embeds=self.collate([context])["prompt_embeds"], height=height, width=width,
+                             num_inference_steps=num_steps, guidance_scale=self.guidance_scale,
+                             generator=generator).images
 
 
 # Copied from train_dopsd_lora.ZImageTurbo
@@ -681,16 +684,8 @@ class ZImageTurbo(ModelFamily):
         output = transformer(model_input, t, context["prompt_embeds"], return_dict=False)[0]
         return -torch.stack([o.float() for o in output]).squeeze(2)
 
-    def decode(self, latents):
-        vae = self.pipeline.vae
-        latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        return self.pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
-
-    def generate(self, transformer, context, height, width, num_steps, generator):
-        self.pipeline.transformer = transformer
-        return self.pipeline(
-            prompt_embeds=[self.to_model(context["prompt_embeds"])], height=height, width=width,
-            num_inference_steps=num_steps, guidance_scale=self.guidance_scale, generator=generator).images
+    def unnormalize(self, latents):
+        return latents / self.pipeline.vae.config.scaling_factor + self.pipeline.vae.config.shift_factor
 
 
 # Copied from train_dopsd_lora.Flux2Klein
@@ -851,23 +846,12 @@ class Flux2Klein(ModelFamily):
         return velocity.to(self.transformer.dtype)
 
     def unnormalize(self, latents):
-        """Patchified, batch-norm-normalised latents -> the VAE's latent space (what output_type='latent' gives)."""
+        """Patchified, batch-norm-normalised latents -> the VAE's latent space."""
         vae = self.pipeline.vae
         mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device,
                                                                                               latents.dtype)
         return self.pipeline._unpatchify_latents(latents * std + mean)
-
-    def decode(self, latents):
-        vae = self.pipeline.vae
-        latents = self.unnormalize(latents.to(vae.device, vae.dtype))
-        return self.pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
-
-    def generate(self, transformer, context, height, width, num_steps, generator):
-        self.pipeline.transformer = transformer
-        return self.pipeline(
-            prompt_embeds=self.to_model(context["prompt_embeds"].unsqueeze(0)), height=height, width=width,
-            num_inference_steps=num_steps, guidance_scale=self.guidance_scale, generator=generator).images
 
 
 # The registry: a new family is one class above and one entry here (README, "Adding a model family").
@@ -1566,15 +1550,12 @@ def model_fingerprint(name_or_path, revision=None, cache_dir=None):
 
 
 # Copied from train_dopsd_lora.ContextStore
-class ContextStore:
+class ContextStore(torch.utils.data.Dataset):
     """Per-example contexts under output_dir/context_cache, one safetensors file per role: the student's, the
-    teacher's, and the clean target latents for the objectives that noise the training image (`targets`).
-
-    A file's name hashes everything its context depends on (the family's context_fingerprint: the models' files and
-    the settings that shape contexts; the code's context format; the image, caption and bucket), so a resumed or
-    repeated run reuses it and any change computes a new one. Not `enabled` (--no-cache_contexts): nothing is stored
-    and the encoders stay on the accelerator to compute contexts for every batch.
-    """
+    teacher's, and with `targets` the clean latents of the objectives that noise the training image. A file's name
+    hashes all its context depends on (the family's context_fingerprint, the format, the image, caption and bucket),
+    so a resumed run reuses it and any change computes a new one. Not `enabled` (--no-cache_contexts): contexts are
+    computed for every batch. As a dataset, item i is example i's contexts by role, with its bucket."""
 
     def __init__(self, family, examples, accelerator, output_dir, enabled=True, targets=False):
         self.family = family
@@ -1662,18 +1643,11 @@ class ContextStore:
                                 " --resume_from_checkpoint latest") from None
         return contexts
 
-
-# Copied from train_dopsd_lora.ContextDataset
-class ContextDataset(torch.utils.data.Dataset):
-    def __init__(self, examples, store):
-        self.examples = examples
-        self.store = store
-
     def __len__(self):
         return len(self.examples)
 
     def __getitem__(self, index):
-        return {**self.store.get(self.examples[index]), "bucket": self.examples[index].bucket}
+        return {**self.get(self.examples[index]), "bucket": self.examples[index].bucket}
 
 
 # Copied from train_dopsd_lora.collate_examples
@@ -1692,18 +1666,10 @@ def collate_examples(items):
 # Own version of train_dopsd_lora.EMATeacher
 class EMATeacher:
     """The teacher's weights: theta_bar <- d * theta_bar + (1 - d) * theta after every optimizer step, for every
-    trained weight of the transformer, in fp32 or bf16 (--ema_dtype), on the accelerator or the CPU (--ema_device).
-
-    The LoRA script's EMA with what only full fine-tuning needs: a bf16 shadow on the accelerator costs half an
-    fp32 one, teacher passes included (docs/method.md §2.4). Its updates use stochastic rounding: at decay 0.9999
-    one update, (1 - d) * (theta - theta_bar), is far below half a bf16 step, so round-to-nearest would leave the
-    teacher frozen. The rounding noise comes from a generator seeded by the seed and the update count (saved with
-    the shadow), so a resumed run draws the same noise.
-
-    Under FSDP2 each process keeps the EMA of its own shards of the weights, and updates and swaps work on the
-    shards: FSDP2 gathers each forward's weights from its sharded storage, so a teacher pass sees only what is
-    copied into the shards (pointing a parameter's `.data` elsewhere would leave it on the student's weights). The
-    checkpoint file holds the whole teacher, gathered, as under every other engine.
+    trained weight, in fp32 or bf16 (--ema_dtype), on the accelerator or the CPU (--ema_device): the LoRA script's
+    EMA with what only full fine-tuning needs (docs/method.md §2.4). A bf16 shadow is updated with stochastic
+    rounding, its noise seeded by the seed and the update count (saved with the shadow, so a resumed run draws the
+    same noise). Under FSDP2 each process keeps the EMA of its own shards; the checkpoint holds the whole teacher.
     """
 
     FILE_NAME = "ema_teacher.safetensors"
@@ -1755,23 +1721,11 @@ class EMATeacher:
 
     @contextmanager
     def swapped_in(self):
-        """Inside the block the student's parameters hold the teacher's weights (and the shadow is not the teacher).
-
-        - Shadow with the parameters' device and dtype (fp32 EMA on the accelerator): the storages are swapped, or
-          under FSDP2 the values of shard and shadow are exchanged, one tensor at a time.
-        - bf16 shadow of fp32 weights on their device: the halves are exchanged, so the swap costs a quarter of the
-          weights' bytes instead of a second fp32 copy. A bf16 number is the top half of an fp32 one: the parameter
-          takes the teacher exactly, the shadow's storage keeps the student's top halves, and the student's bottom
-          halves wait in a buffer freed after the block.
-        - Otherwise (CPU EMA): the student is copied out beside the shadow and the teacher copied in.
-
-        Everything goes through `.data`, which autograd does not version: a student graph kept alive across the
-        teacher pass (one backward after the K steps, DeepSpeed's arrangement; or gradient checkpointing's
-        recomputation) would otherwise fail its version check. That is sound because the block runs no backward and
-        the student's values are restored bit for bit before any backward reads them. Under FSDP2 the gathered
-        weights are dropped on the way in and out (the root module keeps its own from one forward to the next), so
-        the next forward gathers the shards as they are then.
-        """
+        """Inside the block the student's parameters hold the teacher's weights (and the shadow is not the teacher):
+        swapped by storage, by value under FSDP2 (whose forwards gather from the shards' storage), by halves for a
+        bf16 shadow of fp32 weights, by copy for a CPU one (docs/method.md §2.4). Through `.data`, as the LoRA
+        script's. Under FSDP2 the gathered weights are dropped on the way in and out (the root module keeps its own
+        from one forward to the next), so the next forward gathers the shards as they are then."""
         self.reshard()
         put_back = self.swap_in(self.weights())
         try:
@@ -2219,13 +2173,6 @@ def card_prompt(args):
     return args.trigger_word or "your prompt"
 
 
-# Copied from train_dopsd_lora.weights_location
-def weights_location(args, repo_id):
-    """Where the card's code loads the trained weights from: the Hub repository once its owner is known (user/name,
-    as --push_to_hub or a full --hub_model_id gives it), else the output folder."""
-    return repo_id if "/" in repo_id else args.output_dir
-
-
 # Copied from train_dopsd_lora.write_model_card
 def write_model_card(args, family, description, widget, tags):
     """README.md in output_dir: the Hub's metadata (base model, license, gallery, tags), then the description. A base
@@ -2260,7 +2207,7 @@ def save_model_card(args, family, repo_id, images):
     transformer_class = type(family.transformer).__name__
     trigger = (f"Use `{args.trigger_word}` in the prompt to trigger the concept." if args.trigger_word else
                "No trigger word: the captions of the training data were used.")
-    weights = weights_location(args, repo_id)
+    weights = repo_id if "/" in repo_id else args.output_dir  # the Hub repository once its owner is known
     download = ("The transformer in diffusers format is under"
                 f" [`transformer/`](https://huggingface.co/{repo_id}/tree/main/transformer)." if weights == repo_id
                 else "The transformer in diffusers format is in `transformer/`, beside this card.")
@@ -3194,8 +3141,7 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
         num_cycles=args.lr_num_cycles, power=args.lr_power,
     )
     batch_sampler = BucketBatchSampler(examples, args.train_batch_size, args.repeats, args.seed)
-    dataloader = torch.utils.data.DataLoader(ContextDataset(examples, store), batch_sampler=batch_sampler,
-                                             collate_fn=collate_examples)
+    dataloader = torch.utils.data.DataLoader(store, batch_sampler=batch_sampler, collate_fn=collate_examples)
     # An offloaded base (--offload) is placed layer by layer by its hooks: accelerate must not move it as a whole.
     placement = [False, None, None, None] if getattr(args, "offload", False) else None
     transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader,

@@ -376,21 +376,15 @@ class ModelFamily:
         """The family's own flags, in its own --help group; a run may set only its own family's (apply_defaults)."""
 
     @classmethod
-    def own_flag_defaults(cls):
-        """{flag name: default} of the family's own flags."""
-        parser = argparse.ArgumentParser(add_help=False)
-        cls.add_arguments(parser)
-        return vars(parser.parse_args([]))
-
-    @classmethod
     def apply_defaults(cls, args, training):
         """Fill in every flag whose default depends on the family, in place; refuse flags of another family.
         `training` is the script's TRAINING. This is the one place family defaults are set."""
-        for other in MODEL_FAMILIES.values():
-            if other is not cls:
-                for flag, default in other.own_flag_defaults().items():
-                    if getattr(args, flag) != default:
-                        raise UserError(f"--{flag} applies to {other.name} only, not to {cls.name}")
+        for other in [family for family in MODEL_FAMILIES.values() if family is not cls]:
+            own_flags = argparse.ArgumentParser(add_help=False)
+            other.add_arguments(own_flags)
+            for flag, default in vars(own_flags.parse_args([])).items():
+                if getattr(args, flag) != default:
+                    raise UserError(f"--{flag} applies to {other.name} only, not to {cls.name}")
         args.teacher_context = args.teacher_context or cls.default_teacher_context
         if args.teacher_context not in cls.teacher_contexts:
             raise UserError(f"--teacher_context {args.teacher_context} is not available for {cls.name}"
@@ -591,12 +585,21 @@ class ModelFamily:
         raise NotImplementedError
 
     # -- images --------------------------------------------------------------------------------------------------
-    def decode(self, latents):
+    def unnormalize(self, latents):
+        """Latents in the scheduler's space -> the VAE's latent space (what output_type='latent' gives)."""
         raise NotImplementedError
+
+    def decode(self, latents):
+        vae = self.pipeline.vae
+        latents = self.unnormalize(latents.to(vae.device, vae.dtype))
+        return self.pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
 
     def generate(self, transformer, context, height, width, num_steps, generator):
         """Images from the stock pipeline for a cached student context."""
-        raise NotImplementedError
+        self.pipeline.transformer = transformer
+        return self.pipeline(prompt_embeds=self.collate([context])["prompt_embeds"], height=height, width=width,
+                             num_inference_steps=num_steps, guidance_scale=self.guidance_scale,
+                             generator=generator).images
 
 
 class ZImageTurbo(ModelFamily):
@@ -672,16 +675,8 @@ class ZImageTurbo(ModelFamily):
         output = transformer(model_input, t, context["prompt_embeds"], return_dict=False)[0]
         return -torch.stack([o.float() for o in output]).squeeze(2)
 
-    def decode(self, latents):
-        vae = self.pipeline.vae
-        latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        return self.pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
-
-    def generate(self, transformer, context, height, width, num_steps, generator):
-        self.pipeline.transformer = transformer
-        return self.pipeline(
-            prompt_embeds=[self.to_model(context["prompt_embeds"])], height=height, width=width,
-            num_inference_steps=num_steps, guidance_scale=self.guidance_scale, generator=generator).images
+    def unnormalize(self, latents):
+        return latents / self.pipeline.vae.config.scaling_factor + self.pipeline.vae.config.shift_factor
 
 
 class Flux2Klein(ModelFamily):
@@ -841,23 +836,12 @@ class Flux2Klein(ModelFamily):
         return velocity.to(self.transformer.dtype)
 
     def unnormalize(self, latents):
-        """Patchified, batch-norm-normalised latents -> the VAE's latent space (what output_type='latent' gives)."""
+        """Patchified, batch-norm-normalised latents -> the VAE's latent space."""
         vae = self.pipeline.vae
         mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device,
                                                                                               latents.dtype)
         return self.pipeline._unpatchify_latents(latents * std + mean)
-
-    def decode(self, latents):
-        vae = self.pipeline.vae
-        latents = self.unnormalize(latents.to(vae.device, vae.dtype))
-        return self.pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
-
-    def generate(self, transformer, context, height, width, num_steps, generator):
-        self.pipeline.transformer = transformer
-        return self.pipeline(
-            prompt_embeds=self.to_model(context["prompt_embeds"].unsqueeze(0)), height=height, width=width,
-            num_inference_steps=num_steps, guidance_scale=self.guidance_scale, generator=generator).images
 
 
 # The registry: a new family is one class above and one entry here (README, "Adding a model family").
@@ -1527,15 +1511,12 @@ def model_fingerprint(name_or_path, revision=None, cache_dir=None):
     return hashlib.sha1(json.dumps(files).encode()).hexdigest()
 
 
-class ContextStore:
+class ContextStore(torch.utils.data.Dataset):
     """Per-example contexts under output_dir/context_cache, one safetensors file per role: the student's, the
-    teacher's, and the clean target latents for the objectives that noise the training image (`targets`).
-
-    A file's name hashes everything its context depends on (the family's context_fingerprint: the models' files and
-    the settings that shape contexts; the code's context format; the image, caption and bucket), so a resumed or
-    repeated run reuses it and any change computes a new one. Not `enabled` (--no-cache_contexts): nothing is stored
-    and the encoders stay on the accelerator to compute contexts for every batch.
-    """
+    teacher's, and with `targets` the clean latents of the objectives that noise the training image. A file's name
+    hashes all its context depends on (the family's context_fingerprint, the format, the image, caption and bucket),
+    so a resumed run reuses it and any change computes a new one. Not `enabled` (--no-cache_contexts): contexts are
+    computed for every batch. As a dataset, item i is example i's contexts by role, with its bucket."""
 
     def __init__(self, family, examples, accelerator, output_dir, enabled=True, targets=False):
         self.family = family
@@ -1623,17 +1604,11 @@ class ContextStore:
                                 " --resume_from_checkpoint latest") from None
         return contexts
 
-
-class ContextDataset(torch.utils.data.Dataset):
-    def __init__(self, examples, store):
-        self.examples = examples
-        self.store = store
-
     def __len__(self):
         return len(self.examples)
 
     def __getitem__(self, index):
-        return {**self.store.get(self.examples[index]), "bucket": self.examples[index].bucket}
+        return {**self.get(self.examples[index]), "bucket": self.examples[index].bucket}
 
 
 def collate_examples(items):
@@ -2110,12 +2085,6 @@ def card_prompt(args):
     return args.trigger_word or "your prompt"
 
 
-def weights_location(args, repo_id):
-    """Where the card's code loads the trained weights from: the Hub repository once its owner is known (user/name,
-    as --push_to_hub or a full --hub_model_id gives it), else the output folder."""
-    return repo_id if "/" in repo_id else args.output_dir
-
-
 def write_model_card(args, family, description, widget, tags):
     """README.md in output_dir: the Hub's metadata (base model, license, gallery, tags), then the description. A base
     model from a local folder is named in the text only: the Hub links base models by repository id."""
@@ -2147,7 +2116,7 @@ def save_model_card(args, family, repo_id, images):
     trigger = (f"Use `{args.trigger_word}` in the prompt to trigger the concept." if args.trigger_word else
                f"Instance prompt: `{args.instance_prompt}`." if args.instance_prompt else
                "No trigger word: the captions of the training data were used.")
-    weights = weights_location(args, repo_id)
+    weights = repo_id if "/" in repo_id else args.output_dir  # the Hub repository once its owner is known
     download = (f"[{LORA_WEIGHT_NAME}](https://huggingface.co/{repo_id}/resolve/main/{LORA_WEIGHT_NAME})"
                 f" ({args.save_dtype}, rank {args.rank}), also under *Files and versions*." if weights == repo_id else
                 f"`{LORA_WEIGHT_NAME}` ({args.save_dtype}, rank {args.rank}), beside this card.")
@@ -2803,7 +2772,13 @@ def prepare_student(args, family, accelerator, lora_targets):
         count = quantize_linear_layers(transformer, args.quantize_base, device, family.weight_dtype)
         logger.info(f"base transformer: {count} linear layers quantised to {args.quantize_base}")
     if args.offload:
-        offload_frozen_base(transformer, device)
+        # diffusers' group offloading (on CUDA a side stream copies the next layer's weights from pinned memory), leaf
+        # by leaf and before the LoRA exists: only the base's layers are hooked, and the LoRA never leaves the
+        # accelerator (hooks on whole blocks would move it too, and bring blocks back from a copy taken when
+        # offloading began, undoing every update and every teacher swap).
+        cuda = device.type == "cuda"
+        transformer.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                         offload_type="leaf_level", use_stream=cuda, record_stream=cuda)
         logger.info("base transformer offloaded: its weights stay in host RAM, each layer's brought to the GPU while"
                     " it runs")
         if not args.gradient_checkpointing:
@@ -2827,19 +2802,6 @@ def prepare_student(args, family, accelerator, lora_targets):
     for _, parameter in lora:  # peft puts the LoRA beside its base layer's weights: an offloaded one's are on the host
         parameter.data = parameter.data.to(device)
     return transformer, lora
-
-
-def offload_frozen_base(transformer, device):
-    """--offload: the frozen base's weights live in host RAM and each layer's come to the accelerator only while that
-    layer runs (diffusers' group offloading; on CUDA a side stream copies the next layer's weights from pinned memory
-    during the current layer's compute).
-
-    Layer by layer and before the LoRA is added, so that only the base's layers are hooked and the LoRA never leaves
-    the accelerator: hooks on whole blocks would move the LoRA weights with them, and bring a block back from a copy
-    taken when offloading began, undoing every update and every teacher swap."""
-    cuda = device.type == "cuda"
-    transformer.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
-                                     offload_type="leaf_level", use_stream=cuda, record_stream=cuda)
 
 
 
@@ -3052,8 +3014,7 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
         num_cycles=args.lr_num_cycles, power=args.lr_power,
     )
     batch_sampler = BucketBatchSampler(examples, args.train_batch_size, args.repeats, args.seed)
-    dataloader = torch.utils.data.DataLoader(ContextDataset(examples, store), batch_sampler=batch_sampler,
-                                             collate_fn=collate_examples)
+    dataloader = torch.utils.data.DataLoader(store, batch_sampler=batch_sampler, collate_fn=collate_examples)
     # An offloaded base (--offload) is placed layer by layer by its hooks: accelerate must not move it as a whole.
     placement = [False, None, None, None] if getattr(args, "offload", False) else None
     transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader,

@@ -265,5 +265,5 @@ def test_duplicate_photos_and_captions_share_one_context_and_all_train(tmp_path,
     store.fill()
     expected = sorted(store.path(examples[0], role).name for role in store.roles)  # one file per role
     assert sorted(p.name for p in store.folder.iterdir()) == expected
-    batches = [script.ContextDataset(examples, store)[i] for i in range(2)]
+    batches = [store[i] for i in range(2)]
     torch.testing.assert_close(batches[0]["teacher"]["image_latents"], batches[1]["teacher"]["image_latents"])

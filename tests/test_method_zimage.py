@@ -15,7 +15,7 @@ def accelerator():
 
 
 def example_batch(family, store, index=0):
-    return script.collate_examples([script.ContextDataset(store.examples, store)[index]])
+    return script.collate_examples([store[index]])
 
 
 def test_rollout_schedule_is_the_pipelines_for_k_steps(tmp_path):

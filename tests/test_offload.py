@@ -61,7 +61,7 @@ def one_step(tmp_path, quantize_base, offload, onloads):
         for shadow in ema.shadow:
             shadow.add_(0.02 * torch.randn(shadow.shape, generator=generator))
     optimizer = torch.optim.AdamW([p for _, p in lora], lr=1e-2)
-    batch = script.collate_examples([script.ContextDataset(examples, store)[0]])
+    batch = script.collate_examples([store[0]])
     onloads.clear()
     loss, _ = script.dopsd_step(family, transformer, transformer, ema, batch, accelerator, args.rollout_steps,
                                 args.loss_space, torch.Generator().manual_seed(1))
