@@ -166,17 +166,14 @@ def parse_args(input_args=None):
     parser = ArgumentParser(description="D-OPSD full fine-tuning for Z-Image-Turbo and FLUX.2-klein.",
                             formatter_class=HelpFormatter)
     add_common_arguments(parser)
-
     group = parser.add_argument_group("full fine-tuning")
     group.add_argument("--train_layers", type=name_list, default=None, help="Comma-separated module-name prefixes to"
-                       " train (e.g. layers.28,layers.29,all_final_layer); default: the whole transformer.")
-    group.add_argument("--ema_dtype", type=str, default="fp32", choices=["fp32", "bf16"], help="Precision of the"
-                       " EMA teacher's weights.")
-    group.add_argument("--ema_device", type=str, default="accelerator", choices=["accelerator", "cpu"], help="Where"
-                       " the EMA teacher's weights live. cpu frees accelerator memory; each teacher pass then copies"
-                       " them in (the student is copied out meanwhile, so one copy stays on the accelerator).")
-    group.add_argument("--save_ema", action="store_true", help="Also save the EMA teacher's weights to"
-                       " output_dir/transformer_ema.")
+                       " train, e.g. layers.28,all_final_layer (default: the whole transformer).")
+    group.add_argument("--ema_dtype", type=str, default="fp32", choices=["fp32", "bf16"],
+                       help="Precision of the EMA teacher's weights.")
+    group.add_argument("--ema_device", type=str, default="accelerator", choices=["accelerator", "cpu"],
+                       help="Where the EMA teacher's weights live (cpu: copied in for each teacher pass).")
+    group.add_argument("--save_ema", action="store_true", help="Also save the EMA teacher (transformer_ema).")
     parser.set_defaults(output_dir="dopsd-full")
 
     args = parser.parse_args(input_args)
@@ -225,20 +222,17 @@ def add_common_arguments(parser):
                        help="Training area is resolution^2 pixels, in aspect-ratio buckets.")
     group.add_argument("--max_sequence_length", type=number(int, 32, PIPELINE_MAX_SEQUENCE_LENGTH),
                        default=PIPELINE_MAX_SEQUENCE_LENGTH, help="Caption tokens the text encoder pads or cuts to.")
-    group.add_argument("--repeats", type=number(int, 1), default=1,
-                       help="How many times each image is repeated per epoch.")
+    group.add_argument("--repeats", type=number(int, 1), default=1, help="Visits of each image per epoch.")
     group.add_argument("--skip_bad_images", action="store_true",
                        help="Skip unreadable or too-small images with a warning instead of stopping.")
     group.add_argument("--random_flip", action="store_true",
                        help="On a random half of the visits the teacher sees the image mirrored.")
     group.add_argument("--bucket_no_upscale", action="store_true",
                        help="Train images smaller than their bucket at their own size (kohya's option).")
-    group.add_argument("--trigger_word", type=one_line, default=None,
-                       help="Word put in front of every caption that lacks it.")
+    group.add_argument("--trigger_word", type=one_line, default=None, help="Word put before each caption lacking it.")
 
     group = parser.add_argument_group("D-OPSD")
-    group.add_argument("--rollout_steps", type=number(int, 1), default=4,
-                       help="K: steps of the student's on-policy roll-out.")
+    group.add_argument("--rollout_steps", type=number(int, 1), default=4, help="K: steps of the on-policy roll-out.")
     group.add_argument("--loss_space", type=str, default="x0", choices=["x0", "v"],
                        help="x0: match x0-predictions (released code); v: match velocities (the paper's equation).")
     group.add_argument("--objective", type=str, default="dopsd", choices=list(OBJECTIVES),
@@ -252,15 +246,12 @@ def add_common_arguments(parser):
     group.add_argument("--output_dir", type=str, default=None, help="Where outputs, checkpoints and caches go.")
     group.add_argument("--seed", type=number(int, 0, 2**31, high_open=True), default=0, help="Random seed.")
     group.add_argument("--train_batch_size", type=number(int, 1), default=1, help="Images per device per step.")
-    group.add_argument("--gradient_accumulation_steps", type=number(int, 1), default=4,
-                       help="Batches per optimizer step.")
+    group.add_argument("--gradient_accumulation_steps", type=number(int, 1), default=4, help="Batches per update.")
     group.add_argument("--max_train_steps", type=number(int, 1), default=2000, help="Optimizer steps to train.")
     group.add_argument("--learning_rate", type=number(float, 0.0, low_open=True), default=None, help="LoRA default: "
                        + per_family("default_learning_rate") + "; full fine-tuning: a tenth of that.")
-    group.add_argument("--scale_lr", action="store_true",
-                       help="Multiply the learning rate by accumulation x batch x GPUs.")
-    group.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS,
-                       help="Learning-rate schedule.")
+    group.add_argument("--scale_lr", action="store_true", help="Multiply the lr by accumulation x batch x GPUs.")
+    group.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="The lr schedule.")
     group.add_argument("--lr_warmup_steps", type=number(int, 0), default=0, help="Warm-up steps of the lr schedule.")
     group.add_argument("--lr_num_cycles", type=number(int, 1), default=1, help="Cycles of cosine_with_restarts.")
     group.add_argument("--lr_power", type=number(float, 0.0, low_open=True), default=1.0,
@@ -270,8 +261,7 @@ def add_common_arguments(parser):
     group.add_argument("--adam_beta2", type=number(float, 0.0, 1.0, high_open=True), default=0.999, help="AdamW beta2.")
     group.add_argument("--adam_weight_decay", type=number(float, 0.0), default=0.0, help="AdamW weight decay.")
     group.add_argument("--adam_epsilon", type=number(float, 0.0), default=1e-8, help="AdamW epsilon.")
-    group.add_argument("--max_grad_norm", type=number(float, 0.0, low_open=True), default=1.0,
-                       help="Gradient clipping norm.")
+    group.add_argument("--max_grad_norm", type=number(float, 0.0, low_open=True), default=1.0, help="Clipping norm.")
     group.add_argument("--max_bad_steps", type=number(int, 1), default=10,
                        help="Stop (with a checkpoint) after this many consecutive non-finite steps.")
     group.add_argument("--gradient_checkpointing", action="store_true",
@@ -285,18 +275,15 @@ def add_common_arguments(parser):
                        help="torch.compile the transformer's repeated blocks (default: on with CUDA and triton).")
 
     group = parser.add_argument_group("checkpoints")
-    group.add_argument("--checkpointing_steps", type=number(int, 1), default=500,
-                       help="Save a resumable checkpoint every N steps.")
-    group.add_argument("--checkpoints_total_limit", type=number(int, 1), default=None,
-                       help="Keep only the newest N checkpoints.")
+    group.add_argument("--checkpointing_steps", type=number(int, 1), default=500, help="Checkpoint every N steps.")
+    group.add_argument("--checkpoints_total_limit", type=number(int, 1), default=None, help="Newest checkpoints kept.")
     group.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint folder.')
     group.add_argument("--overwrite_output_dir", action="store_true",
                        help="Start a new run in an --output_dir that holds another run's results.")
 
     group = parser.add_argument_group("validation and logging")
     group.add_argument("--validation_prompt", type=str, action="append", default=None, help="Repeatable.")
-    group.add_argument("--validation_steps", type=number(int, 1), default=100,
-                       help="Sample the validation prompts every N steps.")
+    group.add_argument("--validation_steps", type=number(int, 1), default=100, help="Validate every N steps.")
     group.add_argument("--validation_inference_steps", type=number(int, 1), default=None,
                        help="Default: the family's few-step sampling, " + per_family("default_inference_steps") + ".")
     group.add_argument("--num_validation_images", type=number(int, 1), default=1, help="Images per validation prompt.")
@@ -868,7 +855,7 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 # bitsandbytes' CPU backend warns about an optional kernel package on import; it is irrelevant here. Its int8
-# matmul warns on every call that it computes in fp16, which --quantize_base int8 asks for.
+# matmul warns on every call that it computes in fp16, which --quantize_encoders int8 asks for.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
@@ -901,31 +888,16 @@ import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from accelerate import Accelerator, PartialState  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
-from accelerate.utils import (  # noqa: E402
-    DeepSpeedPlugin,
-    DistributedDataParallelKwargs,
-    DistributedType,
-    GradientAccumulationPlugin,
-    InitProcessGroupKwargs,
-    ProjectConfiguration,
-    is_tensorboard_available,
-    is_wandb_available,
-    set_seed,
-)
+from accelerate.utils import (DeepSpeedPlugin, DistributedDataParallelKwargs, DistributedType,  # noqa: E402
+                               GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration,
+                               is_tensorboard_available, is_wandb_available, set_seed)
 from accelerate.utils.deepspeed import HfDeepSpeedConfig  # noqa: E402
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu  # noqa: E402
-from diffusers.pipelines.z_image.pipeline_z_image import (  # noqa: E402
-    calculate_shift,
-    get_default_z_image_sigmas,
-    retrieve_timesteps,
-)
-from diffusers.training_utils import (  # noqa: E402
-    find_nearest_bucket,
-    free_memory,
-    generate_aspect_ratio_buckets,
-)
+from diffusers.pipelines.z_image.pipeline_z_image import (calculate_shift, get_default_z_image_sigmas,  # noqa: E402
+                                                           retrieve_timesteps)
+from diffusers.training_utils import find_nearest_bucket, free_memory, generate_aspect_ratio_buckets  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
