@@ -43,6 +43,8 @@ from pathlib import Path
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 # Copied from train_dopsd_lora.MIN_IMAGE_SIDE
 MIN_IMAGE_SIDE = 64  # smaller photos carry too little detail for a ~1 MP teacher context
+# Own version of train_dopsd_lora.TRAINING
+TRAINING = "full"  # what this script trains (family defaults differ for LoRA)
 # Copied from train_dopsd_lora.LR_SCHEDULERS
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 # Copied from train_dopsd_lora.QUANTIZATION_BACKENDS
@@ -60,13 +62,11 @@ OBJECTIVES = {  # --objective: D-OPSD, and the two baselines it is measured agai
 }
 # Copied from train_dopsd_lora.PIPELINE_MAX_SEQUENCE_LENGTH
 PIPELINE_MAX_SEQUENCE_LENGTH = 512  # caption tokens both pipelines encode by default (--max_sequence_length)
-# Own version of train_dopsd_lora.TRAINING
-TRAINING = "full"  # what this script trains (family defaults differ for LoRA)
+
 
 # Copied from train_dopsd_lora.UserError
 class UserError(Exception):
     """A mistake the user can fix (bad path, bad data, bad flag). Printed as one line, exit status 2."""
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -86,8 +86,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 # Copied from train_dopsd_lora.ArgumentParser
 class ArgumentParser(argparse.ArgumentParser):
-    """A flag error is one line saying what to fix, like every other error, without the 60-line usage before it
-    (--help shows that). Exit status 2, as argparse's."""
+    """A flag error is one line saying what to fix, without the usage block before it. Exit status 2, as argparse's."""
 
     def error(self, message):
         self.exit(2, f"error: {message}\n")
@@ -125,8 +124,8 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
 
 # Copied from train_dopsd_lora.has_visible
 def has_visible(text):
-    """Whether the text shows anything: some character that is not a space, a control or a format character (such
-    as a zero-width space or a byte-order mark)."""
+    """Whether the text shows anything: a character that is not a space, a control or a format character (such as a
+    zero-width space or a byte-order mark)."""
     return any(unicodedata.category(character)[0] not in "CZ" for character in text)
 
 
@@ -167,17 +166,14 @@ def parse_args(input_args=None):
     parser = ArgumentParser(description="D-OPSD full fine-tuning for Z-Image-Turbo and FLUX.2-klein.",
                             formatter_class=HelpFormatter)
     add_common_arguments(parser)
-
     group = parser.add_argument_group("full fine-tuning")
     group.add_argument("--train_layers", type=name_list, default=None, help="Comma-separated module-name prefixes to"
-                       " train (e.g. layers.28,layers.29,all_final_layer); default: the whole transformer.")
-    group.add_argument("--ema_dtype", type=str, default="fp32", choices=["fp32", "bf16"], help="Precision of the"
-                       " EMA teacher's weights.")
-    group.add_argument("--ema_device", type=str, default="accelerator", choices=["accelerator", "cpu"], help="Where"
-                       " the EMA teacher's weights live. cpu frees accelerator memory; each teacher pass then copies"
-                       " them in (the student is copied out meanwhile, so one copy stays on the accelerator).")
-    group.add_argument("--save_ema", action="store_true", help="Also save the EMA teacher's weights to"
-                       " output_dir/transformer_ema.")
+                       " train, e.g. layers.28,all_final_layer (default: the whole transformer).")
+    group.add_argument("--ema_dtype", type=str, default="fp32", choices=["fp32", "bf16"],
+                       help="Precision of the EMA teacher's weights.")
+    group.add_argument("--ema_device", type=str, default="accelerator", choices=["accelerator", "cpu"],
+                       help="Where the EMA teacher's weights live (cpu: copied in for each teacher pass).")
+    group.add_argument("--save_ema", action="store_true", help="Also save the EMA teacher (transformer_ema).")
     parser.set_defaults(output_dir="dopsd-full")
 
     args = parser.parse_args(input_args)
@@ -190,127 +186,72 @@ def parse_args(input_args=None):
 
 # Copied from train_dopsd_lora.add_common_arguments
 def add_common_arguments(parser):
-    """The flags both D-OPSD scripts share; each script adds its own (LoRA, full fine-tuning)."""
+    """The flags both D-OPSD scripts share; each script adds its own (LoRA, full fine-tuning). The README's Flags
+    section has the detail."""
     group = parser.add_argument_group("model")
-    group.add_argument(
-        "--pretrained_model_name_or_path",
-        type=str,
-        required=True,
-        help=f"Hub id or local folder of a diffusers pipeline: {' or '.join(f.name for f in MODEL_FAMILIES.values())}.",
-    )
+    group.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="Hub id or local folder of a"
+                       f" diffusers pipeline: {' or '.join(f.name for f in MODEL_FAMILIES.values())}.")
     group.add_argument("--revision", type=str, default=None, help="Hub revision of the pipeline.")
     group.add_argument("--variant", type=str, default=None, help="Weight variant of the pipeline, e.g. fp16.")
-    group.add_argument(
-        "--teacher_context",
-        type=str,
-        default=None,
-        choices=sorted({context for family in MODEL_FAMILIES.values() for context in family.teacher_contexts}),
-        help="What the teacher sees besides the caption. vlm: Qwen3-VL features of [image, caption]. edit: the"
-        " image's VAE tokens appended as a reference image. Default: "
-        + per_family("default_teacher_context") + "; offered: " + per_family("teacher_contexts") + ".",
-    )
-    group.add_argument(
-        "--teacher_vlm_name_or_path",
-        type=str,
-        default=None,
-        help="Qwen3-VL whose language model is replaced by the pipeline's text encoder (default: Qwen3-VL-4B-Instruct;"
-        " Qwen3-VL-8B-Instruct for FLUX.2-klein-9B).",
-    )
-    group.add_argument(
-        "--teacher_vlm_rope_theta",
-        type=str,
-        default="text_encoder",
-        choices=["text_encoder", "vlm"],
-        help="RoPE base of the grafted VLM's language model. text_encoder: the text encoder's (1e6), so that text-only"
-        " teacher features equal the student's. vlm: Qwen3-VL's own (5e6), as the authors' graft kept it.",
-    )
-    group.add_argument(
-        "--reference_resolution",
-        type=resolution,
-        default=None,
-        help="Edit teacher: encode the reference image at this area resolution^2, with the bucket's"
-        " aspect ratio (default: --resolution). 512 at --resolution 1024 gives a quarter of the reference tokens: a"
-        " shorter teacher pass, at the cost of identity detail the teacher can see.",
-    )
-    group.add_argument(
-        "--quantize_base",
-        type=str,
-        default="none",
-        choices=list(QUANTIZATION_BACKENDS),
-        help="Store the frozen transformer's block weights quantised (the LoRA stays full precision and trains as"
-        " usual): int8 (bitsandbytes LLM.int8), nf4 (bitsandbytes 4-bit, QLoRA), fp8 (torchao float8 weight-only),"
-        " fp8_compute (float8 weights and matmuls on fp8 tensor cores, compute capability 8.9+)."
-        if TRAINING == "lora" else argparse.SUPPRESS,  # full fine-tuning trains those weights: refused, not listed
-    )
-    group.add_argument(
-        "--quantize_encoders",
-        type=str,
-        default="none",
-        choices=["none", "int8", "nf4"],
-        help="Quantise the text encoder and teacher VLM while they compute the contexts (for small cards); the"
-        " contexts then differ slightly from full-precision ones.",
-    )
+    group.add_argument("--teacher_context", type=str, default=None,
+                       choices=sorted({c for family in MODEL_FAMILIES.values() for c in family.teacher_contexts}),
+                       help="What the teacher sees besides the caption. Default: "
+                       + per_family("default_teacher_context") + ".")
+    group.add_argument("--teacher_vlm_name_or_path", type=str, default=None, help="VLM teacher: the Qwen3-VL that"
+                       " takes the text encoder as its language model (default: the one of the encoder's size).")
+    group.add_argument("--teacher_vlm_rope_theta", type=str, default="text_encoder", choices=["text_encoder", "vlm"],
+                       help="VLM teacher: whose RoPE base its language model keeps.")
+    group.add_argument("--quantize_base", type=str, default="none", choices=list(QUANTIZATION_BACKENDS),
+                       help="Store the frozen transformer's block weights quantised (QLoRA)." if TRAINING == "lora"
+                       else argparse.SUPPRESS)  # full fine-tuning trains those weights: refused, not listed
+    group.add_argument("--quantize_encoders", type=str, default="none", choices=["none", "int8", "nf4"],
+                       help="Quantise the text encoder and teacher VLM while they compute the contexts.")
     for family in MODEL_FAMILIES.values():
         family.add_arguments(parser.add_argument_group(f"{family.name} only"))
 
     group = parser.add_argument_group("data")
     group.add_argument("--instance_data_dir", type=str, default=None, help="Folder of images with same-name .txt"
-                       " captions (UTF-8, one caption variant per line) or a metadata.jsonl with file_name/text (text:"
-                       " a string, one variant per line, or a list of variants).")
+                       " captions or a metadata.jsonl.")
     group.add_argument("--dataset_name", type=str, default=None, help="Hugging Face dataset id or local folder.")
     group.add_argument("--dataset_config_name", type=str, default=None, help="Configuration of --dataset_name.")
     group.add_argument("--image_column", type=str, default="image", help="Dataset column with images.")
     group.add_argument("--caption_column", type=str, default=None, help="Dataset column with captions.")
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
     group.add_argument("--instance_prompt", type=one_line, default=None, help="Caption for images that have none.")
-    group.add_argument("--resolution", type=resolution, default=1024, help="Training area is resolution^2 pixels, in"
-                       " aspect-ratio buckets.")
+    group.add_argument("--resolution", type=resolution, default=1024,
+                       help="Training area is resolution^2 pixels, in aspect-ratio buckets.")
     group.add_argument("--max_sequence_length", type=number(int, 32, PIPELINE_MAX_SEQUENCE_LENGTH),
-                       default=PIPELINE_MAX_SEQUENCE_LENGTH, help="Caption tokens the"
-                       " text encoder pads or cuts each caption to (the pipelines' default). Shorter trains faster on"
-                       " short captions; sample with the same value.")
-    group.add_argument("--repeats", type=number(int, 1), default=1,
-                       help="How many times each image is repeated per epoch.")
-    group.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable or too-small images (and"
-                       " images whose caption file cannot be read) with a warning instead of stopping.")
-    group.add_argument("--random_flip", action="store_true", help="On a random half of the visits (seeded), the"
-                       " teacher sees the image mirrored left-right; both teacher contexts are cached. The student's"
-                       " context (the caption) is the same.")
-    group.add_argument("--bucket_no_upscale", action="store_true", help="Do not enlarge images smaller than their"
-                       " aspect-ratio bucket: such an image trains at its own size, cropped to a multiple of 16"
-                       " (kohya's bucket_no_upscale).")
-    group.add_argument("--trigger_word", type=one_line, default=None,
-                       help="Word put in front of every caption that does"
-                       " not already contain it (any case); named on the model card and in the LoRA file.")
+                       default=PIPELINE_MAX_SEQUENCE_LENGTH, help="Caption tokens the text encoder pads or cuts to.")
+    group.add_argument("--repeats", type=number(int, 1), default=1, help="Visits of each image per epoch.")
+    group.add_argument("--skip_bad_images", action="store_true",
+                       help="Skip unreadable or too-small images with a warning instead of stopping.")
+    group.add_argument("--random_flip", action="store_true",
+                       help="On a random half of the visits the teacher sees the image mirrored.")
+    group.add_argument("--bucket_no_upscale", action="store_true",
+                       help="Train images smaller than their bucket at their own size (kohya's option).")
+    group.add_argument("--trigger_word", type=one_line, default=None, help="Word put before each caption lacking it.")
 
     group = parser.add_argument_group("D-OPSD")
-    group.add_argument("--rollout_steps", type=number(int, 1), default=4,
-                       help="K: steps of the student's on-policy roll-out,"
-                       " on the inference schedule for K steps.")
-    group.add_argument("--loss_space", type=str, default="x0", choices=["x0", "v"], help="x0: match x0-predictions"
-                       " (released code; sigma^2-weighted velocity MSE). v: match velocities (the paper's equation).")
-    group.add_argument("--objective", type=str, default="dopsd", choices=list(OBJECTIVES), help="What the student"
-                       " learns from: " + "; ".join(f"{name}: {text}" for name, text in OBJECTIVES.items()) + ".")
+    group.add_argument("--rollout_steps", type=number(int, 1), default=4, help="K: steps of the on-policy roll-out.")
+    group.add_argument("--loss_space", type=str, default="x0", choices=["x0", "v"],
+                       help="x0: match x0-predictions (released code); v: match velocities (the paper's equation).")
+    group.add_argument("--objective", type=str, default="dopsd", choices=list(OBJECTIVES),
+                       help="What the student learns from: D-OPSD, or a baseline.")
     group.add_argument("--ema_decay", type=number(float, 0.0, 1.0), default=0.9999,
-                       help="Teacher = EMA of the student with this decay"
-                       " (1.0 keeps the teacher frozen at the base model).")
-    group.add_argument("--cache_contexts", action=argparse.BooleanOptionalAction, default=True, help="Compute the"
-                       " student and teacher contexts once, then free the text encoder, VLM and VAE from the"
-                       " accelerator during training.")
+                       help="Teacher = EMA of the student with this decay.")
+    group.add_argument("--cache_contexts", action=argparse.BooleanOptionalAction, default=True,
+                       help="Compute the contexts once, then free the encoders during training.")
 
     group = parser.add_argument_group("training")
     group.add_argument("--output_dir", type=str, default=None, help="Where outputs, checkpoints and caches go.")
     group.add_argument("--seed", type=number(int, 0, 2**31, high_open=True), default=0, help="Random seed.")
     group.add_argument("--train_batch_size", type=number(int, 1), default=1, help="Images per device per step.")
-    group.add_argument("--gradient_accumulation_steps", type=number(int, 1), default=4,
-                       help="Batches per optimizer step.")
+    group.add_argument("--gradient_accumulation_steps", type=number(int, 1), default=4, help="Batches per update.")
     group.add_argument("--max_train_steps", type=number(int, 1), default=2000, help="Optimizer steps to train.")
     group.add_argument("--learning_rate", type=number(float, 0.0, low_open=True), default=None, help="LoRA default: "
                        + per_family("default_learning_rate") + "; full fine-tuning: a tenth of that.")
-    group.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by accumulation x"
-                       " batch x GPUs.")
-    group.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate"
-                       " schedule.")
+    group.add_argument("--scale_lr", action="store_true", help="Multiply the lr by accumulation x batch x GPUs.")
+    group.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="The lr schedule.")
     group.add_argument("--lr_warmup_steps", type=number(int, 0), default=0, help="Warm-up steps of the lr schedule.")
     group.add_argument("--lr_num_cycles", type=number(int, 1), default=1, help="Cycles of cosine_with_restarts.")
     group.add_argument("--lr_power", type=number(float, 0.0, low_open=True), default=1.0,
@@ -320,61 +261,50 @@ def add_common_arguments(parser):
     group.add_argument("--adam_beta2", type=number(float, 0.0, 1.0, high_open=True), default=0.999, help="AdamW beta2.")
     group.add_argument("--adam_weight_decay", type=number(float, 0.0), default=0.0, help="AdamW weight decay.")
     group.add_argument("--adam_epsilon", type=number(float, 0.0), default=1e-8, help="AdamW epsilon.")
-    group.add_argument("--max_grad_norm", type=number(float, 0.0, low_open=True), default=1.0,
-                       help="Gradient clipping norm.")
+    group.add_argument("--max_grad_norm", type=number(float, 0.0, low_open=True), default=1.0, help="Clipping norm.")
     group.add_argument("--max_bad_steps", type=number(int, 1), default=10,
-                       help="Stop (with a checkpoint) after this many"
-                       " consecutive steps with non-finite loss or gradients; each one is skipped.")
-    group.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in the backward"
-                       " pass: far less memory, more compute.")
-    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Compute"
-                       " precision. Default: accelerate launch's setting if it has one, else bf16 on a GPU that has"
-                       " it, else no (fp32); fp16 on GPUs without bf16.")
+                       help="Stop (with a checkpoint) after this many consecutive non-finite steps.")
+    group.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Recompute activations in the backward pass: far less memory, more compute.")
+    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Compute precision (default: accelerate launch's, else bf16 where the GPU has it).")
     group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
-    group.add_argument("--attention_backend", type=str, default=None, help="diffusers attention backend, e.g."
-                       " flash, _flash_3, native (default: PyTorch SDPA).")
-    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the"
-                       " transformer's repeated blocks for every pass (student and teacher, dynamic shapes). Default:"
-                       " on with a CUDA GPU and a working inductor (triton), off otherwise. If compiling fails the"
-                       " run goes on eager after one warning.")
+    group.add_argument("--attention_backend", type=str, default=None,
+                       help="diffusers attention backend, e.g. flash, _flash_3, native (default: PyTorch SDPA).")
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the transformer's repeated blocks (default: on with CUDA and triton).")
 
     group = parser.add_argument_group("checkpoints")
-    group.add_argument("--checkpointing_steps", type=number(int, 1), default=500,
-                       help="Save a resumable checkpoint every N"
-                       " steps.")
-    group.add_argument("--checkpoints_total_limit", type=number(int, 1), default=None,
-                       help="Keep only the newest N checkpoints.")
+    group.add_argument("--checkpointing_steps", type=number(int, 1), default=500, help="Checkpoint every N steps.")
+    group.add_argument("--checkpoints_total_limit", type=number(int, 1), default=None, help="Newest checkpoints kept.")
     group.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint folder.')
-    group.add_argument("--overwrite_output_dir", action="store_true", help="Start a new run in an --output_dir that"
-                       " holds another run's results: its checkpoints are deleted, its outputs replaced at the end.")
+    group.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Start a new run in an --output_dir that holds another run's results.")
 
     group = parser.add_argument_group("validation and logging")
     group.add_argument("--validation_prompt", type=str, action="append", default=None, help="Repeatable.")
-    group.add_argument("--validation_steps", type=number(int, 1), default=100,
-                       help="Sample the validation prompts every N steps.")
-    group.add_argument("--validation_inference_steps", type=number(int, 1), default=None, help="Default: the family's"
-                       " few-step sampling, " + per_family("default_inference_steps") + ".")
+    group.add_argument("--validation_steps", type=number(int, 1), default=100, help="Validate every N steps.")
+    group.add_argument("--validation_inference_steps", type=number(int, 1), default=None,
+                       help="Default: the family's few-step sampling, " + per_family("default_inference_steps") + ".")
     group.add_argument("--num_validation_images", type=number(int, 1), default=1, help="Images per validation prompt.")
-    group.add_argument("--prior_prompts", type=str, nargs="*", default=PRIOR_PROMPTS, help="Prompts without the"
-                       " concept whose few-step samples are compared with the base model's at each validation (prior"
-                       " drift); the flag alone turns the measure off.")
+    group.add_argument("--prior_prompts", type=str, nargs="*", default=PRIOR_PROMPTS,
+                       help="Prompts without the concept, for the prior drift; the flag alone turns it off.")
     group.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "none"],
                        help="Where to log losses and validation images.")
     group.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder inside --output_dir.")
 
     group = parser.add_argument_group("Hugging Face Hub")
-    group.add_argument("--push_to_hub", action="store_true", help="Upload the output folder (no checkpoints, caches or"
-                       " logs) to the Hub at the end.")
-    group.add_argument("--hub_model_id", type=str, default=None, help="Repository: name or user/name (default: the"
-                       " output folder's name, in your namespace).")
+    group.add_argument("--push_to_hub", action="store_true",
+                       help="Upload the output folder (no checkpoints, caches or logs) at the end.")
+    group.add_argument("--hub_model_id", type=str, default=None,
+                       help="Repository: name or user/name (default: the output folder's name).")
     group.add_argument("--hub_private", action="store_true", help="Create the Hub repository as private.")
 
 
 # Copied from train_dopsd_lora.per_family
 def per_family(attribute):
     """A family default for --help: "8 (Z-Image-Turbo), 4 (FLUX.2-klein)"."""
-    values = {family.name: getattr(family, attribute) for family in MODEL_FAMILIES.values()}
-    return ", ".join(f"{'/'.join(v) if isinstance(v, tuple) else v} ({name})" for name, v in values.items())
+    return ", ".join(f"{getattr(family, attribute)} ({family.name})" for family in MODEL_FAMILIES.values())
 
 
 # Copied from train_dopsd_lora.check_args
@@ -407,19 +337,16 @@ def check_args(parser, args):
                              " it, or drop the flag")
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Model families: everything that differs between Z-Image-Turbo and FLUX.2-klein (docs/method.md §3-§5)
 # ----------------------------------------------------------------------------------------------------------------
-# A family is one class and one MODEL_FAMILIES entry: its defaults, its own flags, how it loads, encodes the student
-# and teacher contexts, schedules the roll-out, predicts and decodes. The rest of the file calls only these. The
-# classes come before the imports below (their methods use torch and diffusers only when called), so that --help,
+# The classes come before the imports below (their methods use torch and diffusers only when called), so that --help,
 # which lists every family's flags, answers without them.
 
 
 # Copied from train_dopsd_lora.ModelFamily
 class ModelFamily:
-    """What differs between model families. Subclasses fill in the same handful of attributes and methods.
+    """What differs between model families; the rest of the file calls only these attributes and methods.
 
     Latent states have the shape (batch, channels, height, width) in the space the pipeline's scheduler steps in.
     Contexts are dicts of CPU-storable tensors for ONE sample; `collate` batches them for `predict`.
@@ -429,6 +356,7 @@ class ModelFamily:
     pipeline_class_name = None  # the _class_name in the pipeline's model_index.json: this family's MODEL_FAMILIES key
     modelspec_architecture = None  # the model's name for LoRA managers (modelspec.architecture)
     hub_tags = ()
+    licenses = {}  # {model name, lower case: its model card's license fields}, for when the card cannot be read
     guidance_scale = None  # what the stock pipeline is called with; the step-distilled models use no CFG
     default_inference_steps = None  # the few-step sampling the model was distilled for (validation, model card)
     default_learning_rate = None  # of a LoRA; full fine-tuning takes a tenth
@@ -440,33 +368,22 @@ class ModelFamily:
     # -- flags and defaults --------------------------------------------------------------------------------------
     @classmethod
     def add_arguments(cls, group):
-        """The family's own flags, in its own --help group. Every family's flags are parsed; a run may set only
-        its own family's (apply_defaults)."""
-
-    @classmethod
-    def own_flag_defaults(cls):
-        """{flag name: default} of the family's own flags."""
-        parser = argparse.ArgumentParser(add_help=False)
-        cls.add_arguments(parser)
-        return vars(parser.parse_args([]))
+        """The family's own flags, in its own --help group; a run may set only its own family's (apply_defaults)."""
 
     @classmethod
     def apply_defaults(cls, args, training):
         """Fill in every flag whose default depends on the family, in place; refuse flags of another family.
-        `training` is "lora" or "full" (the script's TRAINING). This is the one place family defaults are set."""
-        for other in MODEL_FAMILIES.values():
-            if other is not cls:
-                for flag, default in other.own_flag_defaults().items():
-                    if getattr(args, flag) != default:
-                        raise UserError(f"--{flag} applies to {other.name} only, not to {cls.name}")
+        `training` is the script's TRAINING. This is the one place family defaults are set."""
+        for other in [family for family in MODEL_FAMILIES.values() if family is not cls]:
+            own_flags = argparse.ArgumentParser(add_help=False)
+            other.add_arguments(own_flags)
+            for flag, default in vars(own_flags.parse_args([])).items():
+                if getattr(args, flag) != default:
+                    raise UserError(f"--{flag} applies to {other.name} only, not to {cls.name}")
         args.teacher_context = args.teacher_context or cls.default_teacher_context
         if args.teacher_context not in cls.teacher_contexts:
             raise UserError(f"--teacher_context {args.teacher_context} is not available for {cls.name}"
                             f" (choose from {', '.join(cls.teacher_contexts)})")
-        if args.reference_resolution is not None and args.teacher_context != "edit":
-            editing = " or ".join(f.name for f in MODEL_FAMILIES.values() if "edit" in f.teacher_contexts)
-            raise UserError(f"--reference_resolution applies to {editing}'s edit teacher only, not to {cls.name}"
-                            f" with the {args.teacher_context} teacher")
         if args.teacher_vlm_rope_theta != "text_encoder" and args.teacher_context != "vlm":
             raise UserError(f"--teacher_vlm_rope_theta applies to the vlm teacher only, not to {cls.name}'s"
                             f" {args.teacher_context} teacher")
@@ -479,15 +396,30 @@ class ModelFamily:
         if training == "lora":
             args.lora_layers = args.lora_layers or cls.default_lora_layers
 
+    @classmethod
+    def base_model_license(cls, base_model):
+        """The base model's license fields: from its own model card where it can be read, else from the family's
+        `licenses`, else "other" (the card then points to the base model)."""
+        from huggingface_hub import ModelCard
+
+        readme = Path(base_model) / "README.md"
+        if readme.is_file() or not (Path(base_model).exists() or hub_offline()):
+            try:
+                with quiet_logger("huggingface_hub"):
+                    data = ModelCard.load(readme if readme.is_file() else base_model).data
+                fields = {k: getattr(data, k) for k in ("license", "license_name", "license_link") if getattr(data, k)}
+                if data.license:
+                    return fields
+            except Exception:
+                pass
+        return dict(cls.licenses.get(Path(base_model.rstrip("/")).name.lower(), {"license": "other"}))
+
     # -- loading -------------------------------------------------------------------------------------------------
     def __init__(self, args, weight_dtype, device, pipeline=None):
-        """Load the pipeline named by the arguments (defaults applied), or wrap one built in code (the benchmark's
-        random weights).
-
-        The text encoder comes first, straight to the accelerator (or memory-mapped from its files and quantised
-        onto it layer by layer, --quantize_encoders); the VAE, tokenizer and scheduler with it. The transformer is
-        loaded only when it is first used, after the contexts are cached (`load_transformer`), so that the host
-        never holds two large components at once; until then `transformer_layout` stands in for it."""
+        """Load the pipeline named by the arguments (defaults applied) without its transformer, or wrap one built in
+        code (the benchmark's random weights). The text encoder goes straight to the accelerator (or is quantised
+        onto it layer by layer, --quantize_encoders); the transformer loads on first use (`load_transformer`), so
+        the host never holds two large components at once. Until then `transformer_layout` stands in for it."""
         assert args.teacher_context in self.teacher_contexts, "apply_defaults(args) comes first"
         self.args = args
         self.weight_dtype = weight_dtype
@@ -499,14 +431,8 @@ class ModelFamily:
             try:
                 text_encoder = self.load_component("text_encoder", "cpu" if quantize else device)
                 pipeline = self.pipeline_class.from_pretrained(
-                    args.pretrained_model_name_or_path,
-                    revision=args.revision,
-                    variant=args.variant,
-                    dtype=weight_dtype,
-                    cache_dir=args.cache_dir,
-                    transformer=None,
-                    text_encoder=text_encoder,
-                )
+                    args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                    dtype=weight_dtype, cache_dir=args.cache_dir, transformer=None, text_encoder=text_encoder)
                 transformer_class = self.component_class("transformer")
                 config = transformer_class.load_config(args.pretrained_model_name_or_path, subfolder="transformer",
                                                        revision=args.revision, cache_dir=args.cache_dir)
@@ -551,9 +477,8 @@ class ModelFamily:
         return self._transformer if self._transformer is not None else self.load_transformer()
 
     def load_transformer(self, device=None):
-        """Load the transformer (once): straight to `device` (default: the accelerator), or on "cpu", memory-mapped
-        from its files, for --quantize_base and --offload to move layer by layer. Frozen; the LoRA or the full
-        fine-tuning makes its trained weights trainable."""
+        """Load the frozen transformer (once): straight to `device` (default: the accelerator), or on "cpu",
+        memory-mapped, for --quantize_base and --offload to move layer by layer."""
         if self._transformer is None:
             try:
                 transformer = self.load_component("transformer", device or self.device)
@@ -573,22 +498,18 @@ class ModelFamily:
         return getattr(diffusers, self.pipeline_class_name)
 
     # -- teacher encoders ----------------------------------------------------------------------------------------
-    def load_teacher_vlm(self, drop_text_encoder=False):
-        """The grafted Qwen3-VL on the accelerator, sharing the text encoder's weights (one large encoder on the
-        device at a time). With `drop_text_encoder` (the student contexts are done) the text encoder itself goes."""
-        vlm_path = self.args.teacher_vlm_name_or_path or self.default_teacher_vlm()
-        self.vlm = GraftedVLM(vlm_path, self.pipeline.text_encoder, self.pipeline.tokenizer, self.weight_dtype,
-                              cache_dir=self.args.cache_dir, rope_theta=self.args.teacher_vlm_rope_theta)
-        if drop_text_encoder:
-            self.pipeline.text_encoder = None
-            free_memory()
-        self.vlm.to(self.device, self.args.quantize_encoders)
-
     def prepare_teacher_contexts(self, keep_text_encoder=False):
-        """Ready the teacher's encoder once the student contexts are done: the VLM teacher loads its VLM, which by
-        default replaces the text encoder on the device (kept with --no-cache_contexts, which encodes per batch)."""
+        """Ready the teacher's encoder once the student contexts are done: the VLM teacher grafts its VLM onto the
+        text encoder's weights, and by default the rest of the text encoder goes (one large encoder on the device
+        at a time); --no-cache_contexts keeps it, to encode every batch."""
         if self.teacher_context == "vlm" and self.vlm is None:
-            self.load_teacher_vlm(drop_text_encoder=not keep_text_encoder)
+            self.vlm = GraftedVLM(self.args.teacher_vlm_name_or_path or self.default_teacher_vlm(),
+                                  self.pipeline.text_encoder, self.pipeline.tokenizer, self.weight_dtype,
+                                  cache_dir=self.args.cache_dir, rope_theta=self.args.teacher_vlm_rope_theta)
+            if not keep_text_encoder:
+                self.pipeline.text_encoder = None
+                free_memory()
+            self.vlm.to(self.device, self.args.quantize_encoders)
 
     def default_teacher_vlm(self):
         return "Qwen/Qwen3-VL-4B-Instruct"
@@ -611,19 +532,14 @@ class ModelFamily:
         """What the contexts depend on besides the example: part of every context cache file's name."""
         args = self.args
         uses_vlm = self.teacher_context == "vlm"
-        fingerprint = {
+        return {
             "model": model_fingerprint(args.pretrained_model_name_or_path, args.revision, args.cache_dir),
             "variant": args.variant, "teacher": self.teacher_context, "dtype": str(self.weight_dtype),
             "vlm": model_fingerprint(args.teacher_vlm_name_or_path or self.default_teacher_vlm(),
                                      cache_dir=args.cache_dir) if uses_vlm else None,
             "vlm_rope_theta": args.teacher_vlm_rope_theta if uses_vlm else None,
-            "quantize_encoders": args.quantize_encoders,
+            "quantize_encoders": args.quantize_encoders, "max_sequence_length": args.max_sequence_length,
         }
-        if args.reference_resolution is not None:  # absent by default, so earlier caches stay valid
-            fingerprint["reference_resolution"] = args.reference_resolution
-        if args.max_sequence_length != PIPELINE_MAX_SEQUENCE_LENGTH:  # likewise
-            fingerprint["max_sequence_length"] = args.max_sequence_length
-        return fingerprint
 
     def encode_student_context(self, caption):
         raise NotImplementedError
@@ -664,12 +580,21 @@ class ModelFamily:
         raise NotImplementedError
 
     # -- images --------------------------------------------------------------------------------------------------
-    def decode(self, latents):
+    def unnormalize(self, latents):
+        """Latents in the scheduler's space -> the VAE's latent space (what output_type='latent' gives)."""
         raise NotImplementedError
+
+    def decode(self, latents):
+        vae = self.pipeline.vae
+        latents = self.unnormalize(latents.to(vae.device, vae.dtype))
+        return self.pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
 
     def generate(self, transformer, context, height, width, num_steps, generator):
         """Images from the stock pipeline for a cached student context."""
-        raise NotImplementedError
+        self.pipeline.transformer = transformer
+        return self.pipeline(prompt_embeds=self.collate([context])["prompt_embeds"], height=height, width=width,
+                             num_inference_steps=num_steps, guidance_scale=self.guidance_scale,
+                             generator=generator).images
 
 
 # Copied from train_dopsd_lora.ZImageTurbo
@@ -680,6 +605,7 @@ class ZImageTurbo(ModelFamily):
     pipeline_class_name = "ZImagePipeline"
     modelspec_architecture = "Z-Image"  # the name musubi-tuner and LoRA managers use
     hub_tags = ("z-image", "z-image-turbo")
+    licenses = {"z-image-turbo": {"license": "apache-2.0"}}
     guidance_scale = 0.0
     default_inference_steps = 8
     default_learning_rate = 1e-4
@@ -690,9 +616,8 @@ class ZImageTurbo(ModelFamily):
 
     def __init__(self, args, weight_dtype, device, pipeline=None):
         super().__init__(args, weight_dtype, device, pipeline)
-        # Caption positions run 1..padded length and the image starts after them on the same RoPE axis, so the
-        # teacher context is capped below the transformer's first axis length (1024 -> 992), and at 1024
-        # (docs/method.md §3.1).
+        # Caption positions come first on the image's RoPE axis, so the teacher context is capped below the
+        # transformer's first axis length, and at 1024 (docs/method.md §3.1).
         axis_length = self.transformer_layout.config.axes_lens[0]
         self.max_teacher_tokens = min(1024, (axis_length - 2) // 32 * 32)
 
@@ -705,10 +630,7 @@ class ZImageTurbo(ModelFamily):
         vision, num_image_tokens = self.vlm.vision_inputs(image)
         text = self.pipeline.tokenizer.apply_chat_template(
             [{"role": "user", "content": self.vlm.user_content(caption, num_image_tokens)}],
-            tokenize=False,
-            add_generation_prompt=True,
-            enable_thinking=True,
-        )
+            tokenize=False, add_generation_prompt=True, enable_thinking=True)
         hidden_states, mask = self.vlm.hidden_states(text, vision)
         features = hidden_states[-2][0][mask][: self.max_teacher_tokens]
         return {"prompt_embeds": features.to("cpu", self.weight_dtype)}
@@ -719,8 +641,8 @@ class ZImageTurbo(ModelFamily):
     def encode_target(self, image):
         vae = self.pipeline.vae
         latents = vae.encode(image_to_tensor(image).to(vae.device, vae.dtype)).latent_dist.mode()
-        return {"latents": ((latents - vae.config.shift_factor) * vae.config.scaling_factor)[0].to("cpu",
-                                                                                                 torch.float32)}
+        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        return {"latents": latents[0].to("cpu", torch.float32)}
 
     def initial_noise(self, batch_size, height, width, generator=None):
         vae_scale = self.pipeline.vae_scale_factor
@@ -749,18 +671,8 @@ class ZImageTurbo(ModelFamily):
         output = transformer(model_input, t, context["prompt_embeds"], return_dict=False)[0]
         return -torch.stack([o.float() for o in output]).squeeze(2)
 
-    def decode(self, latents):
-        vae = self.pipeline.vae
-        latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        return self.pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
-
-    def generate(self, transformer, context, height, width, num_steps, generator):
-        self.pipeline.transformer = transformer
-        return self.pipeline(
-            prompt_embeds=[self.to_model(context["prompt_embeds"])],
-            height=height, width=width, num_inference_steps=num_steps, guidance_scale=self.guidance_scale,
-            generator=generator,
-        ).images
+    def unnormalize(self, latents):
+        return latents / self.pipeline.vae.config.scaling_factor + self.pipeline.vae.config.shift_factor
 
 
 # Copied from train_dopsd_lora.Flux2Klein
@@ -770,6 +682,11 @@ class Flux2Klein(ModelFamily):
     name = "FLUX.2-klein"
     pipeline_class_name = "Flux2KleinPipeline"
     hub_tags = ("flux2", "flux2-klein")
+    licenses = {
+        "flux.2-klein-4b": {"license": "apache-2.0"},
+        "flux.2-klein-9b": {"license": "other", "license_name": "flux-non-commercial-license",
+                            "license_link": "https://huggingface.co/black-forest-labs/FLUX.2-klein-9B/blob/main/LICENSE.md"},
+    }
     guidance_scale = 1.0  # distilled guidance: 1.0 is the pipeline's "no CFG"
     default_inference_steps = 4
     default_learning_rate = 2e-5
@@ -782,24 +699,26 @@ class Flux2Klein(ModelFamily):
 
     @classmethod
     def add_arguments(cls, group):
-        group.add_argument(
-            "--teacher_prompt_suffix",
-            type=str,
-            default="Make the main subject (facial/ip details), background, and overall composition consistent with"
-            " the reference image.",
-            help="Edit teacher: sentence appended to the teacher's caption.",
-        )
-        group.add_argument(
-            "--text_encoder_out_layers",
-            type=int,
-            nargs="+",
-            default=[9, 18, 27],
-            help="Text-encoder hidden layers stacked into the prompt embedding (the pipeline's default).",
-        )
+        group.add_argument("--teacher_prompt_suffix", type=str, default="Make the main subject (facial/ip details),"
+                           " background, and overall composition consistent with the reference image.",
+                           help="Edit teacher: sentence appended to the teacher's caption.")
+        group.add_argument("--reference_resolution", type=resolution, default=None,
+                           help="Edit teacher: encode the reference image at this area resolution^2 (default:"
+                           " --resolution).")
+        group.add_argument("--text_encoder_out_layers", type=int, nargs="+", default=[9, 18, 27],
+                           help="Text-encoder hidden layers stacked into the prompt embedding.")
+
+    @classmethod
+    def apply_defaults(cls, args, training):
+        super().apply_defaults(args, training)
+        if args.reference_resolution is not None and args.teacher_context != "edit":
+            raise UserError(f"--reference_resolution applies to {cls.name}'s edit teacher only, not to its"
+                            f" {args.teacher_context} teacher")
 
     def context_fingerprint(self):
         return {**super().context_fingerprint(), "layers": self.args.text_encoder_out_layers,
-                "suffix": self.args.teacher_prompt_suffix if self.teacher_context == "edit" else None}
+                "suffix": self.args.teacher_prompt_suffix if self.teacher_context == "edit" else None,
+                "reference_resolution": self.args.reference_resolution}
 
     @property
     def modelspec_architecture(self):
@@ -814,8 +733,7 @@ class Flux2Klein(ModelFamily):
         embeds = self.pipeline._get_qwen3_prompt_embeds(
             self.pipeline.text_encoder, self.pipeline.tokenizer, [caption], dtype=self.weight_dtype,
             device=self.device, max_sequence_length=self.args.max_sequence_length,
-            hidden_states_layers=tuple(self.args.text_encoder_out_layers),
-        )
+            hidden_states_layers=tuple(self.args.text_encoder_out_layers))
         return embeds[0].to("cpu")
 
     def encode_student_context(self, caption):
@@ -827,11 +745,9 @@ class Flux2Klein(ModelFamily):
         # Edit teacher: the target as the pipeline's reference image, with the instruction suffix (docs/method.md §3.2).
         image_latents, image_latent_ids = self.pipeline.prepare_image_latents(
             [self.reference_pixels(image)], batch_size=1, generator=None, device=self.device,
-            dtype=self.pipeline.vae.dtype
-        )
-        teacher_caption = f"{caption} {self.args.teacher_prompt_suffix}".strip()
+            dtype=self.pipeline.vae.dtype)
         return {
-            "prompt_embeds": self.encode_caption(teacher_caption),
+            "prompt_embeds": self.encode_caption(f"{caption} {self.args.teacher_prompt_suffix}".strip()),
             "image_latents": image_latents[0].to("cpu", self.weight_dtype),
             "image_latent_ids": image_latent_ids[0].to("cpu"),
         }
@@ -863,9 +779,8 @@ class Flux2Klein(ModelFamily):
         vision, num_image_tokens = self.vlm.vision_inputs(image)
         text = self.pipeline.tokenizer.apply_chat_template(
             [{"role": "user", "content": self.vlm.user_content(caption, num_image_tokens)}],
-            tokenize=False, add_generation_prompt=True, enable_thinking=False,
-        )
-        # Padded like the student's prompt (the caption keeps its 512-token budget after the image tokens).
+            tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        # Padded like the student's prompt (the caption keeps its token budget after the image tokens).
         hidden_states, _ = self.vlm.hidden_states(text, vision, self.args.max_sequence_length + num_image_tokens)
         stacked = torch.stack([hidden_states[k] for k in self.args.text_encoder_out_layers], dim=1)[0]
         return {"prompt_embeds": stacked.permute(1, 0, 2).flatten(1).to("cpu", self.weight_dtype)}
@@ -889,10 +804,8 @@ class Flux2Klein(ModelFamily):
     def rollout_schedule(self, num_steps, height, width, sigmas=None):
         vae_scale = self.pipeline.vae_scale_factor
         image_seq_len = (height // (vae_scale * 2)) * (width // (vae_scale * 2))
-        if sigmas is None:
+        if sigmas is None and not getattr(self.scheduler.config, "use_flow_sigmas", False):
             sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-            if getattr(self.scheduler.config, "use_flow_sigmas", False):
-                sigmas = None
         mu = compute_empirical_mu(image_seq_len=image_seq_len, num_steps=num_steps)
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
         retrieve_timesteps(scheduler, num_steps, self.device, sigmas=sigmas, mu=mu)
@@ -920,25 +833,12 @@ class Flux2Klein(ModelFamily):
         return velocity.to(self.transformer.dtype)
 
     def unnormalize(self, latents):
-        """Patchified, batch-norm-normalised latents -> the VAE's latent space (what output_type='latent' gives)."""
+        """Patchified, batch-norm-normalised latents -> the VAE's latent space."""
         vae = self.pipeline.vae
         mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device,
                                                                                               latents.dtype)
         return self.pipeline._unpatchify_latents(latents * std + mean)
-
-    def decode(self, latents):
-        vae = self.pipeline.vae
-        latents = self.unnormalize(latents.to(vae.device, vae.dtype))
-        return self.pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
-
-    def generate(self, transformer, context, height, width, num_steps, generator):
-        self.pipeline.transformer = transformer
-        return self.pipeline(
-            prompt_embeds=self.to_model(context["prompt_embeds"].unsqueeze(0)),
-            height=height, width=width, num_inference_steps=num_steps, guidance_scale=self.guidance_scale,
-            generator=generator,
-        ).images
 
 
 # The registry: a new family is one class above and one entry here (README, "Adding a model family").
@@ -988,26 +888,15 @@ import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from accelerate import Accelerator, PartialState  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
-from accelerate.utils import (  # noqa: E402
-    DeepSpeedPlugin,
-    DistributedDataParallelKwargs,
-    DistributedType,
-    GradientAccumulationPlugin,
-    InitProcessGroupKwargs,
-    ProjectConfiguration,
-    is_tensorboard_available,
-    is_wandb_available,
-    set_seed,
-)
+from accelerate.utils import (DeepSpeedPlugin, DistributedDataParallelKwargs, DistributedType,  # noqa: E402
+                               GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration,
+                               is_tensorboard_available, is_wandb_available, set_seed)
 from accelerate.utils.deepspeed import HfDeepSpeedConfig  # noqa: E402
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu  # noqa: E402
-from diffusers.pipelines.z_image.pipeline_z_image import (  # noqa: E402
-    calculate_shift,
-    get_default_z_image_sigmas,
-    retrieve_timesteps,
-)
+from diffusers.pipelines.z_image.pipeline_z_image import (calculate_shift, get_default_z_image_sigmas,  # noqa: E402
+                                                           retrieve_timesteps)
 from diffusers.training_utils import find_nearest_bucket, free_memory, generate_aspect_ratio_buckets  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -1026,18 +915,14 @@ logger = get_logger(__name__)
 
 # Copied from train_dopsd_lora.image_to_tensor
 def image_to_tensor(image):
-    """PIL RGB -> float tensor (1, 3, H, W) in [-1, 1], the VAE's input convention, computed as diffusers' image
-    processor computes it (x / 255, then 2x - 1), so that it is bit-equal to the pipelines' own."""
+    """PIL RGB -> float tensor (1, 3, H, W) in [-1, 1], computed as diffusers' image processor computes it (x / 255,
+    then 2x - 1), so that it is bit-equal to the pipelines' own."""
     array = 2.0 * (np.asarray(image, dtype=np.float32) / 255.0) - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
 
 
-
-
 # Copied from train_dopsd_lora.has_fp8_tensor_cores
 def has_fp8_tensor_cores():
-    import torch
-
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
@@ -1058,10 +943,8 @@ def quantization_backend(method):
 # Copied from train_dopsd_lora.repeated_block_linears
 def repeated_block_linears(model):
     """{name: nn.Linear} inside the model's repeated blocks (diffusers' _repeated_blocks, transformers'
-    _no_split_modules), the layers --quantize_base quantises. Embedders, final layers and norms outside them stay in
-    full precision, and so do the blocks' own modulation layers (Z-Image's adaLN_modulation: 2 % of its weights,
-    +0.17 GiB in bf16; quantised to nf4 they add a ninth of the nf4 prediction error, measured by
-    benchmarks/bench_nf4_modulation.py)."""
+    _no_split_modules): the layers --quantize_base quantises. The blocks' own modulation layers stay in full
+    precision (Z-Image's adaLN_modulation: benchmarks/bench_nf4_modulation.py measures why)."""
     block_types = set(getattr(model, "_repeated_blocks", None) or getattr(model, "_no_split_modules", None) or [])
     linears = {}
     for block_name, block in model.named_modules():
@@ -1074,23 +957,21 @@ def repeated_block_linears(model):
 
 # Copied from train_dopsd_lora.quantize_linear_layers
 def quantize_linear_layers(model, method, device, compute_dtype):
-    """Quantise the frozen linear weights of the model's repeated blocks in place, on `device`.
+    """Quantise the frozen linear weights of the model's repeated blocks in place, on `device`; returns how many.
 
     int8 and nf4 replace each nn.Linear by bitsandbytes' Linear8bitLt / Linear4bit (they quantise when moved to the
-    device); fp8 converts the weights with torchao's float8 weight-only config. Returns how many layers changed.
+    device); fp8 and fp8_compute convert the weights with torchao. LoRA layers wrap the quantised linears unchanged.
     """
     backend = quantization_backend(method)
     linears = repeated_block_linears(model)
-    if method == "fp8":
-        backend.quantize_(model, backend.Float8WeightOnlyConfig(set_inductor_config=False),
-                          filter_fn=lambda module, name: name in linears, device=device)
-        return len(linears)
-    if method == "fp8_compute":
-        backend.quantize_(model, backend.Float8DynamicActivationFloat8WeightConfig(
-            granularity=backend.PerRow(), set_inductor_config=False),
-            filter_fn=lambda module, name: name in linears, device=device)
-        for linear in linears.values():  # still nn.Linear, so the LoRA wraps it as before
-            linear.forward = fp8_compute_forward.__get__(linear)
+    if method in ("fp8", "fp8_compute"):
+        config = (backend.Float8WeightOnlyConfig(set_inductor_config=False) if method == "fp8" else
+                  backend.Float8DynamicActivationFloat8WeightConfig(granularity=backend.PerRow(),
+                                                                    set_inductor_config=False))
+        backend.quantize_(model, config, filter_fn=lambda module, name: name in linears, device=device)
+        if method == "fp8_compute":
+            for linear in linears.values():  # still nn.Linear, so the LoRA wraps it as before
+                linear.forward = fp8_compute_forward.__get__(linear)
         return len(linears)
     for name, linear in linears.items():
         parent_name, _, child_name = name.rpartition(".")
@@ -1118,8 +999,8 @@ def quantize_linear_layers(model, method, device, compute_dtype):
 # Copied from train_dopsd_lora.Float8ComputeLinear
 class Float8ComputeLinear(torch.autograd.Function):
     """A frozen fp8_compute linear: forward on fp8 tensor cores (torchao quantises the input per row on the fly);
-    backward gives the input's gradient through the dequantised weight (the weight itself is frozen), which the
-    LoRA layers before it need and which torchao's fp8 matmul has no derivative for."""
+    backward gives the input's gradient through the dequantised weight, which the LoRA layers before it need and
+    which torchao's fp8 matmul has no derivative for."""
 
     @staticmethod
     def forward(ctx, input, weight, bias):
@@ -1182,10 +1063,9 @@ class GraftedVLM:
 
     def __init__(self, vlm_path, text_encoder, tokenizer, dtype, cache_dir=None, rope_theta="text_encoder"):
         config = self.check(vlm_path, text_encoder, tokenizer, cache_dir)
-        # The language model becomes the text encoder, positional base included: its weights were trained with the
-        # text encoder's base (1e6 for Qwen3), and only with it do text-only teacher features equal the student's,
-        # so that the teacher's context differs from the student's by the image alone. The authors' graft kept
-        # Qwen3-VL's base (5e6), which also moves the caption's features; rope_theta="vlm" reproduces that.
+        # The language model takes the text encoder's RoPE base (1e6 for Qwen3), the one its weights were trained
+        # with: only then do text-only teacher features equal the student's. rope_theta="vlm" keeps Qwen3-VL's (5e6),
+        # as the authors' graft did.
         text_rope = getattr(text_encoder.config, "rope_parameters", None) or {}
         if rope_theta == "text_encoder" and "rope_theta" in text_rope:
             config.text_config.rope_parameters["rope_theta"] = text_rope["rope_theta"]
@@ -1193,10 +1073,8 @@ class GraftedVLM:
             vlm_path, config=config, dtype=dtype, cache_dir=cache_dir
         )
         # The graft shares, it does not copy: the language model's linear layers become the text encoder's own
-        # modules (quantised ones included, --quantize_encoders) and its other weights the encoder's tensors, where
-        # they are (on the accelerator). Its own weights, memory-mapped from its files, are dropped unread, and so is
-        # its output head (only hidden states are used). No second copy of the encoder exists, on the host or the
-        # accelerator.
+        # modules (quantised ones included) and its other weights the encoder's tensors, where they are. Its own
+        # weights, memory-mapped, are dropped unread, and so is its output head (only hidden states are used).
         language_model, encoder = self.vlm.model.language_model, text_encoder.base_model
         for name, module in list(language_model.named_modules()):
             if isinstance(module, torch.nn.Linear):
@@ -1221,14 +1099,10 @@ class GraftedVLM:
 
     def vision_inputs(self, image):
         """Pixel patches and the number of image tokens for one PIL image."""
-        processed = self.image_processor(
-            images=[image],
-            size={"shortest_edge": self.MIN_PIXELS, "longest_edge": self.MAX_PIXELS},
-            return_tensors="pt",
-        )
+        processed = self.image_processor(images=[image], return_tensors="pt",
+                                         size={"shortest_edge": self.MIN_PIXELS, "longest_edge": self.MAX_PIXELS})
         merge = self.image_processor.merge_size
-        num_tokens = int(processed["image_grid_thw"].prod()) // (merge * merge)
-        return processed, num_tokens
+        return processed, int(processed["image_grid_thw"].prod()) // (merge * merge)
 
     @staticmethod
     def user_content(caption, num_image_tokens):
@@ -1255,8 +1129,6 @@ class GraftedVLM:
         return output.hidden_states, attention_mask[0].bool()
 
 
-
-
 # Copied from train_dopsd_lora.hub_offline
 def hub_offline():
     """HF_HUB_OFFLINE as huggingface_hub read it at import, or as set since."""
@@ -1265,62 +1137,64 @@ def hub_offline():
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
+# Copied from train_dopsd_lora.quiet_logger
+@contextmanager
+def quiet_logger(name, level=logging.ERROR):
+    """A library's log records below `level` held back (huggingface_hub warns once per retry) around a call whose
+    failure its caller words in one line."""
+    library_logger = logging.getLogger(name)
+    previous = library_logger.level
+    library_logger.setLevel(level)
+    try:
+        yield
+    finally:
+        library_logger.setLevel(previous)
+
+
 # Copied from train_dopsd_lora.pipeline_load_error
 def pipeline_load_error(args, error):
     """Why model_index.json could not be read, in words the user can act on. diffusers re-raises the Hub's error as
     an OSError; the original is its __context__."""
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub import errors
 
     name = args.pretrained_model_name_or_path
-    cause = error.__context__ or error
     path = Path(name).expanduser()
     if path.is_dir():
         return f"{name} has no model_index.json: give the folder of a diffusers pipeline (the one holding it)"
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         return f"{name} does not exist: check the path"
-    if isinstance(cause, GatedRepoError):
-        return (f"{name} is gated: accept its terms at https://huggingface.co/{name}, then log in (`hf auth login` or"
-                " HF_TOKEN)")
-    if isinstance(cause, RepositoryNotFoundError):
-        return (f"{name} is neither a local folder nor a model on the Hub: check the spelling (a private model also"
-                " needs `hf auth login`)")
-    if isinstance(cause, RevisionNotFoundError):
-        return f"--revision {args.revision} does not exist for {name}"
-    if isinstance(cause, LocalEntryNotFoundError):
-        if hub_offline():
-            return (f"{name} is not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE): unset"
-                    " HF_HUB_OFFLINE to download it, or give a local folder")
-        return f"cannot reach the Hugging Face Hub to download {name} (no network?), and it is not in the local cache"
-    if isinstance(cause, EntryNotFoundError):
-        return f"{name} has no model_index.json on the Hub: it is not a diffusers pipeline"
-    return f"cannot read the pipeline {name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+    not_cached = (f"{name} is not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE): unset"
+                  " HF_HUB_OFFLINE to download it, or give a local folder" if hub_offline() else
+                  f"cannot reach the Hugging Face Hub to download {name} (no network?), and it is not in the local"
+                  " cache")
+    reasons = {  # the first class the Hub's error is an instance of (GatedRepoError is a RepositoryNotFoundError)
+        errors.GatedRepoError: f"{name} is gated: accept its terms at https://huggingface.co/{name}, then log in"
+                               " (`hf auth login` or HF_TOKEN)",
+        errors.RepositoryNotFoundError: f"{name} is neither a local folder nor a model on the Hub: check the spelling"
+                                        " (a private model also needs `hf auth login`)",
+        errors.RevisionNotFoundError: f"--revision {args.revision} does not exist for {name}",
+        errors.LocalEntryNotFoundError: not_cached,
+        errors.EntryNotFoundError: f"{name} has no model_index.json on the Hub: it is not a diffusers pipeline",
+    }
+    cause = error.__context__ or error
+    return next((reason for kind, reason in reasons.items() if isinstance(cause, kind)),
+                f"cannot read the pipeline {name}: {first_line(error)}")
 
 
 # Copied from train_dopsd_lora.detect_family
 def detect_family(args):
     """The family class named by the pipeline folder's model_index.json."""
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)  # one message below instead of a warning per retry
     try:
-        config = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision,
-                                               cache_dir=args.cache_dir)
+        with quiet_logger("huggingface_hub"):
+            config = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision,
+                                                   cache_dir=args.cache_dir)
     except Exception as error:
         raise UserError(pipeline_load_error(args, error)) from None
-    finally:
-        hub_logger.setLevel(level)
     pipeline_class = config.get("_class_name")
     if pipeline_class not in MODEL_FAMILIES:
         supported = ", ".join(cls.name for cls in MODEL_FAMILIES.values())
         raise UserError(f"{args.pretrained_model_name_or_path} is a {pipeline_class}; D-OPSD supports {supported}")
     return MODEL_FAMILIES[pipeline_class]
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1371,8 +1245,7 @@ def load_rgb(image, name):
         image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), mode="L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     image = image.convert("RGB")
     if min(image.size) < MIN_IMAGE_SIDE:
         raise BadData(f"{name} is only {image.size[0]}x{image.size[1]} pixels (need at least {MIN_IMAGE_SIDE})")
@@ -1425,8 +1298,7 @@ def training_image(example):
 # Copied from train_dopsd_lora.choose_bucket
 def choose_bucket(image, buckets, multiple, no_upscale):
     """The aspect-ratio bucket nearest to the image's. With no_upscale (kohya's bucket_no_upscale), an image that
-    would have to be enlarged to cover that bucket gets a bucket of its own size, rounded down to the multiple: it
-    trains at its own resolution, its border center-cropped, nothing enlarged."""
+    would have to be enlarged to cover that bucket gets a bucket of its own size, rounded down to the multiple."""
     height, width = buckets[find_nearest_bucket(image.height, image.width, buckets)]
     if no_upscale and (height > image.height or width > image.width):
         return image.height // multiple * multiple, image.width // multiple * multiple
@@ -1601,7 +1473,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         # at 0 for the loader of a resumed run and would change the order.
         self.epoch = epoch
 
-    def batches(self):
+    def __iter__(self):
         rng = random.Random(self.seed * 100003 + self.epoch)
         batches = []
         for bucket in sorted(self.groups):
@@ -1611,14 +1483,10 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         rng.shuffle(batches)
         # Variants come from a stream of their own: the visit order does not depend on how many variants there are.
         variant_rng = random.Random(f"variants {self.seed} {self.epoch}")
-        return [[variant_rng.choice(self.variants[image]) for image in batch] for batch in batches]
-
-    def __iter__(self):
-        yield from self.batches()
+        yield from ([variant_rng.choice(self.variants[image]) for image in batch] for batch in batches)
 
     def __len__(self):
         return sum(math.ceil(len(group) / self.batch_size) for group in self.groups.values())
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1627,7 +1495,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 
 # Copied from train_dopsd_lora.CONTEXT_FORMAT_VERSION
-CONTEXT_FORMAT_VERSION = 3  # raise it whenever the code computes a context differently
+CONTEXT_FORMAT_VERSION = 4  # raise it whenever the code computes or stores a context differently
 
 
 # Copied from train_dopsd_lora.model_fingerprint
@@ -1654,14 +1522,12 @@ def model_fingerprint(name_or_path, revision=None, cache_dir=None):
 
 
 # Copied from train_dopsd_lora.ContextStore
-class ContextStore:
-    """Per-example student and teacher contexts, as safetensors files under output_dir/context_cache.
-
-    The file name hashes everything the contexts depend on (the family's context_fingerprint: the models' files and
-    the settings that shape contexts; the code's context format; the image, caption and bucket), so a resumed or
-    repeated run reuses them and any change computes new ones. Not `enabled` (--no-cache_contexts): nothing is
-    stored and the encoders stay on the accelerator to compute contexts for every batch.
-    """
+class ContextStore(torch.utils.data.Dataset):
+    """Per-example contexts under output_dir/context_cache, one safetensors file per role: the student's, the
+    teacher's, and with `targets` the clean latents of the objectives that noise the training image. A file's name
+    hashes all its context depends on (the family's context_fingerprint, the format, the image, caption and bucket),
+    so a resumed run reuses it and any change computes a new one. Not `enabled` (--no-cache_contexts): contexts are
+    computed for every batch. As a dataset, item i is example i's contexts by role, with its bucket."""
 
     def __init__(self, family, examples, accelerator, output_dir, enabled=True, targets=False):
         self.family = family
@@ -1673,112 +1539,87 @@ class ContextStore:
         self.fingerprint = json.dumps({"format": CONTEXT_FORMAT_VERSION, **family.context_fingerprint()},
                                       sort_keys=True)
 
-    def path(self, example):
+    def path(self, example, role):
         key = hashlib.sha1(f"{self.fingerprint}|{example.image_key}|{example.caption}|{example.bucket}"
                            f"|{'flipped' if example.flip else ''}".encode())
-        return self.folder / f"{key.hexdigest()}.safetensors"
+        return self.folder / f"{key.hexdigest()}.{role}.safetensors"
 
     @torch.no_grad()
-    def compute(self, example):
-        """{role: {name: tensor}} of one example: the student and teacher contexts, and the clean target latents
-        where the objective needs them."""
-        image = training_image(example)
-        computed = {"student": self.family.encode_student_context(example.caption),
-                    "teacher": self.family.build_teacher_context(image, example.caption)}
-        if "target" in self.roles:
-            computed["target"] = self.family.encode_target(image)
-        return computed
+    def compute(self, example, roles=None):
+        """{role: {name: tensor}} of one example, for `roles` (default: the store's)."""
+        roles = self.roles if roles is None else roles
+        image = training_image(example) if set(roles) - {"student"} else None
+        encode = {"student": lambda: self.family.encode_student_context(example.caption),
+                  "teacher": lambda: self.family.build_teacher_context(image, example.caption),
+                  "target": lambda: self.family.encode_target(image)}
+        return {role: encode[role]() for role in roles}
 
     def fill(self):
         """Compute every missing context; each process takes its share and writes each file atomically.
 
-        Two passes, so that one large encoder at a time is on the accelerator: every student context first (text
-        encoder), kept in a `.student` file, then the family prepares the teacher (the VLM replaces the text
-        encoder) and every teacher context completes its file.
+        Role by role, so that one large encoder at a time is on the accelerator: every student context first (text
+        encoder), then the family readies the teacher (the VLM takes the text encoder's place) for every teacher
+        context (docs/method.md §3.1).
         """
         if not self.enabled:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         accelerator = self.accelerator
-        # One entry per file: duplicate photos with the same caption share their contexts.
-        todo = list({self.path(e): e for e in self.examples if not self.readable(self.path(e), self.roles)}.values())
+        todo = {}  # one entry per key: duplicate photos with the same caption share their contexts
+        for example in self.examples:
+            lacking = [role for role in self.roles if not self.readable(self.path(example, role))]
+            if lacking:
+                todo[self.path(example, "student")] = example, lacking
         accelerator.wait_for_everyone()  # every process splits the same list before any of them writes
-        mine = todo[accelerator.process_index:: accelerator.num_processes]
+        mine = list(todo.values())[accelerator.process_index:: accelerator.num_processes]
         quiet = not accelerator.is_local_main_process
-        with torch.no_grad():
-            for example in tqdm(mine, desc="caching student contexts", disable=quiet):
-                student_path = Path(f"{self.path(example)}.student")
-                if not self.readable(student_path, roles={"student"}):
-                    self.write(student_path, {f"student.{k}": v for k, v in
-                                              self.family.encode_student_context(example.caption).items()})
-            if mine:
-                self.family.prepare_teacher_contexts()
-            for example in tqdm(mine, desc="caching teacher contexts", disable=quiet):
-                path = self.path(example)
-                image = training_image(example)
-                tensors = load_file(f"{path}.student")
-                tensors.update({f"teacher.{k}": v for k, v in
-                                self.family.build_teacher_context(image, example.caption).items()})
-                if "target" in self.roles:
-                    tensors.update({f"target.{k}": v for k, v in self.family.encode_target(image).items()})
-                self.write(path, tensors)
-                os.remove(f"{path}.student")
+        for example, lacking in tqdm(mine, desc="caching student contexts", disable=quiet):
+            self.write(example, self.compute(example, [role for role in lacking if role == "student"]))
+        if mine:
+            self.family.prepare_teacher_contexts()
+        for example, lacking in tqdm(mine, desc="caching teacher contexts", disable=quiet):
+            self.write(example, self.compute(example, [role for role in lacking if role != "student"]))
         accelerator.wait_for_everyone()
         logger.info(f"contexts cached for {len(self.examples)} examples ({len(todo)} new, computed by"
                     f" {accelerator.num_processes} process(es)) in {self.folder}")
 
-    def write(self, path, tensors):
-        """One cache file; a full disk stops with one line and keeps what is cached so far."""
-        write_output(path, lambda temporary: save_file({k: v.contiguous() for k, v in tensors.items()}, temporary),
-                     self.folder.parent)
+    def write(self, example, contexts):
+        """One cache file per role; a full disk stops with one line and keeps what is cached so far."""
+        for role, tensors in contexts.items():
+            write_output(self.path(example, role), lambda temporary: save_file(
+                {k: v.contiguous() for k, v in tensors.items()}, temporary), self.folder.parent)
 
     @staticmethod
-    def readable(path, roles=("student", "teacher")):
-        """Whether a cached file holds whole contexts (of `roles`). An empty or truncated one (a full disk, a copy
-        cut short) is named in one warning and computed again."""
+    def readable(path):
+        """Whether a cache file holds a whole context. An empty or truncated one (a full disk, a copy cut short) is
+        named in one warning and computed again."""
         if not path.exists():
             return False
         try:
-            with safe_open(path, "pt") as cached:
-                held = {key.split(".", 1)[0] for key in cached.keys()}
-                if set(roles) <= held:
-                    return True
-                if held == {"student", "teacher"}:  # written for D-OPSD; --objective sft/offpolicy adds the target
-                    return False
-                reason = f"it lacks the {' and '.join(sorted(set(roles) - held))} context"
+            with safe_open(path, "pt"):
+                return True
         except Exception as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        logger.warning(f"context cache file {path} is unreadable ({reason}); computing it again")
-        return False
+            logger.warning(f"context cache file {path} is unreadable ({first_line(error)}); computing it again")
+            return False
 
     def get(self, example):
         if not self.enabled:
             return self.compute(example)
-        path = self.path(example)
-        try:
-            tensors = load_file(path)
-        except Exception as error:  # damaged during the run (the encoders are gone by now)
-            raise UserError(f"context cache file {path} cannot be read ({error}): delete it and resume with"
-                            " --resume_from_checkpoint latest") from None
-        split = {role: {} for role in self.roles}
-        for key, value in tensors.items():
-            role, name = key.split(".", 1)
-            if role in split:
-                split[role][name] = value
-        return split
-
-
-# Copied from train_dopsd_lora.ContextDataset
-class ContextDataset(torch.utils.data.Dataset):
-    def __init__(self, examples, store):
-        self.examples = examples
-        self.store = store
+        contexts = {}
+        for role in self.roles:
+            path = self.path(example, role)
+            try:
+                contexts[role] = load_file(path)
+            except Exception as error:  # damaged during the run (the encoders are gone by now)
+                raise UserError(f"context cache file {path} cannot be read ({error}): delete it and resume with"
+                                " --resume_from_checkpoint latest") from None
+        return contexts
 
     def __len__(self):
         return len(self.examples)
 
     def __getitem__(self, index):
-        return {**self.store.get(self.examples[index]), "bucket": self.examples[index].bucket}
+        return {**self.get(self.examples[index]), "bucket": self.examples[index].bucket}
 
 
 # Copied from train_dopsd_lora.collate_examples
@@ -1789,7 +1630,6 @@ def collate_examples(items):
     return {**{role: [item[role] for item in items] for role in roles}, "bucket": items[0]["bucket"]}
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # The D-OPSD step: roll out, ask the teacher, pull the student (docs/method.md §2)
 # ----------------------------------------------------------------------------------------------------------------
@@ -1798,18 +1638,10 @@ def collate_examples(items):
 # Own version of train_dopsd_lora.EMATeacher
 class EMATeacher:
     """The teacher's weights: theta_bar <- d * theta_bar + (1 - d) * theta after every optimizer step, for every
-    trained weight of the transformer, in fp32 or bf16 (--ema_dtype), on the accelerator or the CPU (--ema_device).
-
-    The LoRA script's EMA with what only full fine-tuning needs: a bf16 shadow on the accelerator costs half an
-    fp32 one, teacher passes included (docs/method.md §2.4). Its updates use stochastic rounding: at decay 0.9999
-    one update, (1 - d) * (theta - theta_bar), is far below half a bf16 step, so round-to-nearest would leave the
-    teacher frozen. The rounding noise comes from a generator seeded by the seed and the update count (saved with
-    the shadow), so a resumed run draws the same noise.
-
-    Under FSDP2 each process keeps the EMA of its own shards of the weights, and updates and swaps work on the
-    shards: FSDP2 gathers each forward's weights from its sharded storage, so a teacher pass sees only what is
-    copied into the shards (pointing a parameter's `.data` elsewhere would leave it on the student's weights). The
-    checkpoint file holds the whole teacher, gathered, as under every other engine.
+    trained weight, in fp32 or bf16 (--ema_dtype), on the accelerator or the CPU (--ema_device): the LoRA script's
+    EMA with what only full fine-tuning needs (docs/method.md §2.4). A bf16 shadow is updated with stochastic
+    rounding, its noise seeded by the seed and the update count (saved with the shadow, so a resumed run draws the
+    same noise). Under FSDP2 each process keeps the EMA of its own shards; the checkpoint holds the whole teacher.
     """
 
     FILE_NAME = "ema_teacher.safetensors"
@@ -1861,23 +1693,11 @@ class EMATeacher:
 
     @contextmanager
     def swapped_in(self):
-        """Inside the block the student's parameters hold the teacher's weights (and the shadow is not the teacher).
-
-        - Shadow with the parameters' device and dtype (fp32 EMA on the accelerator): the storages are swapped, or
-          under FSDP2 the values of shard and shadow are exchanged, one tensor at a time.
-        - bf16 shadow of fp32 weights on their device: the halves are exchanged, so the swap costs a quarter of the
-          weights' bytes instead of a second fp32 copy. A bf16 number is the top half of an fp32 one: the parameter
-          takes the teacher exactly, the shadow's storage keeps the student's top halves, and the student's bottom
-          halves wait in a buffer freed after the block.
-        - Otherwise (CPU EMA): the student is copied out beside the shadow and the teacher copied in.
-
-        Everything goes through `.data`, which autograd does not version: a student graph kept alive across the
-        teacher pass (one backward after the K steps, DeepSpeed's arrangement; or gradient checkpointing's
-        recomputation) would otherwise fail its version check. That is sound because the block runs no backward and
-        the student's values are restored bit for bit before any backward reads them. Under FSDP2 the gathered
-        weights are dropped on the way in and out (the root module keeps its own from one forward to the next), so
-        the next forward gathers the shards as they are then.
-        """
+        """Inside the block the student's parameters hold the teacher's weights (and the shadow is not the teacher):
+        swapped by storage, by value under FSDP2 (whose forwards gather from the shards' storage), by halves for a
+        bf16 shadow of fp32 weights, by copy for a CPU one (docs/method.md §2.4). Through `.data`, as the LoRA
+        script's. Under FSDP2 the gathered weights are dropped on the way in and out (the root module keeps its own
+        from one forward to the next), so the next forward gathers the shards as they are then."""
         self.reshard()
         put_back = self.swap_in(self.weights())
         try:
@@ -1982,7 +1802,6 @@ class EMATeacher:
             self.num_updates = int((file.metadata() or {}).get("num_updates", 0))
 
 
-# Copied from train_dopsd_lora.stochastic_round_to_bf16
 def stochastic_round_to_bf16(values, generator):
     """fp32 -> bf16, rounding each value up (in magnitude) with probability equal to the dropped fraction: unbiased.
 
@@ -2019,18 +1838,14 @@ def dopsd_step(family, student, network, ema_teacher, batch, accelerator, rollou
                backward_per_step=True, objective="dopsd"):
     """One D-OPSD iteration on a batch; returns the mean loss over the K roll-out steps and the final latents.
 
-    `network` is the transformer that plays both roles: the student's weights, or the teacher's while
-    `ema_teacher.swapped_in()`. `student` is the same network as accelerate prepared it (under DDP its wrapper,
-    which synchronises gradients), for the passes with grad.
+    `network` is the transformer that plays both roles (the teacher's weights while `ema_teacher.swapped_in()`);
+    `student` is the same network as accelerate prepared it (under DDP its wrapper), for the passes with grad.
 
     The student's forward with grad at x_k *is* the roll-out step: its velocity moves the state to x_{k-1}
-    (detached: no backprop through the trajectory). Each step's loss is backpropagated at once, so only one
-    step's graph is alive; the gradient equals that of the mean over the K steps (docs/method.md §2.3). With
-    backward_per_step=False the K graphs are kept and one backward runs at the end (same gradient, memory O(K)):
-    what DeepSpeed needs, which allows one backward per micro-batch.
-
-    objective="offpolicy" (the paper's ablation) asks the same teacher on the same K noise levels, but at states
-    noised from the training image (x_k = (1 - s_k) x0 + s_k noise) instead of the student's roll-out.
+    (detached). Each step's loss is backpropagated at once, so only one step's graph is alive, with the gradient of
+    the mean over the K steps (docs/method.md §2.3); backward_per_step=False keeps the K graphs for one backward at
+    the end, as DeepSpeed needs. objective="offpolicy" asks the same teacher at states noised from the training
+    image instead of the student's roll-out.
     """
     height, width = batch["bucket"]
     student_context = family.collate(batch["student"])
@@ -2090,7 +1905,6 @@ def sft_step(family, student, batch, accelerator, generator=None):
     return loss.detach()
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------------------------
@@ -2145,9 +1959,8 @@ PRIOR_REFERENCE_FILE = "prior_reference.safetensors"
 
 # Copied from train_dopsd_lora.base_prior_samples
 def base_prior_samples(family, transformer, validation, args, resumed, write=True):
-    """The base model's samples of the prior prompts, the reference prior drift is measured against: made before
-    the first step (when the student is still the base model) and kept in output_dir for resumed runs (if
-    `write`)."""
+    """The base model's samples of the prior prompts, which the prior drift is measured against: made before the
+    first step (the student is still the base model) and kept in output_dir for resumed runs (if `write`)."""
     if not validation["prior"]:
         return None
     path = Path(args.output_dir) / PRIOR_REFERENCE_FILE
@@ -2174,8 +1987,7 @@ def base_prior_samples(family, transformer, validation, args, resumed, write=Tru
 # Copied from train_dopsd_lora.prior_drift
 def prior_drift(family, transformer, validation, args):
     """How far the current model's few-step samples of the prior prompts moved from the base model's, from the same
-    noise: the mean relative distance |x - x_base| / |x_base| of the latents (0: unchanged). A concept that bleeds
-    into every prompt, or forgetting, makes it grow."""
+    noise: the mean relative distance |x - x_base| / |x_base| of the latents (0: unchanged)."""
     reference = validation["prior_reference"]
     current = prior_samples(family, transformer, validation["prior"], args)
     return float(np.mean([((current[k] - reference[k]).norm() / reference[k].norm()).item() for k in reference]))
@@ -2252,41 +2064,9 @@ def log_validation(family, transformer, ema_teacher, validation, args, accelerat
     return logged, metrics
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Saving and the Hub
 # ----------------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_dopsd_lora.KNOWN_LICENSES
-KNOWN_LICENSES = {
-    "z-image-turbo": {"license": "apache-2.0"},
-    "flux.2-klein-4b": {"license": "apache-2.0"},
-    "flux.2-klein-9b": {"license": "other", "license_name": "flux-non-commercial-license",
-                        "license_link": "https://huggingface.co/black-forest-labs/FLUX.2-klein-9B/blob/main/LICENSE.md"},
-}
-
-
-# Copied from train_dopsd_lora.base_model_license
-def base_model_license(base_model):
-    """The base model's license fields: from its own model card where it can be read, else from KNOWN_LICENSES,
-    else "other" (the card then points to the base model)."""
-    from huggingface_hub import ModelCard
-
-    readme = Path(base_model) / "README.md"
-    if readme.is_file() or not (Path(base_model).exists() or hub_offline()):
-        hub_logger = logging.getLogger("huggingface_hub")
-        level = hub_logger.level
-        hub_logger.setLevel(logging.ERROR)
-        try:
-            data = ModelCard.load(readme if readme.is_file() else base_model).data
-            if data.license:
-                return {k: getattr(data, k) for k in ("license", "license_name", "license_link") if getattr(data, k)}
-        except Exception:
-            pass
-        finally:
-            hub_logger.setLevel(level)
-    return dict(KNOWN_LICENSES.get(Path(base_model.rstrip("/")).name.lower(), {"license": "other"}))
 
 
 # Copied from train_dopsd_lora.card_gallery
@@ -2365,71 +2145,17 @@ def card_prompt(args):
     return args.trigger_word or "your prompt"
 
 
-# Copied from train_dopsd_lora.weights_location
-def weights_location(args, repo_id):
-    """Where the card's code loads the trained weights from: the Hub repository once its owner is known (user/name,
-    as --push_to_hub or a full --hub_model_id gives it), else the output folder."""
-    return repo_id if "/" in repo_id else args.output_dir
-
-
 # Copied from train_dopsd_lora.write_model_card
-def write_model_card(args, repo_id, description, widget, tags):
+def write_model_card(args, family, description, widget, tags):
     """README.md in output_dir: the Hub's metadata (base model, license, gallery, tags), then the description. A base
     model from a local folder is named in the text only: the Hub links base models by repository id."""
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(library_name="diffusers", base_model=hub_id(args.pretrained_model_name_or_path),
                          instance_prompt=args.trigger_word, widget=widget or None, tags=tags,
-                         **base_model_license(args.pretrained_model_name_or_path))
+                         **family.base_model_license(args.pretrained_model_name_or_path))
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{description}")
     write_output(Path(args.output_dir) / "README.md", card.save, args.output_dir)
-
-
-# Copied from train_dopsd_lora.HUB_IGNORE
-HUB_IGNORE = ["checkpoint-*", "checkpoint-*/*", "context_cache/*", "logs/*", "*.tmp", ".dopsd.lock"]
-
-
-# Copied from train_dopsd_lora.push_to_hub
-def push_to_hub(args, family, images):
-    """Create the repository, write the card naming the id the Hub gave it (user/name), upload the output folder.
-    On failure everything stays local and the retry command is printed."""
-    from huggingface_hub import create_repo, upload_folder
-
-    repo_id = hub_repo_id(args)
-    try:
-        repo_id = create_repo(repo_id, exist_ok=True, private=args.hub_private).repo_id
-        save_model_card(args, family, repo_id, images)
-        upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="D-OPSD training",
-                      ignore_patterns=HUB_IGNORE)
-    except Exception as error:
-        excludes = " ".join(f"--exclude '{p}'" for p in HUB_IGNORE)
-        logger.error(
-            f"upload to the Hub failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
-            f"Your results are intact in {args.output_dir}. Retry with:\n"
-            f"  hf upload {repo_id} {args.output_dir} . {excludes}"
-        )
-        return False
-    logger.info(f"uploaded to https://huggingface.co/{repo_id}")
-    return True
-
-
-# Copied from train_dopsd_lora.hub_repo_id
-def hub_repo_id(args):
-    return args.hub_model_id or Path(args.output_dir).resolve().name
-
-
-def resolve_trainable(transformer, train_layers):
-    """Names of the parameters to train: all of them, or those under the given module-name prefixes."""
-    names = [name for name, _ in transformer.named_parameters()]
-    if train_layers is None:
-        return names
-    chosen = set()
-    for prefix in (p.strip() for p in train_layers.split(",") if p.strip()):
-        matched = [name for name in names if name == prefix or name.startswith(prefix + ".")]
-        if not matched:
-            raise UserError(f"--train_layers entry '{prefix}' matches no parameter of this transformer")
-        chosen.update(matched)
-    return [name for name in names if name in chosen]
 
 
 # Copied from train_dopsd_lora.CARD_OBJECTIVE
@@ -2453,7 +2179,7 @@ def save_model_card(args, family, repo_id, images):
     transformer_class = type(family.transformer).__name__
     trigger = (f"Use `{args.trigger_word}` in the prompt to trigger the concept." if args.trigger_word else
                "No trigger word: the captions of the training data were used.")
-    weights = weights_location(args, repo_id)
+    weights = repo_id if "/" in repo_id else args.output_dir  # the Hub repository once its owner is known
     download = ("The transformer in diffusers format is under"
                 f" [`transformer/`](https://huggingface.co/{repo_id}/tree/main/transformer)." if weights == repo_id
                 else "The transformer in diffusers format is in `transformer/`, beside this card.")
@@ -2507,11 +2233,46 @@ image = pipe({prompt}, num_inference_steps={args.validation_inference_steps},
 
 {metrics_table(args.output_dir)}"""
     tags = ["text-to-image", "diffusers", "d-opsd", "diffusers-training", *family.hub_tags]
-    write_model_card(args, repo_id, description, widget, tags)
+    write_model_card(args, family, description, widget, tags)
+
+
+# Copied from train_dopsd_lora.HUB_IGNORE
+HUB_IGNORE = ["checkpoint-*", "checkpoint-*/*", "context_cache/*", "logs/*", "*.tmp", ".dopsd.lock"]
+
+
+# Copied from train_dopsd_lora.hub_repo_id
+def hub_repo_id(args):
+    return args.hub_model_id or Path(args.output_dir).resolve().name
+
+
+# Copied from train_dopsd_lora.push_to_hub
+def push_to_hub(args, family, images):
+    """Create the repository, write the card naming the id the Hub gave it (user/name), upload the output folder.
+    If the Hub fails, the card names the id as asked, everything stays local and the retry command is printed."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id, error = hub_repo_id(args), None
+    try:
+        repo_id = create_repo(repo_id, exist_ok=True, private=args.hub_private).repo_id
+    except Exception as failure:
+        error = failure
+    save_model_card(args, family, repo_id, images)  # the card is written once, when the id is known
+    if error is None:
+        try:
+            upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="D-OPSD training",
+                          ignore_patterns=HUB_IGNORE)
+            logger.info(f"uploaded to https://huggingface.co/{repo_id}")
+            return True
+        except Exception as failure:
+            error = failure
+    excludes = " ".join(f"--exclude '{p}'" for p in HUB_IGNORE)
+    logger.error(f"upload to the Hub failed ({type(error).__name__}: {first_line(error)}). Your results are intact"
+                 f" in {args.output_dir}. Retry with:\n  hf upload {repo_id} {args.output_dir} . {excludes}")
+    return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# main
+# Run safety: atomic writes, checkpoints and resume, the output folder, signals
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -2708,68 +2469,64 @@ def load_checkpoint(accelerator, path, noise_generator):
                         " LoRA or number of processes") from None
 
 
-# Copied from train_dopsd_lora.resume_command
-def resume_command():
-    """The command line that continues this run from its latest checkpoint."""
-    argv = sys.argv[1:]
-    if "--resume_from_checkpoint" in argv:
-        index = argv.index("--resume_from_checkpoint")
-        argv = argv[:index] + argv[index + 2:]
-    argv = [a for a in argv if not a.startswith("--resume_from_checkpoint=")]
-    launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"
-    return shlex.join([*launcher.split(), sys.argv[0], *argv, "--resume_from_checkpoint", "latest"])
+# What a resume may change: not what the saved weights, teacher or optimizer state mean, nor where the step count puts
+# the run in its data order, noise and lr schedule. Every other flag is refused, also one added later.
+# Copied from train_dopsd_lora.MAY_CHANGE_ON_RESUME
+MAY_CHANGE_ON_RESUME = (
+    "instance_data_dir", "dataset_name", "dataset_config_name", "image_column", "caption_column", "cache_dir",
+    "instance_prompt", "resolution", "repeats", "skip_bad_images", "random_flip", "bucket_no_upscale", "trigger_word",
+    "cache_contexts", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power",
+    "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "max_train_steps",
+    "max_bad_steps", "mixed_precision", "allow_tf32", "attention_backend", "compile", "gradient_checkpointing",
+    "ema_device", "output_dir", "checkpointing_steps", "checkpoints_total_limit", "validation_prompt",
+    "validation_steps", "validation_inference_steps", "num_validation_images", "prior_prompts", "report_to",
+    "logging_dir", "hub_private", "save_dtype", "save_ema", "offload",
+)
+# Copied from train_dopsd_lora.SETTINGS_FILE
+SETTINGS_FILE = "run_settings.json"
+# Copied from train_dopsd_lora.NOT_SETTINGS
+NOT_SETTINGS = ("resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "hub_model_id")
 
 
-# Copied from train_dopsd_lora.Interrupted
-class Interrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM ending the run at once: one line (what stopped, how to go on), exit status 128 + signal."""
-
-    def __init__(self, signum=signal.SIGINT, message="interrupted before training started; rerun the same command"
-                 " (contexts cached so far are kept)"):
-        super().__init__(message)
-        self.signum = signum
-
-
-# Copied from train_dopsd_lora.interrupt
-def interrupt(signum, frame):  # outside the training loop (loading, caching, saving): stop at once
-    raise Interrupted(signum)
+# Copied from train_dopsd_lora.run_settings
+def run_settings(args, accelerator, family):
+    """The run's flags as used (defaults resolved, local paths absolute), for checkpoints and resume."""
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+    settings["num_processes"] = accelerator.num_processes
+    settings["teacher_vlm_name_or_path"] = (  # the VLM it uses, by name: naming the default is no change
+        args.teacher_vlm_name_or_path or family.default_teacher_vlm() if family.teacher_context == "vlm" else None)
+    for name in ("pretrained_model_name_or_path", "teacher_vlm_name_or_path", "instance_data_dir", "dataset_name"):
+        if settings.get(name) and os.path.exists(settings[name]):
+            settings[name] = os.path.abspath(settings[name])
+    return json.loads(json.dumps(settings))
 
 
-# Copied from train_dopsd_lora.StopRequest
-class StopRequest:
-    """In the training loop, SIGINT / SIGTERM (Ctrl-C, a notebook's stop button, preemption) ask the loop to stop at
-    the next step boundary with a checkpoint. A second signal stops at once (the handler before the loop's)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
-
-    def handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signum, self.previous[signum])
-        logger.warning(f"{signal.Signals(signum).name} received: stopping with a checkpoint after this step"
-                       " (send it again to stop at once)", main_process_only=False)
-
-    def agreed(self, accelerator):
-        """True on every process once any process was asked to stop."""
-        flag = torch.tensor(float(self.requested), device=accelerator.device)
-        return accelerator.reduce(flag, "max").item() > 0
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+# Copied from train_dopsd_lora.check_resume_settings
+def check_resume_settings(resume_path, settings):
+    """Refuse a resume that changes what the checkpoint means (all such flags in one line); log the other changes
+    (MAY_CHANGE_ON_RESUME: e.g. a new learning rate applies to the restored optimizer)."""
+    saved_file = Path(resume_path) / SETTINGS_FILE
+    if not saved_file.is_file():
+        logger.warning(f"{resume_path} records no settings (an older checkpoint): resuming without checking them")
+        return
+    saved = json.loads(saved_file.read_text())
+    if saved.get("teacher_vlm_name_or_path", "") is None:  # older checkpoints recorded the default VLM as None
+        saved["teacher_vlm_name_or_path"] = settings["teacher_vlm_name_or_path"]
+    changed = [name for name in settings if name in saved and saved[name] != settings[name]]
+    refused = [name for name in changed if name not in MAY_CHANGE_ON_RESUME]
+    if refused:
+        listing = ", ".join(f"--{name} {saved[name]} (now {settings[name]})" for name in refused)
+        raise UserError(f"cannot resume from {resume_path}: it was trained with {listing}; resume with the"
+                        " checkpoint's values, or start a new run in another --output_dir")
+    if changed:
+        listing = ", ".join(f"--{name} {saved[name]} -> {settings[name]}" for name in changed)
+        logger.info(f"resuming with changed settings: {listing}")
 
 
 # Copied from train_dopsd_lora.RUN_RESULTS
 RUN_RESULTS = ("pytorch_lora_weights.safetensors", "transformer", "transformer_ema")  # either script's final outputs
-
-
 # Copied from train_dopsd_lora.LOCK_FILE
 LOCK_FILE = ".dopsd.lock"
-
-
 # Copied from train_dopsd_lora.output_dir_locks
 output_dir_locks = {}  # resolved output_dir -> the open lock file this process holds
 
@@ -2832,214 +2589,63 @@ def claim_output_dir(args, accelerator):
     accelerator.wait_for_everyone()
 
 
-# What a resume may change: not what the saved weights, teacher or optimizer state mean, nor where the step count puts
-# the run in its data order, noise and lr schedule. Every other flag (the model, base, teacher and what shapes them,
-# LoRA, objective, EMA, seed, batch, processes...) is refused, also one added later.
-# Copied from train_dopsd_lora.MAY_CHANGE_ON_RESUME
-MAY_CHANGE_ON_RESUME = (
-    "instance_data_dir", "dataset_name", "dataset_config_name", "image_column", "caption_column", "cache_dir",
-    "instance_prompt", "resolution", "repeats", "skip_bad_images", "random_flip", "bucket_no_upscale", "trigger_word",
-    "cache_contexts", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power",
-    "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "max_train_steps",
-    "max_bad_steps", "mixed_precision", "allow_tf32", "attention_backend", "compile", "gradient_checkpointing",
-    "ema_device", "output_dir", "checkpointing_steps", "checkpoints_total_limit", "validation_prompt",
-    "validation_steps", "validation_inference_steps", "num_validation_images", "prior_prompts", "report_to",
-    "logging_dir",
-    "hub_private", "save_dtype", "save_ema", "offload",
-)
+# Copied from train_dopsd_lora.resume_command
+def resume_command():
+    """The command line that continues this run from its latest checkpoint."""
+    argv = sys.argv[1:]
+    if "--resume_from_checkpoint" in argv:
+        index = argv.index("--resume_from_checkpoint")
+        argv = argv[:index] + argv[index + 2:]
+    argv = [a for a in argv if not a.startswith("--resume_from_checkpoint=")]
+    launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"
+    return shlex.join([*launcher.split(), sys.argv[0], *argv, "--resume_from_checkpoint", "latest"])
 
 
-# Copied from train_dopsd_lora.SETTINGS_FILE
-SETTINGS_FILE = "run_settings.json"
+# Copied from train_dopsd_lora.Interrupted
+class Interrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM ending the run at once: one line (what stopped, how to go on), exit status 128 + signal."""
+
+    def __init__(self, signum=signal.SIGINT, message="interrupted before training started; rerun the same command"
+                 " (contexts cached so far are kept)"):
+        super().__init__(message)
+        self.signum = signum
 
 
-# Copied from train_dopsd_lora.NOT_SETTINGS
-NOT_SETTINGS = ("resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "hub_model_id")
+# Copied from train_dopsd_lora.interrupt
+def interrupt(signum, frame):  # outside the training loop (loading, caching, saving): stop at once
+    raise Interrupted(signum)
 
 
-# Copied from train_dopsd_lora.run_settings
-def run_settings(args, accelerator, family):
-    """The run's flags as used (defaults resolved, local paths absolute), for checkpoints and resume."""
-    settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
-    settings["num_processes"] = accelerator.num_processes
-    settings["teacher_vlm_name_or_path"] = (  # the VLM it uses, by name: naming the default is no change
-        args.teacher_vlm_name_or_path or family.default_teacher_vlm() if family.teacher_context == "vlm" else None)
-    for name in ("pretrained_model_name_or_path", "teacher_vlm_name_or_path", "instance_data_dir", "dataset_name"):
-        if settings.get(name) and os.path.exists(settings[name]):
-            settings[name] = os.path.abspath(settings[name])
-    return json.loads(json.dumps(settings))
+# Copied from train_dopsd_lora.StopRequest
+class StopRequest:
+    """In the training loop, SIGINT / SIGTERM (Ctrl-C, a notebook's stop button, preemption) ask the loop to stop at
+    the next step boundary with a checkpoint. A second signal stops at once (the handler before the loop's)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+
+    def handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signum, self.previous[signum])
+        logger.warning(f"{signal.Signals(signum).name} received: stopping with a checkpoint after this step"
+                       " (send it again to stop at once)", main_process_only=False)
+
+    def agreed(self, accelerator):
+        """True on every process once any process was asked to stop."""
+        flag = torch.tensor(float(self.requested), device=accelerator.device)
+        return accelerator.reduce(flag, "max").item() > 0
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
-# Copied from train_dopsd_lora.check_resume_settings
-def check_resume_settings(resume_path, settings):
-    """Refuse a resume that changes what the checkpoint means (all such flags in one line); log the other changes
-    (MAY_CHANGE_ON_RESUME: e.g. a new learning rate applies to the restored optimizer)."""
-    saved_file = Path(resume_path) / SETTINGS_FILE
-    if not saved_file.is_file():
-        logger.warning(f"{resume_path} records no settings (an older checkpoint): resuming without checking them")
-        return
-    saved = json.loads(saved_file.read_text())
-    if saved.get("teacher_vlm_name_or_path", "") is None:  # older checkpoints recorded the default VLM as None
-        saved["teacher_vlm_name_or_path"] = settings["teacher_vlm_name_or_path"]
-    changed = [name for name in settings if name in saved and saved[name] != settings[name]]
-    refused = [name for name in changed if name not in MAY_CHANGE_ON_RESUME]
-    if refused:
-        listing = ", ".join(f"--{name} {saved[name]} (now {settings[name]})" for name in refused)
-        raise UserError(f"cannot resume from {resume_path}: it was trained with {listing}; resume with the"
-                        " checkpoint's values, or start a new run in another --output_dir")
-    if changed:
-        listing = ", ".join(f"--{name} {saved[name]} -> {settings[name]}" for name in changed)
-        logger.info(f"resuming with changed settings: {listing}")
-
-
-
-# Copied from train_dopsd_lora.compile_by_default
-def compile_by_default(device):
-    """--compile's default: on where inductor generates GPU kernels (CUDA with triton); tests on CPU stay eager."""
-    from torch.utils._triton import has_triton
-
-    return device.type == "cuda" and has_triton()
-
-
-# Copied from train_dopsd_lora.COMPILE_CACHE_FILE
-COMPILE_CACHE_FILE = "torch-compile-cache.bin"  # beside the checkpoints: a resumed run loads it, not recompiles
-
-
-# Copied from train_dopsd_lora.out_of_memory
-def out_of_memory(error):
-    """Whether `error`, or what it wraps, ran out of memory: an eager retry would not help."""
-    while error is not None:
-        if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-            return True
-        error = getattr(error, "inner_exception", None) or error.__cause__
-    return False
-
-
-# Copied from train_dopsd_lora.CompiledBlocks
-class CompiledBlocks:
-    """torch.compile of the transformer's repeated blocks (diffusers' regional compilation) for every pass: the
-    student's forward and backward (with or without gradient checkpointing) and the teacher's no-grad forward.
-
-    Shapes are dynamic, so aspect buckets, the teacher's longer context and validation sizes share one set of
-    graphs instead of compiling per shape. The teacher's weights are swapped in by storage, which keeps dynamo's
-    guards valid: after the first step nothing recompiles. New graphs are counted and logged.
-
-    A compile cannot make a run worse: while compiled, work that fails (dynamo, AOTAutograd's lazy backward compile,
-    inductor, triton, a later recompile) is done again eager, once, after one warning line, and the blocks stay
-    eager; if the eager retry fails too, its error is raised. Out of memory and user errors are raised at once. The
-    compiler's cache artifacts are kept in COMPILE_CACHE_FILE beside the checkpoints, so a resumed run reuses them.
-    """
-
-    backend = "inductor"
-
-    def __init__(self, transformer, enabled, cache_folder=None):
-        self.transformer = transformer
-        self.enabled = enabled
-        self.graphs = 0
-        self.window, self.window_noise = [], None  # the accumulation window's micro-batches, its first noise state
-        self.loaded_artifacts = set()
-        if enabled:
-            if cache_folder is not None:
-                self.load_cache(Path(cache_folder, COMPILE_CACHE_FILE))
-            transformer.compile_repeated_blocks(backend=self.backend, dynamic=True)
-
-    def fall_back(self, error):
-        """After `error` in compiled work: whether an eager retry may help. If so, one warning line and the blocks
-        are eager from now on."""
-        if not self.enabled or isinstance(error, UserError) or out_of_memory(error):
-            return False
-        cause = getattr(error, "inner_exception", None) or error  # what the compiler backend raised
-        reason = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
-        logger.warning(f"torch.compile failed ({reason}); going on eager from the same state (--no-compile skips"
-                       " the attempt)")
-        self.undo()
-        return True
-
-    def undo(self):
-        """The blocks eager again, for good."""
-        for module in self.transformer.modules():
-            module._compiled_call_impl = None  # what nn.Module.compile set
-        self.enabled = False
-
-    def call(self, work):
-        """work() (no gradients: validation, the base model's samples); done again eager if it fails compiled."""
-        try:
-            return work()
-        except Exception as error:
-            if not self.fall_back(error):
-                raise
-            return work()
-
-    def micro_batch(self, step, batch, accelerator, model, noise_generator, parameters):
-        """step(batch) for one micro-batch, inside accelerator.accumulate(model); returns its loss.
-
-        While compiled, the micro-batches since the last optimizer step are kept. If one fails, the whole window
-        runs again eager: the noise generator back at the window's start, its gradients dropped, the earlier
-        micro-batches under no_sync (they were not the window's last), then this one. accumulate()'s bookkeeping
-        stands as it is: the earlier micro-batches' optimizer_step calls only counted, and this micro-batch's
-        sync_gradients still decides the optimizer step that follows.
-        """
-        if not self.enabled:
-            return step(batch)
-        if not self.window:
-            self.window_noise = noise_generator.get_state()
-        self.window.append(batch)
-        try:
-            loss = step(batch)
-        except Exception as error:
-            if not self.fall_back(error):
-                raise
-            noise_generator.set_state(self.window_noise)
-            for parameter in parameters:
-                parameter.grad = None
-            for earlier in self.window[:-1]:
-                with accelerator.no_sync(model):
-                    step(earlier)
-            loss = step(batch)
-        if accelerator.sync_gradients or not self.enabled:
-            self.window = []
-        return loss
-
-    def log_new_graphs(self, where):
-        if not self.enabled:
-            return
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        if graphs > self.graphs:
-            logger.info(f"torch.compile: {graphs - self.graphs} new graph(s) at {where}, {graphs} in all")
-            self.graphs = graphs
-
-    def load_cache(self, path):
-        """Hand the compiler the artifacts a previous run saved at `path`; a damaged or foreign file: one warning."""
-        if not path.is_file():
-            return
-        quiet = logging.getLogger("torch.compiler._cache")  # it logs a traceback for a damaged file
-        level = quiet.level
-        quiet.setLevel(logging.CRITICAL)
-        try:
-            info = torch.compiler.load_cache_artifacts(path.read_bytes())
-        except Exception:
-            info = None
-        finally:
-            quiet.setLevel(level)
-        if info is None:
-            logger.warning(f"{path} is damaged or was written by another torch version: compiling anew")
-            return
-        self.loaded_artifacts = {(kind, key) for kind, keys in info.artifacts.items() for key in keys}
-        logger.info(f"torch.compile: {len(self.loaded_artifacts)} cached artifact(s) loaded from {path}")
-
-    def save_cache(self, folder):
-        """Write the compiler's cache artifacts to COMPILE_CACHE_FILE in `folder` (with each checkpoint). A set
-        that lacks some of the loaded artifacts (torch records only what this process compiled) keeps the file."""
-        if not self.enabled:
-            return
-        saved = torch.compiler.save_cache_artifacts()
-        if saved is None:
-            return
-        artifacts, info = saved
-        if not self.loaded_artifacts <= {(kind, key) for kind, keys in info.artifacts.items() for key in keys}:
-            return
-        write_output(Path(folder, COMPILE_CACHE_FILE), lambda temporary: temporary.write_bytes(artifacts), folder,
-                     optional=True)
+# ----------------------------------------------------------------------------------------------------------------
+# Setup: the machine, the engine, the model family, the contexts, the student
+# ----------------------------------------------------------------------------------------------------------------
 
 
 # Copied from train_dopsd_lora.gpu_has_bf16
@@ -3052,8 +2658,16 @@ def gpu_has_bf16():
 # Copied from train_dopsd_lora.default_mixed_precision
 def default_mixed_precision():
     """--mixed_precision when none is given: what `accelerate launch` was told (its config or flag), else bf16 on a
-    GPU that has it (every memory figure in the README is bf16; fp32 takes twice the memory), else none (fp32)."""
+    GPU that has it (every memory figure in the README is bf16), else none (fp32)."""
     return os.environ.get("ACCELERATE_MIXED_PRECISION") or ("bf16" if gpu_has_bf16() else "no")
+
+
+# Copied from train_dopsd_lora.compile_by_default
+def compile_by_default(device):
+    """--compile's default: on where inductor generates GPU kernels (CUDA with triton); tests on CPU stay eager."""
+    from torch.utils._triton import has_triton
+
+    return device.type == "cuda" and has_triton()
 
 
 # Copied from train_dopsd_lora.device_and_precision
@@ -3104,7 +2718,6 @@ def engine_options(args):
         for flag, given in (("--compile", args.compile), ("--use_8bit_adam", args.use_8bit_adam)):
             if given:
                 raise UserError(f"{flag} is not supported with FSDP2: drop it")
-        args.compile = False  # FSDP2 runs eager (--compile's default is on with CUDA)
         # Every backward reduce-scatters its gradients (the K roll-out steps and the accumulated micro-batches):
         # skipping the sync would hold a whole unsharded gradient on every GPU.
         options["gradient_accumulation_plugin"].sync_each_batch = True
@@ -3170,42 +2783,40 @@ def setup(args):
     resume_path = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     check_output_dir_is_free(args)
     args.mixed_precision = args.mixed_precision or default_mixed_precision()
-    options = engine_options(args)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=Path(args.output_dir, args.logging_dir)),
-        **options,
+        **engine_options(args),
     )
     launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
     if launched != accelerator.num_processes:  # each process would train alone, as process 0
         raise UserError(f"{launched} processes were launched, but accelerate joined them into no process group (a"
                         " machine without GPUs?): on CPUs, launch DDP with ACCELERATE_USE_CPU=true")
+    # The defaults that depend on the machine, resolved here once, before the settings are recorded: compiling is
+    # on where it makes GPU kernels (not around --offload's per-layer hooks, nor on FSDP2's shards).
+    if args.compile is None:
+        args.compile = (compile_by_default(accelerator.device) and not getattr(args, "offload", False)
+                        and not accelerator.is_fsdp2)
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO,
                         handlers=[ProgressBarSafeHandler()])
-    if accelerator.is_local_main_process:
-        transformers.utils.logging.set_verbosity_warning()
-        diffusers.utils.logging.set_verbosity_warning()
-    else:
-        transformers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
+    verbosity = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
+    transformers.utils.logging.set_verbosity(verbosity)
+    diffusers.utils.logging.set_verbosity(verbosity)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.info(f"no checkpoint in {args.output_dir} to resume from: starting a new run")
     set_seed(args.seed, device_specific=True)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    cuda = accelerator.device.type == "cuda"
-    if accelerator.mixed_precision == "bf16" and cuda and not gpu_has_bf16():
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cuda" and not gpu_has_bf16():
         raise UserError("this GPU has no bf16: use --mixed_precision fp16 (trained with a gradient scaler)")
     logger.info(device_and_precision(accelerator))
 
-    if args.compile is None:
-        args.compile = compile_by_default(accelerator.device) and not getattr(args, "offload", False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     family = family_class(args, weight_dtype, accelerator.device)
-    if args.resolution % family.resolution_multiple:
-        raise UserError(f"--resolution must be a multiple of {family.resolution_multiple} for {family.name}")
     family.check_teacher()
     settings = run_settings(args, accelerator, family)
     if resume_path is not None:
@@ -3221,9 +2832,9 @@ def setup(args):
 
 # Copied from train_dopsd_lora.cache_contexts
 def cache_contexts(args, family, examples, accelerator):
-    """Student and teacher contexts for every example (and the validation prompts), computed once; then the text
-    encoder, VLM and VAE leave the accelerator. The validation prompts go first, while the text encoder is there.
-    With --no-cache_contexts the text encoder and the VLM both stay, to compute contexts for every batch."""
+    """Student and teacher contexts for every example (ContextStore.fill), and the validation prompts' first, while
+    the text encoder is there; then the encoders leave the accelerator. With --no-cache_contexts the text encoder
+    and the VLM both stay, to compute contexts for every batch."""
     with torch.no_grad():
         prompts = [(prompt, family.encode_student_context(prompt)) for prompt in args.validation_prompt or []]
         prior = [(prompt, family.encode_student_context(prompt)) for prompt in args.prior_prompts]
@@ -3236,18 +2847,193 @@ def cache_contexts(args, family, examples, accelerator):
         "prompts": prompts,
         "prior": prior,
         "prior_reference": None,  # the base model's samples of the prior prompts (base_prior_samples)
-        "teacher_view": {**store.get(examples[0]),
-                         "bucket": examples[0].bucket, "caption": examples[0].caption},
+        "teacher_view": {**store.get(examples[0]), "bucket": examples[0].bucket, "caption": examples[0].caption},
     }
     if args.cache_contexts:
         family.free_encoders()
     return store, validation
 
 
+def resolve_trainable(transformer, train_layers):
+    """Names of the parameters to train: all of them, or those under the given module-name prefixes."""
+    names = [name for name, _ in transformer.named_parameters()]
+    if train_layers is None:
+        return names
+    chosen = set()
+    for prefix in (p.strip() for p in train_layers.split(",") if p.strip()):
+        matched = [name for name in names if name == prefix or name.startswith(prefix + ".")]
+        if not matched:
+            raise UserError(f"--train_layers entry '{prefix}' matches no parameter of this transformer")
+        chosen.update(matched)
+    return [name for name in names if name in chosen]
+
+
+# Own version of train_dopsd_lora.prepare_student
+def prepare_student(args, family, accelerator, trained_names):
+    """The student as training runs it, and the (name, parameter) pairs that train: the transformer itself with fp32
+    master weights (autocast computes in bf16/fp16), trainable where `trained_names` (a set) says, gradient
+    checkpointing if asked."""
+    transformer = family.transformer.to(accelerator.device, torch.float32)
+    for name, parameter in transformer.named_parameters():
+        parameter.requires_grad_(name in trained_names)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return transformer, [(name, p) for name, p in transformer.named_parameters() if p.requires_grad]
+
+
+def gathered_transformer(accelerator, transformer):
+    """Under FSDP2, the whole transformer as a plain module on the main process's CPU (None on the others), from
+    every process's shards; every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not accelerator.is_main_process:
+        return None
+    network = accelerator.unwrap_model(transformer)
+    with torch.device("meta"):  # no memory until the gathered tensors are assigned
+        model = getattr(diffusers, network.config["_class_name"]).from_config(network.config)
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training loop: compiled blocks, optimizer, the D-OPSD steps, checkpoints, validation, the final outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_dopsd_lora.COMPILE_CACHE_FILE
+COMPILE_CACHE_FILE = "torch-compile-cache.bin"  # beside the checkpoints: a resumed run loads it, not recompiles
+
+
+# Copied from train_dopsd_lora.out_of_memory
+def out_of_memory(error):
+    """Whether `error`, or what it wraps, ran out of memory: an eager retry would not help."""
+    while error is not None:
+        if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+            return True
+        error = getattr(error, "inner_exception", None) or error.__cause__
+    return False
+
+
+# Copied from train_dopsd_lora.CompiledBlocks
+class CompiledBlocks:
+    """torch.compile of the transformer's repeated blocks (diffusers' regional compilation) for every pass: the
+    student's forward and backward and the teacher's no-grad forward. Shapes are dynamic, so buckets, the teacher's
+    longer context and validation sizes share one set of graphs; the teacher swapped in by storage keeps dynamo's
+    guards valid, so nothing recompiles after the first step. New graphs are logged.
+
+    A compile cannot make a run worse: compiled work that fails is done again eager, once, after one warning line,
+    and the blocks stay eager; out of memory and user errors are raised at once. The compiler's cache artifacts are
+    kept in COMPILE_CACHE_FILE beside the checkpoints, so a resumed run reuses them.
+    """
+
+    backend = "inductor"
+
+    def __init__(self, transformer, enabled, cache_folder=None):
+        self.transformer = transformer
+        self.enabled = enabled
+        self.graphs = 0
+        self.window, self.window_noise = [], None  # the accumulation window's micro-batches, its first noise state
+        self.loaded_artifacts = set()
+        if enabled:
+            if cache_folder is not None:
+                self.load_cache(Path(cache_folder, COMPILE_CACHE_FILE))
+            transformer.compile_repeated_blocks(backend=self.backend, dynamic=True)
+
+    def fall_back(self, error):
+        """After `error` in compiled work: whether an eager retry may help. If so, one warning line and the blocks
+        are eager from now on."""
+        if not self.enabled or isinstance(error, UserError) or out_of_memory(error):
+            return False
+        cause = getattr(error, "inner_exception", None) or error  # what the compiler backend raised
+        logger.warning(f"torch.compile failed ({type(cause).__name__}: {first_line(cause)}); going on eager from the"
+                       " same state (--no-compile skips the attempt)")
+        self.undo()
+        return True
+
+    def undo(self):
+        """The blocks eager again, for good."""
+        for module in self.transformer.modules():
+            module._compiled_call_impl = None  # what nn.Module.compile set
+        self.enabled = False
+
+    def call(self, work):
+        """work() (no gradients: validation, the base model's samples); done again eager if it fails compiled."""
+        try:
+            return work()
+        except Exception as error:
+            if not self.fall_back(error):
+                raise
+            return work()
+
+    def micro_batch(self, step, batch, accelerator, model, noise_generator, parameters):
+        """step(batch) for one micro-batch, inside accelerator.accumulate(model); returns its loss.
+
+        While compiled, the micro-batches since the last optimizer step are kept. If one fails, the whole window
+        runs again eager: the noise generator back at the window's start, its gradients dropped, the earlier
+        micro-batches under no_sync, then this one (whose sync_gradients still decides the optimizer step).
+        """
+        if not self.enabled:
+            return step(batch)
+        if not self.window:
+            self.window_noise = noise_generator.get_state()
+        self.window.append(batch)
+        try:
+            loss = step(batch)
+        except Exception as error:
+            if not self.fall_back(error):
+                raise
+            noise_generator.set_state(self.window_noise)
+            for parameter in parameters:
+                parameter.grad = None
+            for earlier in self.window[:-1]:
+                with accelerator.no_sync(model):
+                    step(earlier)
+            loss = step(batch)
+        if accelerator.sync_gradients or not self.enabled:
+            self.window = []
+        return loss
+
+    def log_new_graphs(self, where):
+        if not self.enabled:
+            return
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        if graphs > self.graphs:
+            logger.info(f"torch.compile: {graphs - self.graphs} new graph(s) at {where}, {graphs} in all")
+            self.graphs = graphs
+
+    def load_cache(self, path):
+        """Hand the compiler the artifacts a previous run saved at `path`; a damaged or foreign file: one warning."""
+        if not path.is_file():
+            return
+        try:
+            with quiet_logger("torch.compiler._cache", logging.CRITICAL):  # it logs a traceback for a damaged file
+                info = torch.compiler.load_cache_artifacts(path.read_bytes())
+        except Exception:
+            info = None
+        if info is None:
+            logger.warning(f"{path} is damaged or was written by another torch version: compiling anew")
+            return
+        self.loaded_artifacts = {(kind, key) for kind, keys in info.artifacts.items() for key in keys}
+        logger.info(f"torch.compile: {len(self.loaded_artifacts)} cached artifact(s) loaded from {path}")
+
+    def save_cache(self, folder):
+        """Write the compiler's cache artifacts to COMPILE_CACHE_FILE in `folder` (with each checkpoint). A set
+        that lacks some of the loaded artifacts (torch records only what this process compiled) keeps the file."""
+        if not self.enabled:
+            return
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            return
+        artifacts, info = saved
+        if not self.loaded_artifacts <= {(kind, key) for kind, keys in info.artifacts.items() for key in keys}:
+            return
+        write_output(Path(folder, COMPILE_CACHE_FILE), lambda temporary: temporary.write_bytes(artifacts), folder,
+                     optional=True)
+
+
 # Copied from train_dopsd_lora.make_optimizer
-def make_optimizer(args, parameters, accelerator):
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+def make_optimizer(args, parameters):
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -3260,6 +3046,24 @@ def make_optimizer(args, parameters, accelerator):
         optimizer_class = torch.optim.AdamW
     return optimizer_class(parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+# Copied from train_dopsd_lora.apply_optimizer_settings
+def apply_optimizer_settings(optimizer, lr_scheduler, args):
+    """A restored optimizer keeps the checkpoint's learning rate and Adam settings; replace them with this run's,
+    and continue the lr schedule (possibly a new one) from the restored step."""
+    schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    if not hasattr(schedule, "lr_lambdas"):  # DeepSpeed's own scheduler
+        return
+    previous = schedule.base_lrs[0]
+    schedule.base_lrs = [args.learning_rate for _ in schedule.base_lrs]
+    for group, lr_lambda in zip(optimizer.param_groups, schedule.lr_lambdas):
+        group.update(initial_lr=args.learning_rate, lr=args.learning_rate * lr_lambda(schedule.last_epoch),
+                     betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                     weight_decay=args.adam_weight_decay)
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if previous != args.learning_rate:
+        logger.info(f"learning rate {previous} -> {args.learning_rate} from the resumed step on")
 
 
 # Copied from train_dopsd_lora.epoch_batches
@@ -3280,8 +3084,8 @@ def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, max_grad_no
     if accelerator.sync_gradients and accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed has stepped already, inside accelerator.backward, clipping to --max_grad_norm (its optimizer's
         # step and zero_grad below do nothing). Its ZeRO-1/2 optimizer skips a step whose gradient norm is not
-        # finite (fp32, bf16 and fp16 alike) and says so; accelerate's lr scheduler then leaves the step out too.
-        # fp16's overflow skips are its loss scaler's own business, as under DDP.
+        # finite and says so; accelerate's lr scheduler then leaves the step out too. fp16's overflow skips are its
+        # loss scaler's own business, as under DDP.
         applied = accelerator.mixed_precision == "fp16" or not optimizer.step_was_skipped
     elif accelerator.sync_gradients:
         grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
@@ -3296,22 +3100,6 @@ def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, max_grad_no
     return applied
 
 
-# Copied from train_dopsd_lora.apply_optimizer_settings
-def apply_optimizer_settings(optimizer, lr_scheduler, args):
-    """A restored optimizer keeps the checkpoint's learning rate and Adam settings; replace them with this run's,
-    and continue the lr schedule (possibly a new one) from the restored step."""
-    schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
-    if not hasattr(schedule, "lr_lambdas"):  # DeepSpeed's own scheduler
-        return
-    previous = schedule.base_lrs[0]
-    schedule.base_lrs = [args.learning_rate for _ in schedule.base_lrs]
-    for group, lr_lambda in zip(optimizer.param_groups, schedule.lr_lambdas):
-        group.update(initial_lr=args.learning_rate, lr=args.learning_rate * lr_lambda(schedule.last_epoch),
-                     betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                     weight_decay=args.adam_weight_decay)
-    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
-    if previous != args.learning_rate:
-        logger.info(f"learning rate {previous} -> {args.learning_rate} from the resumed step on")
 # Copied from train_dopsd_lora.train
 def train(args, accelerator, family, transformer, optimizer, ema_teacher, examples, store, validation, resume_path,
           project_name):
@@ -3325,8 +3113,7 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
         num_cycles=args.lr_num_cycles, power=args.lr_power,
     )
     batch_sampler = BucketBatchSampler(examples, args.train_batch_size, args.repeats, args.seed)
-    dataloader = torch.utils.data.DataLoader(ContextDataset(examples, store), batch_sampler=batch_sampler,
-                                             collate_fn=collate_examples)
+    dataloader = torch.utils.data.DataLoader(store, batch_sampler=batch_sampler, collate_fn=collate_examples)
     # An offloaded base (--offload) is placed layer by layer by its hooks: accelerate must not move it as a whole.
     placement = [False, None, None, None] if getattr(args, "offload", False) else None
     transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader,
@@ -3449,9 +3236,10 @@ def finish(args, accelerator, family, images, save_outputs):
     if accelerator.is_main_process:
         try:
             save_outputs()
-            save_model_card(args, family, hub_repo_id(args), images)
             if args.push_to_hub:
                 uploaded = push_to_hub(args, family, images)
+            else:
+                save_model_card(args, family, hub_repo_id(args), images)
         except KeyboardInterrupt as error:
             raise Interrupted(getattr(error, "signum", signal.SIGINT), "interrupted while writing the outputs"
                               f" (none is half-written); {last_checkpoint(args.output_dir)}. To write them:"
@@ -3462,46 +3250,22 @@ def finish(args, accelerator, family, images, save_outputs):
         sys.exit(1)
 
 
-# Own version of train_dopsd_lora.prepare_student
-def prepare_student(args, family, accelerator):
-    """The student as training runs it, and the (name, parameter) pairs that train: the transformer itself with fp32
-    master weights (autocast computes in bf16/fp16), trainable where --train_layers says, gradient checkpointing if
-    asked."""
-    trainable_names = set(resolve_trainable(family.transformer, args.train_layers))
-    transformer = family.transformer.to(accelerator.device, torch.float32)
-    for name, parameter in transformer.named_parameters():
-        parameter.requires_grad_(name in trainable_names)
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    return transformer, [(name, p) for name, p in transformer.named_parameters() if p.requires_grad]
-
-
-def gathered_transformer(accelerator, transformer):
-    """Under FSDP2, the whole transformer as a plain module on the main process's CPU (None on the others), from
-    every process's shards; every process calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not accelerator.is_main_process:
-        return None
-    network = accelerator.unwrap_model(transformer)
-    with torch.device("meta"):  # no memory until the gathered tensors are assigned
-        model = getattr(diffusers, network.config["_class_name"]).from_config(network.config)
-    model.load_state_dict(state, assign=True)
-    return model
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
 
 
 # Own version of train_dopsd_lora.main
 def main(args):
     """Fine-tune the whole transformer (or --train_layers) with D-OPSD; returns the trained transformer."""
     accelerator, family, examples, resume_path = setup(args)
-    resolve_trainable(family.transformer_layout, args.train_layers)  # a bad --train_layers fails now
+    trained_names = set(resolve_trainable(family.transformer_layout, args.train_layers))  # a bad list fails now
     claim_output_dir(args, accelerator)
     store, validation = cache_contexts(args, family, examples, accelerator)
 
     # The student: the transformer itself. The teacher: the EMA of every trained weight, on the accelerator or the
     # CPU (docs/method.md §2.4), taken from the prepared student in train().
-    transformer, trained = prepare_student(args, family, accelerator)
+    transformer, trained = prepare_student(args, family, accelerator, trained_names)
     ema_teacher = EMATeacher((), args.ema_decay, device="cpu" if args.ema_device == "cpu" else None,
                              dtype=torch.bfloat16 if args.ema_dtype == "bf16" else torch.float32, seed=args.seed)
     logger.info(f"training {len(trained)} tensors, {sum(p.numel() for _, p in trained) / 1e6:.1f} M parameters;"
@@ -3526,7 +3290,7 @@ def main(args):
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
-    optimizer = make_optimizer(args, [p for _, p in trained], accelerator)
+    optimizer = make_optimizer(args, [p for _, p in trained])
     transformer, images = train(args, accelerator, family, transformer, optimizer, ema_teacher, examples, store,
                                 validation, resume_path, "dopsd-full")
 

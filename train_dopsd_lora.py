@@ -12,13 +12,12 @@ afterwards is the unchanged text-only pipeline.
         --instance_data_dir my_concept/ --instance_prompt "a photo of sks dog" --output_dir sks-dog-lora
 
 The file reads top to bottom in the order data flows: arguments -> model family -> data -> contexts cache ->
-D-OPSD step -> validation -> saving/Hub -> main. Everything that differs between model families lives in one
-small class per family; the rest of the file only calls its methods. docs/method.md describes the method as this
-code implements it; "docs/method.md §N" in comments points there.
+D-OPSD step -> validation -> saving/Hub -> run safety -> setup -> training loop -> main. Everything that differs
+between model families lives in one small class per family. docs/method.md describes the method as this code
+implements it; "docs/method.md §N" in comments points there.
 
-This file is the source of train_dopsd_full.py's shared code: every block, constant, import and statement the two
-have in common is mirrored there under "# Copied from train_dopsd_lora.NAME". Edit here, then regenerate and check
-the copies with `python utils/check_copies.py --fix` and `python utils/check_copies.py` (the tests run the check).
+train_dopsd_full.py shares this file's code under "# Copied from train_dopsd_lora.NAME" markers: edit it here, then
+run `python utils/check_copies.py --fix`.
 """
 
 import argparse
@@ -81,8 +80,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """A flag error is one line saying what to fix, like every other error, without the 60-line usage before it
-    (--help shows that). Exit status 2, as argparse's."""
+    """A flag error is one line saying what to fix, without the usage block before it. Exit status 2, as argparse's."""
 
     def error(self, message):
         self.exit(2, f"error: {message}\n")
@@ -118,8 +116,8 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
 
 
 def has_visible(text):
-    """Whether the text shows anything: some character that is not a space, a control or a format character (such
-    as a zero-width space or a byte-order mark)."""
+    """Whether the text shows anything: a character that is not a space, a control or a format character (such as a
+    zero-width space or a byte-order mark)."""
     return any(unicodedata.category(character)[0] not in "CZ" for character in text)
 
 
@@ -155,23 +153,16 @@ def parse_args(input_args=None):
     parser = ArgumentParser(description="D-OPSD LoRA training for Z-Image-Turbo and FLUX.2-klein.",
                             formatter_class=HelpFormatter)
     add_common_arguments(parser)
-
     group = parser.add_argument_group("LoRA")
     group.add_argument("--rank", type=number(int, 1), default=64, help="LoRA rank r.")
-    group.add_argument("--lora_alpha", type=number(int, 1), default=128,
-                       help="LoRA alpha: training scales the LoRA by alpha/r"
-                       " (the exported file has it folded in).")
-    group.add_argument("--save_dtype", type=str, default="bf16", choices=sorted(SAVE_DTYPES), help="Precision of the"
-                       " exported LoRA file (checkpoints keep full precision).")
-    group.add_argument("--lora_layers", type=name_list, default=None,
-                       help="Comma-separated module-name suffixes to adapt"
-                       " (default: the family's attention and feed-forward projections).")
-
+    group.add_argument("--lora_alpha", type=number(int, 1), default=128, help="LoRA alpha: training scales by alpha/r.")
+    group.add_argument("--save_dtype", type=str, default="bf16", choices=sorted(SAVE_DTYPES),
+                       help="Precision of the exported LoRA file.")
+    group.add_argument("--lora_layers", type=name_list, default=None, help="Comma-separated module-name suffixes to"
+                       " adapt (default: the family's attention and feed-forward projections).")
     group = parser.add_argument_group("low memory")
-    group.add_argument("--offload", action="store_true", help="Keep the frozen base transformer's weights in host"
-                       " RAM and bring each layer's to the GPU only while it runs (diffusers' group offloading): for"
-                       " cards the base does not fit, at some speed and host RAM.")
-
+    group.add_argument("--offload", action="store_true", help="Keep the frozen base in host RAM, each layer brought to"
+                       " the GPU while it runs.")
     parser.set_defaults(output_dir="dopsd-lora")
 
     args = parser.parse_args(input_args)
@@ -193,127 +184,72 @@ def parse_args(input_args=None):
 
 
 def add_common_arguments(parser):
-    """The flags both D-OPSD scripts share; each script adds its own (LoRA, full fine-tuning)."""
+    """The flags both D-OPSD scripts share; each script adds its own (LoRA, full fine-tuning). The README's Flags
+    section has the detail."""
     group = parser.add_argument_group("model")
-    group.add_argument(
-        "--pretrained_model_name_or_path",
-        type=str,
-        required=True,
-        help=f"Hub id or local folder of a diffusers pipeline: {' or '.join(f.name for f in MODEL_FAMILIES.values())}.",
-    )
+    group.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="Hub id or local folder of a"
+                       f" diffusers pipeline: {' or '.join(f.name for f in MODEL_FAMILIES.values())}.")
     group.add_argument("--revision", type=str, default=None, help="Hub revision of the pipeline.")
     group.add_argument("--variant", type=str, default=None, help="Weight variant of the pipeline, e.g. fp16.")
-    group.add_argument(
-        "--teacher_context",
-        type=str,
-        default=None,
-        choices=sorted({context for family in MODEL_FAMILIES.values() for context in family.teacher_contexts}),
-        help="What the teacher sees besides the caption. vlm: Qwen3-VL features of [image, caption]. edit: the"
-        " image's VAE tokens appended as a reference image. Default: "
-        + per_family("default_teacher_context") + "; offered: " + per_family("teacher_contexts") + ".",
-    )
-    group.add_argument(
-        "--teacher_vlm_name_or_path",
-        type=str,
-        default=None,
-        help="Qwen3-VL whose language model is replaced by the pipeline's text encoder (default: Qwen3-VL-4B-Instruct;"
-        " Qwen3-VL-8B-Instruct for FLUX.2-klein-9B).",
-    )
-    group.add_argument(
-        "--teacher_vlm_rope_theta",
-        type=str,
-        default="text_encoder",
-        choices=["text_encoder", "vlm"],
-        help="RoPE base of the grafted VLM's language model. text_encoder: the text encoder's (1e6), so that text-only"
-        " teacher features equal the student's. vlm: Qwen3-VL's own (5e6), as the authors' graft kept it.",
-    )
-    group.add_argument(
-        "--reference_resolution",
-        type=resolution,
-        default=None,
-        help="Edit teacher: encode the reference image at this area resolution^2, with the bucket's"
-        " aspect ratio (default: --resolution). 512 at --resolution 1024 gives a quarter of the reference tokens: a"
-        " shorter teacher pass, at the cost of identity detail the teacher can see.",
-    )
-    group.add_argument(
-        "--quantize_base",
-        type=str,
-        default="none",
-        choices=list(QUANTIZATION_BACKENDS),
-        help="Store the frozen transformer's block weights quantised (the LoRA stays full precision and trains as"
-        " usual): int8 (bitsandbytes LLM.int8), nf4 (bitsandbytes 4-bit, QLoRA), fp8 (torchao float8 weight-only),"
-        " fp8_compute (float8 weights and matmuls on fp8 tensor cores, compute capability 8.9+)."
-        if TRAINING == "lora" else argparse.SUPPRESS,  # full fine-tuning trains those weights: refused, not listed
-    )
-    group.add_argument(
-        "--quantize_encoders",
-        type=str,
-        default="none",
-        choices=["none", "int8", "nf4"],
-        help="Quantise the text encoder and teacher VLM while they compute the contexts (for small cards); the"
-        " contexts then differ slightly from full-precision ones.",
-    )
+    group.add_argument("--teacher_context", type=str, default=None,
+                       choices=sorted({c for family in MODEL_FAMILIES.values() for c in family.teacher_contexts}),
+                       help="What the teacher sees besides the caption. Default: "
+                       + per_family("default_teacher_context") + ".")
+    group.add_argument("--teacher_vlm_name_or_path", type=str, default=None, help="VLM teacher: the Qwen3-VL that"
+                       " takes the text encoder as its language model (default: the one of the encoder's size).")
+    group.add_argument("--teacher_vlm_rope_theta", type=str, default="text_encoder", choices=["text_encoder", "vlm"],
+                       help="VLM teacher: whose RoPE base its language model keeps.")
+    group.add_argument("--quantize_base", type=str, default="none", choices=list(QUANTIZATION_BACKENDS),
+                       help="Store the frozen transformer's block weights quantised (QLoRA)." if TRAINING == "lora"
+                       else argparse.SUPPRESS)  # full fine-tuning trains those weights: refused, not listed
+    group.add_argument("--quantize_encoders", type=str, default="none", choices=["none", "int8", "nf4"],
+                       help="Quantise the text encoder and teacher VLM while they compute the contexts.")
     for family in MODEL_FAMILIES.values():
         family.add_arguments(parser.add_argument_group(f"{family.name} only"))
 
     group = parser.add_argument_group("data")
     group.add_argument("--instance_data_dir", type=str, default=None, help="Folder of images with same-name .txt"
-                       " captions (UTF-8, one caption variant per line) or a metadata.jsonl with file_name/text (text:"
-                       " a string, one variant per line, or a list of variants).")
+                       " captions or a metadata.jsonl.")
     group.add_argument("--dataset_name", type=str, default=None, help="Hugging Face dataset id or local folder.")
     group.add_argument("--dataset_config_name", type=str, default=None, help="Configuration of --dataset_name.")
     group.add_argument("--image_column", type=str, default="image", help="Dataset column with images.")
     group.add_argument("--caption_column", type=str, default=None, help="Dataset column with captions.")
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
     group.add_argument("--instance_prompt", type=one_line, default=None, help="Caption for images that have none.")
-    group.add_argument("--resolution", type=resolution, default=1024, help="Training area is resolution^2 pixels, in"
-                       " aspect-ratio buckets.")
+    group.add_argument("--resolution", type=resolution, default=1024,
+                       help="Training area is resolution^2 pixels, in aspect-ratio buckets.")
     group.add_argument("--max_sequence_length", type=number(int, 32, PIPELINE_MAX_SEQUENCE_LENGTH),
-                       default=PIPELINE_MAX_SEQUENCE_LENGTH, help="Caption tokens the"
-                       " text encoder pads or cuts each caption to (the pipelines' default). Shorter trains faster on"
-                       " short captions; sample with the same value.")
-    group.add_argument("--repeats", type=number(int, 1), default=1,
-                       help="How many times each image is repeated per epoch.")
-    group.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable or too-small images (and"
-                       " images whose caption file cannot be read) with a warning instead of stopping.")
-    group.add_argument("--random_flip", action="store_true", help="On a random half of the visits (seeded), the"
-                       " teacher sees the image mirrored left-right; both teacher contexts are cached. The student's"
-                       " context (the caption) is the same.")
-    group.add_argument("--bucket_no_upscale", action="store_true", help="Do not enlarge images smaller than their"
-                       " aspect-ratio bucket: such an image trains at its own size, cropped to a multiple of 16"
-                       " (kohya's bucket_no_upscale).")
-    group.add_argument("--trigger_word", type=one_line, default=None,
-                       help="Word put in front of every caption that does"
-                       " not already contain it (any case); named on the model card and in the LoRA file.")
+                       default=PIPELINE_MAX_SEQUENCE_LENGTH, help="Caption tokens the text encoder pads or cuts to.")
+    group.add_argument("--repeats", type=number(int, 1), default=1, help="Visits of each image per epoch.")
+    group.add_argument("--skip_bad_images", action="store_true",
+                       help="Skip unreadable or too-small images with a warning instead of stopping.")
+    group.add_argument("--random_flip", action="store_true",
+                       help="On a random half of the visits the teacher sees the image mirrored.")
+    group.add_argument("--bucket_no_upscale", action="store_true",
+                       help="Train images smaller than their bucket at their own size (kohya's option).")
+    group.add_argument("--trigger_word", type=one_line, default=None, help="Word put before each caption lacking it.")
 
     group = parser.add_argument_group("D-OPSD")
-    group.add_argument("--rollout_steps", type=number(int, 1), default=4,
-                       help="K: steps of the student's on-policy roll-out,"
-                       " on the inference schedule for K steps.")
-    group.add_argument("--loss_space", type=str, default="x0", choices=["x0", "v"], help="x0: match x0-predictions"
-                       " (released code; sigma^2-weighted velocity MSE). v: match velocities (the paper's equation).")
-    group.add_argument("--objective", type=str, default="dopsd", choices=list(OBJECTIVES), help="What the student"
-                       " learns from: " + "; ".join(f"{name}: {text}" for name, text in OBJECTIVES.items()) + ".")
+    group.add_argument("--rollout_steps", type=number(int, 1), default=4, help="K: steps of the on-policy roll-out.")
+    group.add_argument("--loss_space", type=str, default="x0", choices=["x0", "v"],
+                       help="x0: match x0-predictions (released code); v: match velocities (the paper's equation).")
+    group.add_argument("--objective", type=str, default="dopsd", choices=list(OBJECTIVES),
+                       help="What the student learns from: D-OPSD, or a baseline.")
     group.add_argument("--ema_decay", type=number(float, 0.0, 1.0), default=0.9999,
-                       help="Teacher = EMA of the student with this decay"
-                       " (1.0 keeps the teacher frozen at the base model).")
-    group.add_argument("--cache_contexts", action=argparse.BooleanOptionalAction, default=True, help="Compute the"
-                       " student and teacher contexts once, then free the text encoder, VLM and VAE from the"
-                       " accelerator during training.")
+                       help="Teacher = EMA of the student with this decay.")
+    group.add_argument("--cache_contexts", action=argparse.BooleanOptionalAction, default=True,
+                       help="Compute the contexts once, then free the encoders during training.")
 
     group = parser.add_argument_group("training")
     group.add_argument("--output_dir", type=str, default=None, help="Where outputs, checkpoints and caches go.")
     group.add_argument("--seed", type=number(int, 0, 2**31, high_open=True), default=0, help="Random seed.")
     group.add_argument("--train_batch_size", type=number(int, 1), default=1, help="Images per device per step.")
-    group.add_argument("--gradient_accumulation_steps", type=number(int, 1), default=4,
-                       help="Batches per optimizer step.")
+    group.add_argument("--gradient_accumulation_steps", type=number(int, 1), default=4, help="Batches per update.")
     group.add_argument("--max_train_steps", type=number(int, 1), default=2000, help="Optimizer steps to train.")
     group.add_argument("--learning_rate", type=number(float, 0.0, low_open=True), default=None, help="LoRA default: "
                        + per_family("default_learning_rate") + "; full fine-tuning: a tenth of that.")
-    group.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by accumulation x"
-                       " batch x GPUs.")
-    group.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate"
-                       " schedule.")
+    group.add_argument("--scale_lr", action="store_true", help="Multiply the lr by accumulation x batch x GPUs.")
+    group.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="The lr schedule.")
     group.add_argument("--lr_warmup_steps", type=number(int, 0), default=0, help="Warm-up steps of the lr schedule.")
     group.add_argument("--lr_num_cycles", type=number(int, 1), default=1, help="Cycles of cosine_with_restarts.")
     group.add_argument("--lr_power", type=number(float, 0.0, low_open=True), default=1.0,
@@ -323,60 +259,49 @@ def add_common_arguments(parser):
     group.add_argument("--adam_beta2", type=number(float, 0.0, 1.0, high_open=True), default=0.999, help="AdamW beta2.")
     group.add_argument("--adam_weight_decay", type=number(float, 0.0), default=0.0, help="AdamW weight decay.")
     group.add_argument("--adam_epsilon", type=number(float, 0.0), default=1e-8, help="AdamW epsilon.")
-    group.add_argument("--max_grad_norm", type=number(float, 0.0, low_open=True), default=1.0,
-                       help="Gradient clipping norm.")
+    group.add_argument("--max_grad_norm", type=number(float, 0.0, low_open=True), default=1.0, help="Clipping norm.")
     group.add_argument("--max_bad_steps", type=number(int, 1), default=10,
-                       help="Stop (with a checkpoint) after this many"
-                       " consecutive steps with non-finite loss or gradients; each one is skipped.")
-    group.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in the backward"
-                       " pass: far less memory, more compute.")
-    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Compute"
-                       " precision. Default: accelerate launch's setting if it has one, else bf16 on a GPU that has"
-                       " it, else no (fp32); fp16 on GPUs without bf16.")
+                       help="Stop (with a checkpoint) after this many consecutive non-finite steps.")
+    group.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Recompute activations in the backward pass: far less memory, more compute.")
+    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Compute precision (default: accelerate launch's, else bf16 where the GPU has it).")
     group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
-    group.add_argument("--attention_backend", type=str, default=None, help="diffusers attention backend, e.g."
-                       " flash, _flash_3, native (default: PyTorch SDPA).")
-    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the"
-                       " transformer's repeated blocks for every pass (student and teacher, dynamic shapes). Default:"
-                       " on with a CUDA GPU and a working inductor (triton), off otherwise. If compiling fails the"
-                       " run goes on eager after one warning.")
+    group.add_argument("--attention_backend", type=str, default=None,
+                       help="diffusers attention backend, e.g. flash, _flash_3, native (default: PyTorch SDPA).")
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the transformer's repeated blocks (default: on with CUDA and triton).")
 
     group = parser.add_argument_group("checkpoints")
-    group.add_argument("--checkpointing_steps", type=number(int, 1), default=500,
-                       help="Save a resumable checkpoint every N"
-                       " steps.")
-    group.add_argument("--checkpoints_total_limit", type=number(int, 1), default=None,
-                       help="Keep only the newest N checkpoints.")
+    group.add_argument("--checkpointing_steps", type=number(int, 1), default=500, help="Checkpoint every N steps.")
+    group.add_argument("--checkpoints_total_limit", type=number(int, 1), default=None, help="Newest checkpoints kept.")
     group.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint folder.')
-    group.add_argument("--overwrite_output_dir", action="store_true", help="Start a new run in an --output_dir that"
-                       " holds another run's results: its checkpoints are deleted, its outputs replaced at the end.")
+    group.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Start a new run in an --output_dir that holds another run's results.")
 
     group = parser.add_argument_group("validation and logging")
     group.add_argument("--validation_prompt", type=str, action="append", default=None, help="Repeatable.")
-    group.add_argument("--validation_steps", type=number(int, 1), default=100,
-                       help="Sample the validation prompts every N steps.")
-    group.add_argument("--validation_inference_steps", type=number(int, 1), default=None, help="Default: the family's"
-                       " few-step sampling, " + per_family("default_inference_steps") + ".")
+    group.add_argument("--validation_steps", type=number(int, 1), default=100, help="Validate every N steps.")
+    group.add_argument("--validation_inference_steps", type=number(int, 1), default=None,
+                       help="Default: the family's few-step sampling, " + per_family("default_inference_steps") + ".")
     group.add_argument("--num_validation_images", type=number(int, 1), default=1, help="Images per validation prompt.")
-    group.add_argument("--prior_prompts", type=str, nargs="*", default=PRIOR_PROMPTS, help="Prompts without the"
-                       " concept whose few-step samples are compared with the base model's at each validation (prior"
-                       " drift); the flag alone turns the measure off.")
+    group.add_argument("--prior_prompts", type=str, nargs="*", default=PRIOR_PROMPTS,
+                       help="Prompts without the concept, for the prior drift; the flag alone turns it off.")
     group.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "none"],
                        help="Where to log losses and validation images.")
     group.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder inside --output_dir.")
 
     group = parser.add_argument_group("Hugging Face Hub")
-    group.add_argument("--push_to_hub", action="store_true", help="Upload the output folder (no checkpoints, caches or"
-                       " logs) to the Hub at the end.")
-    group.add_argument("--hub_model_id", type=str, default=None, help="Repository: name or user/name (default: the"
-                       " output folder's name, in your namespace).")
+    group.add_argument("--push_to_hub", action="store_true",
+                       help="Upload the output folder (no checkpoints, caches or logs) at the end.")
+    group.add_argument("--hub_model_id", type=str, default=None,
+                       help="Repository: name or user/name (default: the output folder's name).")
     group.add_argument("--hub_private", action="store_true", help="Create the Hub repository as private.")
 
 
 def per_family(attribute):
     """A family default for --help: "8 (Z-Image-Turbo), 4 (FLUX.2-klein)"."""
-    values = {family.name: getattr(family, attribute) for family in MODEL_FAMILIES.values()}
-    return ", ".join(f"{'/'.join(v) if isinstance(v, tuple) else v} ({name})" for name, v in values.items())
+    return ", ".join(f"{getattr(family, attribute)} ({family.name})" for family in MODEL_FAMILIES.values())
 
 
 def check_args(parser, args):
@@ -411,14 +336,12 @@ def check_args(parser, args):
 # ----------------------------------------------------------------------------------------------------------------
 # Model families: everything that differs between Z-Image-Turbo and FLUX.2-klein (docs/method.md §3-§5)
 # ----------------------------------------------------------------------------------------------------------------
-# A family is one class and one MODEL_FAMILIES entry: its defaults, its own flags, how it loads, encodes the student
-# and teacher contexts, schedules the roll-out, predicts and decodes. The rest of the file calls only these. The
-# classes come before the imports below (their methods use torch and diffusers only when called), so that --help,
+# The classes come before the imports below (their methods use torch and diffusers only when called), so that --help,
 # which lists every family's flags, answers without them.
 
 
 class ModelFamily:
-    """What differs between model families. Subclasses fill in the same handful of attributes and methods.
+    """What differs between model families; the rest of the file calls only these attributes and methods.
 
     Latent states have the shape (batch, channels, height, width) in the space the pipeline's scheduler steps in.
     Contexts are dicts of CPU-storable tensors for ONE sample; `collate` batches them for `predict`.
@@ -428,6 +351,7 @@ class ModelFamily:
     pipeline_class_name = None  # the _class_name in the pipeline's model_index.json: this family's MODEL_FAMILIES key
     modelspec_architecture = None  # the model's name for LoRA managers (modelspec.architecture)
     hub_tags = ()
+    licenses = {}  # {model name, lower case: its model card's license fields}, for when the card cannot be read
     guidance_scale = None  # what the stock pipeline is called with; the step-distilled models use no CFG
     default_inference_steps = None  # the few-step sampling the model was distilled for (validation, model card)
     default_learning_rate = None  # of a LoRA; full fine-tuning takes a tenth
@@ -439,33 +363,22 @@ class ModelFamily:
     # -- flags and defaults --------------------------------------------------------------------------------------
     @classmethod
     def add_arguments(cls, group):
-        """The family's own flags, in its own --help group. Every family's flags are parsed; a run may set only
-        its own family's (apply_defaults)."""
-
-    @classmethod
-    def own_flag_defaults(cls):
-        """{flag name: default} of the family's own flags."""
-        parser = argparse.ArgumentParser(add_help=False)
-        cls.add_arguments(parser)
-        return vars(parser.parse_args([]))
+        """The family's own flags, in its own --help group; a run may set only its own family's (apply_defaults)."""
 
     @classmethod
     def apply_defaults(cls, args, training):
         """Fill in every flag whose default depends on the family, in place; refuse flags of another family.
-        `training` is "lora" or "full" (the script's TRAINING). This is the one place family defaults are set."""
-        for other in MODEL_FAMILIES.values():
-            if other is not cls:
-                for flag, default in other.own_flag_defaults().items():
-                    if getattr(args, flag) != default:
-                        raise UserError(f"--{flag} applies to {other.name} only, not to {cls.name}")
+        `training` is the script's TRAINING. This is the one place family defaults are set."""
+        for other in [family for family in MODEL_FAMILIES.values() if family is not cls]:
+            own_flags = argparse.ArgumentParser(add_help=False)
+            other.add_arguments(own_flags)
+            for flag, default in vars(own_flags.parse_args([])).items():
+                if getattr(args, flag) != default:
+                    raise UserError(f"--{flag} applies to {other.name} only, not to {cls.name}")
         args.teacher_context = args.teacher_context or cls.default_teacher_context
         if args.teacher_context not in cls.teacher_contexts:
             raise UserError(f"--teacher_context {args.teacher_context} is not available for {cls.name}"
                             f" (choose from {', '.join(cls.teacher_contexts)})")
-        if args.reference_resolution is not None and args.teacher_context != "edit":
-            editing = " or ".join(f.name for f in MODEL_FAMILIES.values() if "edit" in f.teacher_contexts)
-            raise UserError(f"--reference_resolution applies to {editing}'s edit teacher only, not to {cls.name}"
-                            f" with the {args.teacher_context} teacher")
         if args.teacher_vlm_rope_theta != "text_encoder" and args.teacher_context != "vlm":
             raise UserError(f"--teacher_vlm_rope_theta applies to the vlm teacher only, not to {cls.name}'s"
                             f" {args.teacher_context} teacher")
@@ -478,15 +391,30 @@ class ModelFamily:
         if training == "lora":
             args.lora_layers = args.lora_layers or cls.default_lora_layers
 
+    @classmethod
+    def base_model_license(cls, base_model):
+        """The base model's license fields: from its own model card where it can be read, else from the family's
+        `licenses`, else "other" (the card then points to the base model)."""
+        from huggingface_hub import ModelCard
+
+        readme = Path(base_model) / "README.md"
+        if readme.is_file() or not (Path(base_model).exists() or hub_offline()):
+            try:
+                with quiet_logger("huggingface_hub"):
+                    data = ModelCard.load(readme if readme.is_file() else base_model).data
+                fields = {k: getattr(data, k) for k in ("license", "license_name", "license_link") if getattr(data, k)}
+                if data.license:
+                    return fields
+            except Exception:
+                pass
+        return dict(cls.licenses.get(Path(base_model.rstrip("/")).name.lower(), {"license": "other"}))
+
     # -- loading -------------------------------------------------------------------------------------------------
     def __init__(self, args, weight_dtype, device, pipeline=None):
-        """Load the pipeline named by the arguments (defaults applied), or wrap one built in code (the benchmark's
-        random weights).
-
-        The text encoder comes first, straight to the accelerator (or memory-mapped from its files and quantised
-        onto it layer by layer, --quantize_encoders); the VAE, tokenizer and scheduler with it. The transformer is
-        loaded only when it is first used, after the contexts are cached (`load_transformer`), so that the host
-        never holds two large components at once; until then `transformer_layout` stands in for it."""
+        """Load the pipeline named by the arguments (defaults applied) without its transformer, or wrap one built in
+        code (the benchmark's random weights). The text encoder goes straight to the accelerator (or is quantised
+        onto it layer by layer, --quantize_encoders); the transformer loads on first use (`load_transformer`), so
+        the host never holds two large components at once. Until then `transformer_layout` stands in for it."""
         assert args.teacher_context in self.teacher_contexts, "apply_defaults(args) comes first"
         self.args = args
         self.weight_dtype = weight_dtype
@@ -498,14 +426,8 @@ class ModelFamily:
             try:
                 text_encoder = self.load_component("text_encoder", "cpu" if quantize else device)
                 pipeline = self.pipeline_class.from_pretrained(
-                    args.pretrained_model_name_or_path,
-                    revision=args.revision,
-                    variant=args.variant,
-                    dtype=weight_dtype,
-                    cache_dir=args.cache_dir,
-                    transformer=None,
-                    text_encoder=text_encoder,
-                )
+                    args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                    dtype=weight_dtype, cache_dir=args.cache_dir, transformer=None, text_encoder=text_encoder)
                 transformer_class = self.component_class("transformer")
                 config = transformer_class.load_config(args.pretrained_model_name_or_path, subfolder="transformer",
                                                        revision=args.revision, cache_dir=args.cache_dir)
@@ -550,9 +472,8 @@ class ModelFamily:
         return self._transformer if self._transformer is not None else self.load_transformer()
 
     def load_transformer(self, device=None):
-        """Load the transformer (once): straight to `device` (default: the accelerator), or on "cpu", memory-mapped
-        from its files, for --quantize_base and --offload to move layer by layer. Frozen; the LoRA or the full
-        fine-tuning makes its trained weights trainable."""
+        """Load the frozen transformer (once): straight to `device` (default: the accelerator), or on "cpu",
+        memory-mapped, for --quantize_base and --offload to move layer by layer."""
         if self._transformer is None:
             try:
                 transformer = self.load_component("transformer", device or self.device)
@@ -572,22 +493,18 @@ class ModelFamily:
         return getattr(diffusers, self.pipeline_class_name)
 
     # -- teacher encoders ----------------------------------------------------------------------------------------
-    def load_teacher_vlm(self, drop_text_encoder=False):
-        """The grafted Qwen3-VL on the accelerator, sharing the text encoder's weights (one large encoder on the
-        device at a time). With `drop_text_encoder` (the student contexts are done) the text encoder itself goes."""
-        vlm_path = self.args.teacher_vlm_name_or_path or self.default_teacher_vlm()
-        self.vlm = GraftedVLM(vlm_path, self.pipeline.text_encoder, self.pipeline.tokenizer, self.weight_dtype,
-                              cache_dir=self.args.cache_dir, rope_theta=self.args.teacher_vlm_rope_theta)
-        if drop_text_encoder:
-            self.pipeline.text_encoder = None
-            free_memory()
-        self.vlm.to(self.device, self.args.quantize_encoders)
-
     def prepare_teacher_contexts(self, keep_text_encoder=False):
-        """Ready the teacher's encoder once the student contexts are done: the VLM teacher loads its VLM, which by
-        default replaces the text encoder on the device (kept with --no-cache_contexts, which encodes per batch)."""
+        """Ready the teacher's encoder once the student contexts are done: the VLM teacher grafts its VLM onto the
+        text encoder's weights, and by default the rest of the text encoder goes (one large encoder on the device
+        at a time); --no-cache_contexts keeps it, to encode every batch."""
         if self.teacher_context == "vlm" and self.vlm is None:
-            self.load_teacher_vlm(drop_text_encoder=not keep_text_encoder)
+            self.vlm = GraftedVLM(self.args.teacher_vlm_name_or_path or self.default_teacher_vlm(),
+                                  self.pipeline.text_encoder, self.pipeline.tokenizer, self.weight_dtype,
+                                  cache_dir=self.args.cache_dir, rope_theta=self.args.teacher_vlm_rope_theta)
+            if not keep_text_encoder:
+                self.pipeline.text_encoder = None
+                free_memory()
+            self.vlm.to(self.device, self.args.quantize_encoders)
 
     def default_teacher_vlm(self):
         return "Qwen/Qwen3-VL-4B-Instruct"
@@ -610,19 +527,14 @@ class ModelFamily:
         """What the contexts depend on besides the example: part of every context cache file's name."""
         args = self.args
         uses_vlm = self.teacher_context == "vlm"
-        fingerprint = {
+        return {
             "model": model_fingerprint(args.pretrained_model_name_or_path, args.revision, args.cache_dir),
             "variant": args.variant, "teacher": self.teacher_context, "dtype": str(self.weight_dtype),
             "vlm": model_fingerprint(args.teacher_vlm_name_or_path or self.default_teacher_vlm(),
                                      cache_dir=args.cache_dir) if uses_vlm else None,
             "vlm_rope_theta": args.teacher_vlm_rope_theta if uses_vlm else None,
-            "quantize_encoders": args.quantize_encoders,
+            "quantize_encoders": args.quantize_encoders, "max_sequence_length": args.max_sequence_length,
         }
-        if args.reference_resolution is not None:  # absent by default, so earlier caches stay valid
-            fingerprint["reference_resolution"] = args.reference_resolution
-        if args.max_sequence_length != PIPELINE_MAX_SEQUENCE_LENGTH:  # likewise
-            fingerprint["max_sequence_length"] = args.max_sequence_length
-        return fingerprint
 
     def encode_student_context(self, caption):
         raise NotImplementedError
@@ -663,12 +575,21 @@ class ModelFamily:
         raise NotImplementedError
 
     # -- images --------------------------------------------------------------------------------------------------
-    def decode(self, latents):
+    def unnormalize(self, latents):
+        """Latents in the scheduler's space -> the VAE's latent space (what output_type='latent' gives)."""
         raise NotImplementedError
+
+    def decode(self, latents):
+        vae = self.pipeline.vae
+        latents = self.unnormalize(latents.to(vae.device, vae.dtype))
+        return self.pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
 
     def generate(self, transformer, context, height, width, num_steps, generator):
         """Images from the stock pipeline for a cached student context."""
-        raise NotImplementedError
+        self.pipeline.transformer = transformer
+        return self.pipeline(prompt_embeds=self.collate([context])["prompt_embeds"], height=height, width=width,
+                             num_inference_steps=num_steps, guidance_scale=self.guidance_scale,
+                             generator=generator).images
 
 
 class ZImageTurbo(ModelFamily):
@@ -678,6 +599,7 @@ class ZImageTurbo(ModelFamily):
     pipeline_class_name = "ZImagePipeline"
     modelspec_architecture = "Z-Image"  # the name musubi-tuner and LoRA managers use
     hub_tags = ("z-image", "z-image-turbo")
+    licenses = {"z-image-turbo": {"license": "apache-2.0"}}
     guidance_scale = 0.0
     default_inference_steps = 8
     default_learning_rate = 1e-4
@@ -688,9 +610,8 @@ class ZImageTurbo(ModelFamily):
 
     def __init__(self, args, weight_dtype, device, pipeline=None):
         super().__init__(args, weight_dtype, device, pipeline)
-        # Caption positions run 1..padded length and the image starts after them on the same RoPE axis, so the
-        # teacher context is capped below the transformer's first axis length (1024 -> 992), and at 1024
-        # (docs/method.md §3.1).
+        # Caption positions come first on the image's RoPE axis, so the teacher context is capped below the
+        # transformer's first axis length, and at 1024 (docs/method.md §3.1).
         axis_length = self.transformer_layout.config.axes_lens[0]
         self.max_teacher_tokens = min(1024, (axis_length - 2) // 32 * 32)
 
@@ -703,10 +624,7 @@ class ZImageTurbo(ModelFamily):
         vision, num_image_tokens = self.vlm.vision_inputs(image)
         text = self.pipeline.tokenizer.apply_chat_template(
             [{"role": "user", "content": self.vlm.user_content(caption, num_image_tokens)}],
-            tokenize=False,
-            add_generation_prompt=True,
-            enable_thinking=True,
-        )
+            tokenize=False, add_generation_prompt=True, enable_thinking=True)
         hidden_states, mask = self.vlm.hidden_states(text, vision)
         features = hidden_states[-2][0][mask][: self.max_teacher_tokens]
         return {"prompt_embeds": features.to("cpu", self.weight_dtype)}
@@ -717,8 +635,8 @@ class ZImageTurbo(ModelFamily):
     def encode_target(self, image):
         vae = self.pipeline.vae
         latents = vae.encode(image_to_tensor(image).to(vae.device, vae.dtype)).latent_dist.mode()
-        return {"latents": ((latents - vae.config.shift_factor) * vae.config.scaling_factor)[0].to("cpu",
-                                                                                                 torch.float32)}
+        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        return {"latents": latents[0].to("cpu", torch.float32)}
 
     def initial_noise(self, batch_size, height, width, generator=None):
         vae_scale = self.pipeline.vae_scale_factor
@@ -747,18 +665,8 @@ class ZImageTurbo(ModelFamily):
         output = transformer(model_input, t, context["prompt_embeds"], return_dict=False)[0]
         return -torch.stack([o.float() for o in output]).squeeze(2)
 
-    def decode(self, latents):
-        vae = self.pipeline.vae
-        latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        return self.pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
-
-    def generate(self, transformer, context, height, width, num_steps, generator):
-        self.pipeline.transformer = transformer
-        return self.pipeline(
-            prompt_embeds=[self.to_model(context["prompt_embeds"])],
-            height=height, width=width, num_inference_steps=num_steps, guidance_scale=self.guidance_scale,
-            generator=generator,
-        ).images
+    def unnormalize(self, latents):
+        return latents / self.pipeline.vae.config.scaling_factor + self.pipeline.vae.config.shift_factor
 
 
 class Flux2Klein(ModelFamily):
@@ -767,6 +675,11 @@ class Flux2Klein(ModelFamily):
     name = "FLUX.2-klein"
     pipeline_class_name = "Flux2KleinPipeline"
     hub_tags = ("flux2", "flux2-klein")
+    licenses = {
+        "flux.2-klein-4b": {"license": "apache-2.0"},
+        "flux.2-klein-9b": {"license": "other", "license_name": "flux-non-commercial-license",
+                            "license_link": "https://huggingface.co/black-forest-labs/FLUX.2-klein-9B/blob/main/LICENSE.md"},
+    }
     guidance_scale = 1.0  # distilled guidance: 1.0 is the pipeline's "no CFG"
     default_inference_steps = 4
     default_learning_rate = 2e-5
@@ -779,24 +692,26 @@ class Flux2Klein(ModelFamily):
 
     @classmethod
     def add_arguments(cls, group):
-        group.add_argument(
-            "--teacher_prompt_suffix",
-            type=str,
-            default="Make the main subject (facial/ip details), background, and overall composition consistent with"
-            " the reference image.",
-            help="Edit teacher: sentence appended to the teacher's caption.",
-        )
-        group.add_argument(
-            "--text_encoder_out_layers",
-            type=int,
-            nargs="+",
-            default=[9, 18, 27],
-            help="Text-encoder hidden layers stacked into the prompt embedding (the pipeline's default).",
-        )
+        group.add_argument("--teacher_prompt_suffix", type=str, default="Make the main subject (facial/ip details),"
+                           " background, and overall composition consistent with the reference image.",
+                           help="Edit teacher: sentence appended to the teacher's caption.")
+        group.add_argument("--reference_resolution", type=resolution, default=None,
+                           help="Edit teacher: encode the reference image at this area resolution^2 (default:"
+                           " --resolution).")
+        group.add_argument("--text_encoder_out_layers", type=int, nargs="+", default=[9, 18, 27],
+                           help="Text-encoder hidden layers stacked into the prompt embedding.")
+
+    @classmethod
+    def apply_defaults(cls, args, training):
+        super().apply_defaults(args, training)
+        if args.reference_resolution is not None and args.teacher_context != "edit":
+            raise UserError(f"--reference_resolution applies to {cls.name}'s edit teacher only, not to its"
+                            f" {args.teacher_context} teacher")
 
     def context_fingerprint(self):
         return {**super().context_fingerprint(), "layers": self.args.text_encoder_out_layers,
-                "suffix": self.args.teacher_prompt_suffix if self.teacher_context == "edit" else None}
+                "suffix": self.args.teacher_prompt_suffix if self.teacher_context == "edit" else None,
+                "reference_resolution": self.args.reference_resolution}
 
     @property
     def modelspec_architecture(self):
@@ -811,8 +726,7 @@ class Flux2Klein(ModelFamily):
         embeds = self.pipeline._get_qwen3_prompt_embeds(
             self.pipeline.text_encoder, self.pipeline.tokenizer, [caption], dtype=self.weight_dtype,
             device=self.device, max_sequence_length=self.args.max_sequence_length,
-            hidden_states_layers=tuple(self.args.text_encoder_out_layers),
-        )
+            hidden_states_layers=tuple(self.args.text_encoder_out_layers))
         return embeds[0].to("cpu")
 
     def encode_student_context(self, caption):
@@ -824,11 +738,9 @@ class Flux2Klein(ModelFamily):
         # Edit teacher: the target as the pipeline's reference image, with the instruction suffix (docs/method.md §3.2).
         image_latents, image_latent_ids = self.pipeline.prepare_image_latents(
             [self.reference_pixels(image)], batch_size=1, generator=None, device=self.device,
-            dtype=self.pipeline.vae.dtype
-        )
-        teacher_caption = f"{caption} {self.args.teacher_prompt_suffix}".strip()
+            dtype=self.pipeline.vae.dtype)
         return {
-            "prompt_embeds": self.encode_caption(teacher_caption),
+            "prompt_embeds": self.encode_caption(f"{caption} {self.args.teacher_prompt_suffix}".strip()),
             "image_latents": image_latents[0].to("cpu", self.weight_dtype),
             "image_latent_ids": image_latent_ids[0].to("cpu"),
         }
@@ -860,9 +772,8 @@ class Flux2Klein(ModelFamily):
         vision, num_image_tokens = self.vlm.vision_inputs(image)
         text = self.pipeline.tokenizer.apply_chat_template(
             [{"role": "user", "content": self.vlm.user_content(caption, num_image_tokens)}],
-            tokenize=False, add_generation_prompt=True, enable_thinking=False,
-        )
-        # Padded like the student's prompt (the caption keeps its 512-token budget after the image tokens).
+            tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        # Padded like the student's prompt (the caption keeps its token budget after the image tokens).
         hidden_states, _ = self.vlm.hidden_states(text, vision, self.args.max_sequence_length + num_image_tokens)
         stacked = torch.stack([hidden_states[k] for k in self.args.text_encoder_out_layers], dim=1)[0]
         return {"prompt_embeds": stacked.permute(1, 0, 2).flatten(1).to("cpu", self.weight_dtype)}
@@ -886,10 +797,8 @@ class Flux2Klein(ModelFamily):
     def rollout_schedule(self, num_steps, height, width, sigmas=None):
         vae_scale = self.pipeline.vae_scale_factor
         image_seq_len = (height // (vae_scale * 2)) * (width // (vae_scale * 2))
-        if sigmas is None:
+        if sigmas is None and not getattr(self.scheduler.config, "use_flow_sigmas", False):
             sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-            if getattr(self.scheduler.config, "use_flow_sigmas", False):
-                sigmas = None
         mu = compute_empirical_mu(image_seq_len=image_seq_len, num_steps=num_steps)
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
         retrieve_timesteps(scheduler, num_steps, self.device, sigmas=sigmas, mu=mu)
@@ -917,25 +826,12 @@ class Flux2Klein(ModelFamily):
         return velocity.to(self.transformer.dtype)
 
     def unnormalize(self, latents):
-        """Patchified, batch-norm-normalised latents -> the VAE's latent space (what output_type='latent' gives)."""
+        """Patchified, batch-norm-normalised latents -> the VAE's latent space."""
         vae = self.pipeline.vae
         mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device,
                                                                                               latents.dtype)
         return self.pipeline._unpatchify_latents(latents * std + mean)
-
-    def decode(self, latents):
-        vae = self.pipeline.vae
-        latents = self.unnormalize(latents.to(vae.device, vae.dtype))
-        return self.pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
-
-    def generate(self, transformer, context, height, width, num_steps, generator):
-        self.pipeline.transformer = transformer
-        return self.pipeline(
-            prompt_embeds=self.to_model(context["prompt_embeds"].unsqueeze(0)),
-            height=height, width=width, num_inference_steps=num_steps, guidance_scale=self.guidance_scale,
-            generator=generator,
-        ).images
 
 
 # The registry: a new family is one class above and one entry here (README, "Adding a model family").
@@ -982,40 +878,23 @@ import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from accelerate import Accelerator, PartialState  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
-from accelerate.utils import (  # noqa: E402
-    DeepSpeedPlugin,
-    DistributedDataParallelKwargs,
-    DistributedType,
-    GradientAccumulationPlugin,
-    InitProcessGroupKwargs,
-    ProjectConfiguration,
-    is_tensorboard_available,
-    is_wandb_available,
-    set_seed,
-)
+from accelerate.utils import (DeepSpeedPlugin, DistributedDataParallelKwargs, DistributedType,  # noqa: E402
+                               GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration,
+                               is_tensorboard_available, is_wandb_available, set_seed)
 from accelerate.utils.deepspeed import HfDeepSpeedConfig  # noqa: E402
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu  # noqa: E402
-from diffusers.pipelines.z_image.pipeline_z_image import (  # noqa: E402
-    calculate_shift,
-    get_default_z_image_sigmas,
-    retrieve_timesteps,
-)
+from diffusers.pipelines.z_image.pipeline_z_image import (calculate_shift, get_default_z_image_sigmas,  # noqa: E402
+                                                           retrieve_timesteps)
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, _pack_dict_with_prefix  # noqa: E402
-from diffusers.training_utils import (  # noqa: E402
-    _collate_lora_metadata,
-    cast_training_params,
-    find_nearest_bucket,
-    free_memory,
-    generate_aspect_ratio_buckets,
-)
+from diffusers.training_utils import (_collate_lora_metadata, cast_training_params, find_nearest_bucket,  # noqa: E402
+                                      free_memory, generate_aspect_ratio_buckets)
 from peft import LoraConfig, set_peft_model_state_dict  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from safetensors.torch import save as serialize_tensors  # noqa: E402
+from safetensors.torch import load_file, save_file, save as serialize_tensors  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoConfig, Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration  # noqa: E402
 
@@ -1029,19 +908,13 @@ logger = get_logger(__name__)
 
 
 def image_to_tensor(image):
-    """PIL RGB -> float tensor (1, 3, H, W) in [-1, 1], the VAE's input convention, computed as diffusers' image
-    processor computes it (x / 255, then 2x - 1), so that it is bit-equal to the pipelines' own."""
+    """PIL RGB -> float tensor (1, 3, H, W) in [-1, 1], computed as diffusers' image processor computes it (x / 255,
+    then 2x - 1), so that it is bit-equal to the pipelines' own."""
     array = 2.0 * (np.asarray(image, dtype=np.float32) / 255.0) - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
 
 
-# What stores the quantised weights. All three keep the matmul in the activations' dtype (weight-only for fp8),
-# so they run on any CUDA card and on the CPU; LoRA layers wrap the quantised linears unchanged.
-
-
 def has_fp8_tensor_cores():
-    import torch
-
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
@@ -1060,10 +933,8 @@ def quantization_backend(method):
 
 def repeated_block_linears(model):
     """{name: nn.Linear} inside the model's repeated blocks (diffusers' _repeated_blocks, transformers'
-    _no_split_modules), the layers --quantize_base quantises. Embedders, final layers and norms outside them stay in
-    full precision, and so do the blocks' own modulation layers (Z-Image's adaLN_modulation: 2 % of its weights,
-    +0.17 GiB in bf16; quantised to nf4 they add a ninth of the nf4 prediction error, measured by
-    benchmarks/bench_nf4_modulation.py)."""
+    _no_split_modules): the layers --quantize_base quantises. The blocks' own modulation layers stay in full
+    precision (Z-Image's adaLN_modulation: benchmarks/bench_nf4_modulation.py measures why)."""
     block_types = set(getattr(model, "_repeated_blocks", None) or getattr(model, "_no_split_modules", None) or [])
     linears = {}
     for block_name, block in model.named_modules():
@@ -1075,23 +946,21 @@ def repeated_block_linears(model):
 
 
 def quantize_linear_layers(model, method, device, compute_dtype):
-    """Quantise the frozen linear weights of the model's repeated blocks in place, on `device`.
+    """Quantise the frozen linear weights of the model's repeated blocks in place, on `device`; returns how many.
 
     int8 and nf4 replace each nn.Linear by bitsandbytes' Linear8bitLt / Linear4bit (they quantise when moved to the
-    device); fp8 converts the weights with torchao's float8 weight-only config. Returns how many layers changed.
+    device); fp8 and fp8_compute convert the weights with torchao. LoRA layers wrap the quantised linears unchanged.
     """
     backend = quantization_backend(method)
     linears = repeated_block_linears(model)
-    if method == "fp8":
-        backend.quantize_(model, backend.Float8WeightOnlyConfig(set_inductor_config=False),
-                          filter_fn=lambda module, name: name in linears, device=device)
-        return len(linears)
-    if method == "fp8_compute":
-        backend.quantize_(model, backend.Float8DynamicActivationFloat8WeightConfig(
-            granularity=backend.PerRow(), set_inductor_config=False),
-            filter_fn=lambda module, name: name in linears, device=device)
-        for linear in linears.values():  # still nn.Linear, so the LoRA wraps it as before
-            linear.forward = fp8_compute_forward.__get__(linear)
+    if method in ("fp8", "fp8_compute"):
+        config = (backend.Float8WeightOnlyConfig(set_inductor_config=False) if method == "fp8" else
+                  backend.Float8DynamicActivationFloat8WeightConfig(granularity=backend.PerRow(),
+                                                                    set_inductor_config=False))
+        backend.quantize_(model, config, filter_fn=lambda module, name: name in linears, device=device)
+        if method == "fp8_compute":
+            for linear in linears.values():  # still nn.Linear, so the LoRA wraps it as before
+                linear.forward = fp8_compute_forward.__get__(linear)
         return len(linears)
     for name, linear in linears.items():
         parent_name, _, child_name = name.rpartition(".")
@@ -1118,8 +987,8 @@ def quantize_linear_layers(model, method, device, compute_dtype):
 
 class Float8ComputeLinear(torch.autograd.Function):
     """A frozen fp8_compute linear: forward on fp8 tensor cores (torchao quantises the input per row on the fly);
-    backward gives the input's gradient through the dequantised weight (the weight itself is frozen), which the
-    LoRA layers before it need and which torchao's fp8 matmul has no derivative for."""
+    backward gives the input's gradient through the dequantised weight, which the LoRA layers before it need and
+    which torchao's fp8 matmul has no derivative for."""
 
     @staticmethod
     def forward(ctx, input, weight, bias):
@@ -1130,6 +999,7 @@ class Float8ComputeLinear(torch.autograd.Function):
     def backward(ctx, grad_output):
         (weight,) = ctx.saved_tensors
         return grad_output @ weight.dequantize().to(grad_output.dtype), None, None
+
 
 def fp8_compute_forward(linear, input):
     """The forward of an fp8_compute nn.Linear (bound to each by quantize_linear_layers)."""
@@ -1179,10 +1049,9 @@ class GraftedVLM:
 
     def __init__(self, vlm_path, text_encoder, tokenizer, dtype, cache_dir=None, rope_theta="text_encoder"):
         config = self.check(vlm_path, text_encoder, tokenizer, cache_dir)
-        # The language model becomes the text encoder, positional base included: its weights were trained with the
-        # text encoder's base (1e6 for Qwen3), and only with it do text-only teacher features equal the student's,
-        # so that the teacher's context differs from the student's by the image alone. The authors' graft kept
-        # Qwen3-VL's base (5e6), which also moves the caption's features; rope_theta="vlm" reproduces that.
+        # The language model takes the text encoder's RoPE base (1e6 for Qwen3), the one its weights were trained
+        # with: only then do text-only teacher features equal the student's. rope_theta="vlm" keeps Qwen3-VL's (5e6),
+        # as the authors' graft did.
         text_rope = getattr(text_encoder.config, "rope_parameters", None) or {}
         if rope_theta == "text_encoder" and "rope_theta" in text_rope:
             config.text_config.rope_parameters["rope_theta"] = text_rope["rope_theta"]
@@ -1190,10 +1059,8 @@ class GraftedVLM:
             vlm_path, config=config, dtype=dtype, cache_dir=cache_dir
         )
         # The graft shares, it does not copy: the language model's linear layers become the text encoder's own
-        # modules (quantised ones included, --quantize_encoders) and its other weights the encoder's tensors, where
-        # they are (on the accelerator). Its own weights, memory-mapped from its files, are dropped unread, and so is
-        # its output head (only hidden states are used). No second copy of the encoder exists, on the host or the
-        # accelerator.
+        # modules (quantised ones included) and its other weights the encoder's tensors, where they are. Its own
+        # weights, memory-mapped, are dropped unread, and so is its output head (only hidden states are used).
         language_model, encoder = self.vlm.model.language_model, text_encoder.base_model
         for name, module in list(language_model.named_modules()):
             if isinstance(module, torch.nn.Linear):
@@ -1218,14 +1085,10 @@ class GraftedVLM:
 
     def vision_inputs(self, image):
         """Pixel patches and the number of image tokens for one PIL image."""
-        processed = self.image_processor(
-            images=[image],
-            size={"shortest_edge": self.MIN_PIXELS, "longest_edge": self.MAX_PIXELS},
-            return_tensors="pt",
-        )
+        processed = self.image_processor(images=[image], return_tensors="pt",
+                                         size={"shortest_edge": self.MIN_PIXELS, "longest_edge": self.MAX_PIXELS})
         merge = self.image_processor.merge_size
-        num_tokens = int(processed["image_grid_thw"].prod()) // (merge * merge)
-        return processed, num_tokens
+        return processed, int(processed["image_grid_thw"].prod()) // (merge * merge)
 
     @staticmethod
     def user_content(caption, num_image_tokens):
@@ -1252,8 +1115,6 @@ class GraftedVLM:
         return output.hidden_states, attention_mask[0].bool()
 
 
-
-
 def hub_offline():
     """HF_HUB_OFFLINE as huggingface_hub read it at import, or as set since."""
     from huggingface_hub import constants
@@ -1261,54 +1122,56 @@ def hub_offline():
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
+@contextmanager
+def quiet_logger(name, level=logging.ERROR):
+    """A library's log records below `level` held back (huggingface_hub warns once per retry) around a call whose
+    failure its caller words in one line."""
+    library_logger = logging.getLogger(name)
+    previous = library_logger.level
+    library_logger.setLevel(level)
+    try:
+        yield
+    finally:
+        library_logger.setLevel(previous)
+
+
 def pipeline_load_error(args, error):
     """Why model_index.json could not be read, in words the user can act on. diffusers re-raises the Hub's error as
     an OSError; the original is its __context__."""
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub import errors
 
     name = args.pretrained_model_name_or_path
-    cause = error.__context__ or error
     path = Path(name).expanduser()
     if path.is_dir():
         return f"{name} has no model_index.json: give the folder of a diffusers pipeline (the one holding it)"
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         return f"{name} does not exist: check the path"
-    if isinstance(cause, GatedRepoError):
-        return (f"{name} is gated: accept its terms at https://huggingface.co/{name}, then log in (`hf auth login` or"
-                " HF_TOKEN)")
-    if isinstance(cause, RepositoryNotFoundError):
-        return (f"{name} is neither a local folder nor a model on the Hub: check the spelling (a private model also"
-                " needs `hf auth login`)")
-    if isinstance(cause, RevisionNotFoundError):
-        return f"--revision {args.revision} does not exist for {name}"
-    if isinstance(cause, LocalEntryNotFoundError):
-        if hub_offline():
-            return (f"{name} is not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE): unset"
-                    " HF_HUB_OFFLINE to download it, or give a local folder")
-        return f"cannot reach the Hugging Face Hub to download {name} (no network?), and it is not in the local cache"
-    if isinstance(cause, EntryNotFoundError):
-        return f"{name} has no model_index.json on the Hub: it is not a diffusers pipeline"
-    return f"cannot read the pipeline {name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+    not_cached = (f"{name} is not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE): unset"
+                  " HF_HUB_OFFLINE to download it, or give a local folder" if hub_offline() else
+                  f"cannot reach the Hugging Face Hub to download {name} (no network?), and it is not in the local"
+                  " cache")
+    reasons = {  # the first class the Hub's error is an instance of (GatedRepoError is a RepositoryNotFoundError)
+        errors.GatedRepoError: f"{name} is gated: accept its terms at https://huggingface.co/{name}, then log in"
+                               " (`hf auth login` or HF_TOKEN)",
+        errors.RepositoryNotFoundError: f"{name} is neither a local folder nor a model on the Hub: check the spelling"
+                                        " (a private model also needs `hf auth login`)",
+        errors.RevisionNotFoundError: f"--revision {args.revision} does not exist for {name}",
+        errors.LocalEntryNotFoundError: not_cached,
+        errors.EntryNotFoundError: f"{name} has no model_index.json on the Hub: it is not a diffusers pipeline",
+    }
+    cause = error.__context__ or error
+    return next((reason for kind, reason in reasons.items() if isinstance(cause, kind)),
+                f"cannot read the pipeline {name}: {first_line(error)}")
 
 
 def detect_family(args):
     """The family class named by the pipeline folder's model_index.json."""
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)  # one message below instead of a warning per retry
     try:
-        config = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision,
-                                               cache_dir=args.cache_dir)
+        with quiet_logger("huggingface_hub"):
+            config = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision,
+                                                   cache_dir=args.cache_dir)
     except Exception as error:
         raise UserError(pipeline_load_error(args, error)) from None
-    finally:
-        hub_logger.setLevel(level)
     pipeline_class = config.get("_class_name")
     if pipeline_class not in MODEL_FAMILIES:
         supported = ", ".join(cls.name for cls in MODEL_FAMILIES.values())
@@ -1360,8 +1223,7 @@ def load_rgb(image, name):
         image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), mode="L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     image = image.convert("RGB")
     if min(image.size) < MIN_IMAGE_SIDE:
         raise BadData(f"{name} is only {image.size[0]}x{image.size[1]} pixels (need at least {MIN_IMAGE_SIDE})")
@@ -1409,8 +1271,7 @@ def training_image(example):
 
 def choose_bucket(image, buckets, multiple, no_upscale):
     """The aspect-ratio bucket nearest to the image's. With no_upscale (kohya's bucket_no_upscale), an image that
-    would have to be enlarged to cover that bucket gets a bucket of its own size, rounded down to the multiple: it
-    trains at its own resolution, its border center-cropped, nothing enlarged."""
+    would have to be enlarged to cover that bucket gets a bucket of its own size, rounded down to the multiple."""
     height, width = buckets[find_nearest_bucket(image.height, image.width, buckets)]
     if no_upscale and (height > image.height or width > image.width):
         return image.height // multiple * multiple, image.width // multiple * multiple
@@ -1577,7 +1438,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         # at 0 for the loader of a resumed run and would change the order.
         self.epoch = epoch
 
-    def batches(self):
+    def __iter__(self):
         rng = random.Random(self.seed * 100003 + self.epoch)
         batches = []
         for bucket in sorted(self.groups):
@@ -1587,10 +1448,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         rng.shuffle(batches)
         # Variants come from a stream of their own: the visit order does not depend on how many variants there are.
         variant_rng = random.Random(f"variants {self.seed} {self.epoch}")
-        return [[variant_rng.choice(self.variants[image]) for image in batch] for batch in batches]
-
-    def __iter__(self):
-        yield from self.batches()
+        yield from ([variant_rng.choice(self.variants[image]) for image in batch] for batch in batches)
 
     def __len__(self):
         return sum(math.ceil(len(group) / self.batch_size) for group in self.groups.values())
@@ -1601,7 +1459,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-CONTEXT_FORMAT_VERSION = 3  # raise it whenever the code computes a context differently
+CONTEXT_FORMAT_VERSION = 4  # raise it whenever the code computes or stores a context differently
 
 
 def model_fingerprint(name_or_path, revision=None, cache_dir=None):
@@ -1626,14 +1484,12 @@ def model_fingerprint(name_or_path, revision=None, cache_dir=None):
     return hashlib.sha1(json.dumps(files).encode()).hexdigest()
 
 
-class ContextStore:
-    """Per-example student and teacher contexts, as safetensors files under output_dir/context_cache.
-
-    The file name hashes everything the contexts depend on (the family's context_fingerprint: the models' files and
-    the settings that shape contexts; the code's context format; the image, caption and bucket), so a resumed or
-    repeated run reuses them and any change computes new ones. Not `enabled` (--no-cache_contexts): nothing is
-    stored and the encoders stay on the accelerator to compute contexts for every batch.
-    """
+class ContextStore(torch.utils.data.Dataset):
+    """Per-example contexts under output_dir/context_cache, one safetensors file per role: the student's, the
+    teacher's, and with `targets` the clean latents of the objectives that noise the training image. A file's name
+    hashes all its context depends on (the family's context_fingerprint, the format, the image, caption and bucket),
+    so a resumed run reuses it and any change computes a new one. Not `enabled` (--no-cache_contexts): contexts are
+    computed for every batch. As a dataset, item i is example i's contexts by role, with its bucket."""
 
     def __init__(self, family, examples, accelerator, output_dir, enabled=True, targets=False):
         self.family = family
@@ -1645,111 +1501,87 @@ class ContextStore:
         self.fingerprint = json.dumps({"format": CONTEXT_FORMAT_VERSION, **family.context_fingerprint()},
                                       sort_keys=True)
 
-    def path(self, example):
+    def path(self, example, role):
         key = hashlib.sha1(f"{self.fingerprint}|{example.image_key}|{example.caption}|{example.bucket}"
                            f"|{'flipped' if example.flip else ''}".encode())
-        return self.folder / f"{key.hexdigest()}.safetensors"
+        return self.folder / f"{key.hexdigest()}.{role}.safetensors"
 
     @torch.no_grad()
-    def compute(self, example):
-        """{role: {name: tensor}} of one example: the student and teacher contexts, and the clean target latents
-        where the objective needs them."""
-        image = training_image(example)
-        computed = {"student": self.family.encode_student_context(example.caption),
-                    "teacher": self.family.build_teacher_context(image, example.caption)}
-        if "target" in self.roles:
-            computed["target"] = self.family.encode_target(image)
-        return computed
+    def compute(self, example, roles=None):
+        """{role: {name: tensor}} of one example, for `roles` (default: the store's)."""
+        roles = self.roles if roles is None else roles
+        image = training_image(example) if set(roles) - {"student"} else None
+        encode = {"student": lambda: self.family.encode_student_context(example.caption),
+                  "teacher": lambda: self.family.build_teacher_context(image, example.caption),
+                  "target": lambda: self.family.encode_target(image)}
+        return {role: encode[role]() for role in roles}
 
     def fill(self):
         """Compute every missing context; each process takes its share and writes each file atomically.
 
-        Two passes, so that one large encoder at a time is on the accelerator: every student context first (text
-        encoder), kept in a `.student` file, then the family prepares the teacher (the VLM replaces the text
-        encoder) and every teacher context completes its file.
+        Role by role, so that one large encoder at a time is on the accelerator: every student context first (text
+        encoder), then the family readies the teacher (the VLM takes the text encoder's place) for every teacher
+        context (docs/method.md §3.1).
         """
         if not self.enabled:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         accelerator = self.accelerator
-        # One entry per file: duplicate photos with the same caption share their contexts.
-        todo = list({self.path(e): e for e in self.examples if not self.readable(self.path(e), self.roles)}.values())
+        todo = {}  # one entry per key: duplicate photos with the same caption share their contexts
+        for example in self.examples:
+            lacking = [role for role in self.roles if not self.readable(self.path(example, role))]
+            if lacking:
+                todo[self.path(example, "student")] = example, lacking
         accelerator.wait_for_everyone()  # every process splits the same list before any of them writes
-        mine = todo[accelerator.process_index:: accelerator.num_processes]
+        mine = list(todo.values())[accelerator.process_index:: accelerator.num_processes]
         quiet = not accelerator.is_local_main_process
-        with torch.no_grad():
-            for example in tqdm(mine, desc="caching student contexts", disable=quiet):
-                student_path = Path(f"{self.path(example)}.student")
-                if not self.readable(student_path, roles={"student"}):
-                    self.write(student_path, {f"student.{k}": v for k, v in
-                                              self.family.encode_student_context(example.caption).items()})
-            if mine:
-                self.family.prepare_teacher_contexts()
-            for example in tqdm(mine, desc="caching teacher contexts", disable=quiet):
-                path = self.path(example)
-                image = training_image(example)
-                tensors = load_file(f"{path}.student")
-                tensors.update({f"teacher.{k}": v for k, v in
-                                self.family.build_teacher_context(image, example.caption).items()})
-                if "target" in self.roles:
-                    tensors.update({f"target.{k}": v for k, v in self.family.encode_target(image).items()})
-                self.write(path, tensors)
-                os.remove(f"{path}.student")
+        for example, lacking in tqdm(mine, desc="caching student contexts", disable=quiet):
+            self.write(example, self.compute(example, [role for role in lacking if role == "student"]))
+        if mine:
+            self.family.prepare_teacher_contexts()
+        for example, lacking in tqdm(mine, desc="caching teacher contexts", disable=quiet):
+            self.write(example, self.compute(example, [role for role in lacking if role != "student"]))
         accelerator.wait_for_everyone()
         logger.info(f"contexts cached for {len(self.examples)} examples ({len(todo)} new, computed by"
                     f" {accelerator.num_processes} process(es)) in {self.folder}")
 
-    def write(self, path, tensors):
-        """One cache file; a full disk stops with one line and keeps what is cached so far."""
-        write_output(path, lambda temporary: save_file({k: v.contiguous() for k, v in tensors.items()}, temporary),
-                     self.folder.parent)
+    def write(self, example, contexts):
+        """One cache file per role; a full disk stops with one line and keeps what is cached so far."""
+        for role, tensors in contexts.items():
+            write_output(self.path(example, role), lambda temporary: save_file(
+                {k: v.contiguous() for k, v in tensors.items()}, temporary), self.folder.parent)
 
     @staticmethod
-    def readable(path, roles=("student", "teacher")):
-        """Whether a cached file holds whole contexts (of `roles`). An empty or truncated one (a full disk, a copy
-        cut short) is named in one warning and computed again."""
+    def readable(path):
+        """Whether a cache file holds a whole context. An empty or truncated one (a full disk, a copy cut short) is
+        named in one warning and computed again."""
         if not path.exists():
             return False
         try:
-            with safe_open(path, "pt") as cached:
-                held = {key.split(".", 1)[0] for key in cached.keys()}
-                if set(roles) <= held:
-                    return True
-                if held == {"student", "teacher"}:  # written for D-OPSD; --objective sft/offpolicy adds the target
-                    return False
-                reason = f"it lacks the {' and '.join(sorted(set(roles) - held))} context"
+            with safe_open(path, "pt"):
+                return True
         except Exception as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        logger.warning(f"context cache file {path} is unreadable ({reason}); computing it again")
-        return False
+            logger.warning(f"context cache file {path} is unreadable ({first_line(error)}); computing it again")
+            return False
 
     def get(self, example):
         if not self.enabled:
             return self.compute(example)
-        path = self.path(example)
-        try:
-            tensors = load_file(path)
-        except Exception as error:  # damaged during the run (the encoders are gone by now)
-            raise UserError(f"context cache file {path} cannot be read ({error}): delete it and resume with"
-                            " --resume_from_checkpoint latest") from None
-        split = {role: {} for role in self.roles}
-        for key, value in tensors.items():
-            role, name = key.split(".", 1)
-            if role in split:
-                split[role][name] = value
-        return split
-
-
-class ContextDataset(torch.utils.data.Dataset):
-    def __init__(self, examples, store):
-        self.examples = examples
-        self.store = store
+        contexts = {}
+        for role in self.roles:
+            path = self.path(example, role)
+            try:
+                contexts[role] = load_file(path)
+            except Exception as error:  # damaged during the run (the encoders are gone by now)
+                raise UserError(f"context cache file {path} cannot be read ({error}): delete it and resume with"
+                                " --resume_from_checkpoint latest") from None
+        return contexts
 
     def __len__(self):
         return len(self.examples)
 
     def __getitem__(self, index):
-        return {**self.store.get(self.examples[index]), "bucket": self.examples[index].bucket}
+        return {**self.get(self.examples[index]), "bucket": self.examples[index].bucket}
 
 
 def collate_examples(items):
@@ -1765,67 +1597,45 @@ def collate_examples(items):
 
 
 class EMATeacher:
-    """The teacher's weights: theta_bar <- d * theta_bar + (1 - d) * theta after every optimizer step.
+    """The teacher's weights: theta_bar <- d * theta_bar + (1 - d) * theta after every optimizer step
+    (docs/method.md §2.4).
 
-    It holds a shadow copy of the student's trainable parameters and starts equal to them (zero-initialised LoRA B:
-    the teacher starts as the base model), as accelerate prepared them (`follow`). For a teacher pass the shadow is
-    swapped into the student's parameters, so one network with one set of modules plays both roles.
-
-    A bf16 shadow is updated with stochastic rounding: at decay 0.9999 one update, (1 - d) * (theta - theta_bar), is
-    far below half a bf16 step, so round-to-nearest would leave the teacher frozen at its start. Rounding up with
-    probability (remainder / step) makes every update count in expectation, keeping bf16's halved memory; an fp32
-    accumulator would cost more memory than the fp32 shadow it replaces. The rounding noise is drawn from a
-    generator seeded by the update count (saved with the shadow), so a resumed run draws the same noise.
+    An fp32 shadow of the student's trainable parameters, started from them as accelerate prepared them (`follow`):
+    the same on every process, since DDP and DeepSpeed hand out process 0's weights. A teacher pass swaps the shadow
+    into the student's parameters, so one network with one set of modules plays both roles.
     """
 
     FILE_NAME = "ema_teacher.safetensors"
 
-    def __init__(self, named_parameters, decay, device=None, dtype=None, seed=0):
+    def __init__(self, named_parameters, decay):
         self.decay = decay
-        self.device, self.dtype = device, dtype  # None: the parameters'
-        self.seed = seed
         self.start(named_parameters)
 
     def follow(self, network):
-        """Start over as the EMA of `network`'s trainable parameters. train() passes the student as accelerate
-        prepared it: the same on every process (DDP and DeepSpeed hand out process 0's weights, where each process
-        drew its own random LoRA A), so every process asks the same teacher."""
+        """Start over as the EMA of `network`'s trainable parameters."""
         self.start([(name, p) for name, p in network.named_parameters() if p.requires_grad])
 
     def start(self, named_parameters):
         named = list(named_parameters)
         self.names, self.parameters = tuple(n for n, _ in named), tuple(p for _, p in named)
-        self.shadow = [p.detach().to(device=self.device or p.device, dtype=self.dtype or p.dtype, copy=True)
-                       for p in self.parameters]
-        self.stash = None  # student copies for the copy-in/copy-out swap, allocated on first use
-        self.num_updates = 0
+        self.shadow = [p.detach().to(torch.float32, copy=True) for p in self.parameters]
+        self.stash = None  # the student's values while the teacher is copied in, allocated on first use
 
     @torch.no_grad()
     def update(self):
-        students = [p.detach().to(s.device, s.dtype) for p, s in zip(self.parameters, self.shadow)]
-        weight = 1.0 - self.decay
-        self.num_updates += 1
-        if self.shadow[0].dtype != torch.bfloat16:
-            torch._foreach_lerp_(self.shadow, students, weight)
-            return
-        generator = torch.Generator(self.shadow[0].device).manual_seed(self.seed * 1_000_003 + self.num_updates)
-        for shadow, parameter in zip(self.shadow, self.parameters):  # one tensor at a time: fp32 scratch stays small
-            exact = shadow.float().lerp_(parameter.detach().to(shadow.device, torch.float32), weight)
-            shadow.copy_(stochastic_round_to_bf16(exact, generator))
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.parameters], 1.0 - self.decay)
 
     @contextmanager
     def swapped_in(self):
         """Inside the block the student's parameters hold the teacher's weights.
 
-        Where the shadow has the parameters' device and dtype, the storages are swapped (no copy). Otherwise (a CPU,
-        bf16 or fp32 EMA) the student is copied out beside the shadow and the teacher copied in, so the accelerator
-        never holds a second copy of the weights. The copies go through `.data`, which autograd does not version:
-        a student graph kept alive across the teacher pass (one backward after the K steps, DeepSpeed's
-        arrangement; or gradient checkpointing's recomputation) would otherwise fail its version check. That is
-        sound because the block runs no backward, and the student's values are restored bit for bit (the stash
-        has the parameters' dtype) before any backward reads them.
+        fp32 parameters swap storages with the shadow (no copy); parameters of another dtype (DeepSpeed's bf16 copy)
+        are copied out to a stash while the teacher is copied in. Both go through `.data`, which autograd does not
+        version: a student graph kept alive across the teacher pass (DeepSpeed's one backward after the K steps, or
+        gradient checkpointing's recomputation) would otherwise fail its version check. That is sound because the
+        block runs no backward, and the student's values are back, bit for bit, before any backward reads them.
         """
-        if all(p.device == s.device and p.dtype == s.dtype for p, s in zip(self.parameters, self.shadow)):
+        if all(p.dtype == s.dtype for p, s in zip(self.parameters, self.shadow)):
             stash = [p.data for p in self.parameters]
             for parameter, shadow in zip(self.parameters, self.shadow):
                 parameter.data = shadow
@@ -1836,7 +1646,7 @@ class EMATeacher:
                     parameter.data = data
             return
         if self.stash is None:
-            self.stash = [torch.empty_like(p, device=s.device) for p, s in zip(self.parameters, self.shadow)]
+            self.stash = [torch.empty_like(p) for p in self.parameters]
         with torch.no_grad():
             for parameter, shadow, stash in zip(self.parameters, self.shadow, self.stash):
                 stash.copy_(parameter.data)
@@ -1850,7 +1660,7 @@ class EMATeacher:
 
     def save(self, folder):
         save_file({name: s.detach().cpu().contiguous() for name, s in zip(self.names, self.shadow)},
-                  Path(folder) / self.FILE_NAME, metadata={"num_updates": str(self.num_updates)})
+                  Path(folder) / self.FILE_NAME)
 
     @torch.no_grad()
     def load(self, folder):
@@ -1859,18 +1669,6 @@ class EMATeacher:
             raise UserError(f"the EMA teacher in {folder} does not fit this model/LoRA configuration")
         for name, shadow in zip(self.names, self.shadow):
             shadow.copy_(saved[name])
-        with safe_open(Path(folder) / self.FILE_NAME, "pt") as file:
-            self.num_updates = int((file.metadata() or {}).get("num_updates", 0))
-
-
-def stochastic_round_to_bf16(values, generator):
-    """fp32 -> bf16, rounding each value up (in magnitude) with probability equal to the dropped fraction: unbiased.
-
-    bf16 is the top half of fp32's bits; adding uniform random low bits before truncating carries into the kept
-    half exactly that often."""
-    bits = values.view(torch.int32)
-    noise = torch.randint(0, 1 << 16, values.shape, generator=generator, device=values.device, dtype=torch.int32)
-    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
 def to_x0(latents, velocity, sigma):
@@ -1895,18 +1693,14 @@ def dopsd_step(family, student, network, ema_teacher, batch, accelerator, rollou
                backward_per_step=True, objective="dopsd"):
     """One D-OPSD iteration on a batch; returns the mean loss over the K roll-out steps and the final latents.
 
-    `network` is the transformer that plays both roles: the student's weights, or the teacher's while
-    `ema_teacher.swapped_in()`. `student` is the same network as accelerate prepared it (under DDP its wrapper,
-    which synchronises gradients), for the passes with grad.
+    `network` is the transformer that plays both roles (the teacher's weights while `ema_teacher.swapped_in()`);
+    `student` is the same network as accelerate prepared it (under DDP its wrapper), for the passes with grad.
 
     The student's forward with grad at x_k *is* the roll-out step: its velocity moves the state to x_{k-1}
-    (detached: no backprop through the trajectory). Each step's loss is backpropagated at once, so only one
-    step's graph is alive; the gradient equals that of the mean over the K steps (docs/method.md §2.3). With
-    backward_per_step=False the K graphs are kept and one backward runs at the end (same gradient, memory O(K)):
-    what DeepSpeed needs, which allows one backward per micro-batch.
-
-    objective="offpolicy" (the paper's ablation) asks the same teacher on the same K noise levels, but at states
-    noised from the training image (x_k = (1 - s_k) x0 + s_k noise) instead of the student's roll-out.
+    (detached). Each step's loss is backpropagated at once, so only one step's graph is alive, with the gradient of
+    the mean over the K steps (docs/method.md §2.3); backward_per_step=False keeps the K graphs for one backward at
+    the end, as DeepSpeed needs. objective="offpolicy" asks the same teacher at states noised from the training
+    image instead of the student's roll-out.
     """
     height, width = batch["bucket"]
     student_context = family.collate(batch["student"])
@@ -2012,9 +1806,8 @@ PRIOR_REFERENCE_FILE = "prior_reference.safetensors"
 
 
 def base_prior_samples(family, transformer, validation, args, resumed, write=True):
-    """The base model's samples of the prior prompts, the reference prior drift is measured against: made before
-    the first step (when the student is still the base model) and kept in output_dir for resumed runs (if
-    `write`)."""
+    """The base model's samples of the prior prompts, which the prior drift is measured against: made before the
+    first step (the student is still the base model) and kept in output_dir for resumed runs (if `write`)."""
     if not validation["prior"]:
         return None
     path = Path(args.output_dir) / PRIOR_REFERENCE_FILE
@@ -2040,8 +1833,7 @@ def base_prior_samples(family, transformer, validation, args, resumed, write=Tru
 
 def prior_drift(family, transformer, validation, args):
     """How far the current model's few-step samples of the prior prompts moved from the base model's, from the same
-    noise: the mean relative distance |x - x_base| / |x_base| of the latents (0: unchanged). A concept that bleeds
-    into every prompt, or forgetting, makes it grow."""
+    noise: the mean relative distance |x - x_base| / |x_base| of the latents (0: unchanged)."""
     reference = validation["prior_reference"]
     current = prior_samples(family, transformer, validation["prior"], args)
     return float(np.mean([((current[k] - reference[k]).norm() / reference[k].norm()).item() for k in reference]))
@@ -2123,10 +1915,9 @@ def log_validation(family, transformer, ema_teacher, validation, args, accelerat
 
 def resolve_lora_targets(transformer, lora_layers):
     """Full names of the nn.Linear modules whose names end in one of the given suffixes; each suffix must match."""
-    suffixes = [s.strip() for s in lora_layers.split(",") if s.strip()]
     linear_names = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
     targets = []
-    for suffix in suffixes:
+    for suffix in lora_layers.split(","):
         matched = [name for name in linear_names if name == suffix or name.endswith("." + suffix)]
         if not matched:
             raise UserError(f"--lora_layers entry '{suffix}' matches no linear layer of this transformer")
@@ -2136,12 +1927,9 @@ def resolve_lora_targets(transformer, lora_layers):
 
 def save_lora(family, transformer, output_dir, weight_name=LORA_WEIGHT_NAME):
     """pytorch_lora_weights.safetensors in diffusers format, with the adapter config (rank, alpha) as metadata."""
-    family.pipeline_class.save_lora_weights(
-        output_dir,
-        transformer_lora_layers=get_peft_model_state_dict(transformer),
-        weight_name=weight_name,
-        **_collate_lora_metadata({"transformer": transformer}),
-    )
+    family.pipeline_class.save_lora_weights(output_dir, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                            weight_name=weight_name,
+                                            **_collate_lora_metadata({"transformer": transformer}))
 
 
 def export_lora(args, family, transformer, output_dir, weight_name=LORA_WEIGHT_NAME, *, num_images):
@@ -2172,6 +1960,7 @@ def export_lora(args, family, transformer, output_dir, weight_name=LORA_WEIGHT_N
         "ss_network_dim": str(config.r),
         "ss_network_alpha": str(config.r),
         "ss_base_model_version": family.modelspec_architecture,
+        "ss_num_train_images": str(num_images),
     }
     usage = (f"{args.validation_inference_steps} steps, guidance {family.guidance_scale}, LoRA strength 1.0"
              f" on {family.name}")
@@ -2184,7 +1973,6 @@ def export_lora(args, family, transformer, output_dir, weight_name=LORA_WEIGHT_N
         header["trained_words"] = json.dumps([args.trigger_word])
         usage = f"Trigger word: {args.trigger_word}. {usage}"
     header["modelspec.usage_hint"] = usage
-    header["ss_num_train_images"] = str(num_images)
 
     def save_with_header(tensors, filename):
         # modelspec.hash_sha256: the tensor data (the file after its header), which the header does not change
@@ -2197,36 +1985,6 @@ def export_lora(args, family, transformer, output_dir, weight_name=LORA_WEIGHT_N
 
     family.pipeline_class.save_lora_weights(output_dir, transformer_lora_layers=state, weight_name=weight_name,
                                             save_function=save_with_header)
-
-
-# Licenses of the known base models, for when their own model card cannot be read (offline, local folder).
-KNOWN_LICENSES = {
-    "z-image-turbo": {"license": "apache-2.0"},
-    "flux.2-klein-4b": {"license": "apache-2.0"},
-    "flux.2-klein-9b": {"license": "other", "license_name": "flux-non-commercial-license",
-                        "license_link": "https://huggingface.co/black-forest-labs/FLUX.2-klein-9B/blob/main/LICENSE.md"},
-}
-
-
-def base_model_license(base_model):
-    """The base model's license fields: from its own model card where it can be read, else from KNOWN_LICENSES,
-    else "other" (the card then points to the base model)."""
-    from huggingface_hub import ModelCard
-
-    readme = Path(base_model) / "README.md"
-    if readme.is_file() or not (Path(base_model).exists() or hub_offline()):
-        hub_logger = logging.getLogger("huggingface_hub")
-        level = hub_logger.level
-        hub_logger.setLevel(logging.ERROR)
-        try:
-            data = ModelCard.load(readme if readme.is_file() else base_model).data
-            if data.license:
-                return {k: getattr(data, k) for k in ("license", "license_name", "license_link") if getattr(data, k)}
-        except Exception:
-            pass
-        finally:
-            hub_logger.setLevel(level)
-    return dict(KNOWN_LICENSES.get(Path(base_model.rstrip("/")).name.lower(), {"license": "other"}))
 
 
 def card_gallery(output_dir, images):
@@ -2300,20 +2058,14 @@ def card_prompt(args):
     return args.trigger_word or "your prompt"
 
 
-def weights_location(args, repo_id):
-    """Where the card's code loads the trained weights from: the Hub repository once its owner is known (user/name,
-    as --push_to_hub or a full --hub_model_id gives it), else the output folder."""
-    return repo_id if "/" in repo_id else args.output_dir
-
-
-def write_model_card(args, repo_id, description, widget, tags):
+def write_model_card(args, family, description, widget, tags):
     """README.md in output_dir: the Hub's metadata (base model, license, gallery, tags), then the description. A base
     model from a local folder is named in the text only: the Hub links base models by repository id."""
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(library_name="diffusers", base_model=hub_id(args.pretrained_model_name_or_path),
                          instance_prompt=args.trigger_word, widget=widget or None, tags=tags,
-                         **base_model_license(args.pretrained_model_name_or_path))
+                         **family.base_model_license(args.pretrained_model_name_or_path))
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{description}")
     write_output(Path(args.output_dir) / "README.md", card.save, args.output_dir)
 
@@ -2337,7 +2089,7 @@ def save_model_card(args, family, repo_id, images):
     trigger = (f"Use `{args.trigger_word}` in the prompt to trigger the concept." if args.trigger_word else
                f"Instance prompt: `{args.instance_prompt}`." if args.instance_prompt else
                "No trigger word: the captions of the training data were used.")
-    weights = weights_location(args, repo_id)
+    weights = repo_id if "/" in repo_id else args.output_dir  # the Hub repository once its owner is known
     download = (f"[{LORA_WEIGHT_NAME}](https://huggingface.co/{repo_id}/resolve/main/{LORA_WEIGHT_NAME})"
                 f" ({args.save_dtype}, rank {args.rank}), also under *Files and versions*." if weights == repo_id else
                 f"`{LORA_WEIGHT_NAME}` ({args.save_dtype}, rank {args.rank}), beside this card.")
@@ -2395,43 +2147,44 @@ Forge and diffusers alike.
 | resolution | {args.resolution} |
 
 {metrics_table(args.output_dir)}"""
-    tags = ["text-to-image", "diffusers", "lora", "template:sd-lora", "d-opsd", "diffusers-training",
-            *family.hub_tags]
-    write_model_card(args, repo_id, description, widget, tags)
+    tags = ["text-to-image", "diffusers", "lora", "template:sd-lora", "d-opsd", "diffusers-training", *family.hub_tags]
+    write_model_card(args, family, description, widget, tags)
 
 
 HUB_IGNORE = ["checkpoint-*", "checkpoint-*/*", "context_cache/*", "logs/*", "*.tmp", ".dopsd.lock"]
-
-
-def push_to_hub(args, family, images):
-    """Create the repository, write the card naming the id the Hub gave it (user/name), upload the output folder.
-    On failure everything stays local and the retry command is printed."""
-    from huggingface_hub import create_repo, upload_folder
-
-    repo_id = hub_repo_id(args)
-    try:
-        repo_id = create_repo(repo_id, exist_ok=True, private=args.hub_private).repo_id
-        save_model_card(args, family, repo_id, images)
-        upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="D-OPSD training",
-                      ignore_patterns=HUB_IGNORE)
-    except Exception as error:
-        excludes = " ".join(f"--exclude '{p}'" for p in HUB_IGNORE)
-        logger.error(
-            f"upload to the Hub failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
-            f"Your results are intact in {args.output_dir}. Retry with:\n"
-            f"  hf upload {repo_id} {args.output_dir} . {excludes}"
-        )
-        return False
-    logger.info(f"uploaded to https://huggingface.co/{repo_id}")
-    return True
 
 
 def hub_repo_id(args):
     return args.hub_model_id or Path(args.output_dir).resolve().name
 
 
+def push_to_hub(args, family, images):
+    """Create the repository, write the card naming the id the Hub gave it (user/name), upload the output folder.
+    If the Hub fails, the card names the id as asked, everything stays local and the retry command is printed."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id, error = hub_repo_id(args), None
+    try:
+        repo_id = create_repo(repo_id, exist_ok=True, private=args.hub_private).repo_id
+    except Exception as failure:
+        error = failure
+    save_model_card(args, family, repo_id, images)  # the card is written once, when the id is known
+    if error is None:
+        try:
+            upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="D-OPSD training",
+                          ignore_patterns=HUB_IGNORE)
+            logger.info(f"uploaded to https://huggingface.co/{repo_id}")
+            return True
+        except Exception as failure:
+            error = failure
+    excludes = " ".join(f"--exclude '{p}'" for p in HUB_IGNORE)
+    logger.error(f"upload to the Hub failed ({type(error).__name__}: {first_line(error)}). Your results are intact"
+                 f" in {args.output_dir}. Retry with:\n  hf upload {repo_id} {args.output_dir} . {excludes}")
+    return False
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# main
+# Run safety: atomic writes, checkpoints and resume, the output folder, signals
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -2617,54 +2370,53 @@ def load_checkpoint(accelerator, path, noise_generator):
                         " LoRA or number of processes") from None
 
 
-def resume_command():
-    """The command line that continues this run from its latest checkpoint."""
-    argv = sys.argv[1:]
-    if "--resume_from_checkpoint" in argv:
-        index = argv.index("--resume_from_checkpoint")
-        argv = argv[:index] + argv[index + 2:]
-    argv = [a for a in argv if not a.startswith("--resume_from_checkpoint=")]
-    launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"
-    return shlex.join([*launcher.split(), sys.argv[0], *argv, "--resume_from_checkpoint", "latest"])
+# What a resume may change: not what the saved weights, teacher or optimizer state mean, nor where the step count puts
+# the run in its data order, noise and lr schedule. Every other flag is refused, also one added later.
+MAY_CHANGE_ON_RESUME = (
+    "instance_data_dir", "dataset_name", "dataset_config_name", "image_column", "caption_column", "cache_dir",
+    "instance_prompt", "resolution", "repeats", "skip_bad_images", "random_flip", "bucket_no_upscale", "trigger_word",
+    "cache_contexts", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power",
+    "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "max_train_steps",
+    "max_bad_steps", "mixed_precision", "allow_tf32", "attention_backend", "compile", "gradient_checkpointing",
+    "ema_device", "output_dir", "checkpointing_steps", "checkpoints_total_limit", "validation_prompt",
+    "validation_steps", "validation_inference_steps", "num_validation_images", "prior_prompts", "report_to",
+    "logging_dir", "hub_private", "save_dtype", "save_ema", "offload",
+)
+SETTINGS_FILE = "run_settings.json"
+NOT_SETTINGS = ("resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "hub_model_id")
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM ending the run at once: one line (what stopped, how to go on), exit status 128 + signal."""
+def run_settings(args, accelerator, family):
+    """The run's flags as used (defaults resolved, local paths absolute), for checkpoints and resume."""
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+    settings["num_processes"] = accelerator.num_processes
+    settings["teacher_vlm_name_or_path"] = (  # the VLM it uses, by name: naming the default is no change
+        args.teacher_vlm_name_or_path or family.default_teacher_vlm() if family.teacher_context == "vlm" else None)
+    for name in ("pretrained_model_name_or_path", "teacher_vlm_name_or_path", "instance_data_dir", "dataset_name"):
+        if settings.get(name) and os.path.exists(settings[name]):
+            settings[name] = os.path.abspath(settings[name])
+    return json.loads(json.dumps(settings))
 
-    def __init__(self, signum=signal.SIGINT, message="interrupted before training started; rerun the same command"
-                 " (contexts cached so far are kept)"):
-        super().__init__(message)
-        self.signum = signum
 
-
-def interrupt(signum, frame):  # outside the training loop (loading, caching, saving): stop at once
-    raise Interrupted(signum)
-
-
-class StopRequest:
-    """In the training loop, SIGINT / SIGTERM (Ctrl-C, a notebook's stop button, preemption) ask the loop to stop at
-    the next step boundary with a checkpoint. A second signal stops at once (the handler before the loop's)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
-
-    def handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signum, self.previous[signum])
-        logger.warning(f"{signal.Signals(signum).name} received: stopping with a checkpoint after this step"
-                       " (send it again to stop at once)", main_process_only=False)
-
-    def agreed(self, accelerator):
-        """True on every process once any process was asked to stop."""
-        flag = torch.tensor(float(self.requested), device=accelerator.device)
-        return accelerator.reduce(flag, "max").item() > 0
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+def check_resume_settings(resume_path, settings):
+    """Refuse a resume that changes what the checkpoint means (all such flags in one line); log the other changes
+    (MAY_CHANGE_ON_RESUME: e.g. a new learning rate applies to the restored optimizer)."""
+    saved_file = Path(resume_path) / SETTINGS_FILE
+    if not saved_file.is_file():
+        logger.warning(f"{resume_path} records no settings (an older checkpoint): resuming without checking them")
+        return
+    saved = json.loads(saved_file.read_text())
+    if saved.get("teacher_vlm_name_or_path", "") is None:  # older checkpoints recorded the default VLM as None
+        saved["teacher_vlm_name_or_path"] = settings["teacher_vlm_name_or_path"]
+    changed = [name for name in settings if name in saved and saved[name] != settings[name]]
+    refused = [name for name in changed if name not in MAY_CHANGE_ON_RESUME]
+    if refused:
+        listing = ", ".join(f"--{name} {saved[name]} (now {settings[name]})" for name in refused)
+        raise UserError(f"cannot resume from {resume_path}: it was trained with {listing}; resume with the"
+                        " checkpoint's values, or start a new run in another --output_dir")
+    if changed:
+        listing = ", ".join(f"--{name} {saved[name]} -> {settings[name]}" for name in changed)
+        logger.info(f"resuming with changed settings: {listing}")
 
 
 RUN_RESULTS = ("pytorch_lora_weights.safetensors", "transformer", "transformer_ema")  # either script's final outputs
@@ -2726,200 +2478,59 @@ def claim_output_dir(args, accelerator):
     accelerator.wait_for_everyone()
 
 
-# What a resume may change: not what the saved weights, teacher or optimizer state mean, nor where the step count puts
-# the run in its data order, noise and lr schedule. Every other flag (the model, base, teacher and what shapes them,
-# LoRA, objective, EMA, seed, batch, processes...) is refused, also one added later.
-MAY_CHANGE_ON_RESUME = (
-    "instance_data_dir", "dataset_name", "dataset_config_name", "image_column", "caption_column", "cache_dir",
-    "instance_prompt", "resolution", "repeats", "skip_bad_images", "random_flip", "bucket_no_upscale", "trigger_word",
-    "cache_contexts", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power",
-    "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "max_train_steps",
-    "max_bad_steps", "mixed_precision", "allow_tf32", "attention_backend", "compile", "gradient_checkpointing",
-    "ema_device", "output_dir", "checkpointing_steps", "checkpoints_total_limit", "validation_prompt",
-    "validation_steps", "validation_inference_steps", "num_validation_images", "prior_prompts", "report_to",
-    "logging_dir",
-    "hub_private", "save_dtype", "save_ema", "offload",
-)
-SETTINGS_FILE = "run_settings.json"
-NOT_SETTINGS = ("resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "hub_model_id")
+def resume_command():
+    """The command line that continues this run from its latest checkpoint."""
+    argv = sys.argv[1:]
+    if "--resume_from_checkpoint" in argv:
+        index = argv.index("--resume_from_checkpoint")
+        argv = argv[:index] + argv[index + 2:]
+    argv = [a for a in argv if not a.startswith("--resume_from_checkpoint=")]
+    launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"
+    return shlex.join([*launcher.split(), sys.argv[0], *argv, "--resume_from_checkpoint", "latest"])
 
 
-def run_settings(args, accelerator, family):
-    """The run's flags as used (defaults resolved, local paths absolute), for checkpoints and resume."""
-    settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
-    settings["num_processes"] = accelerator.num_processes
-    settings["teacher_vlm_name_or_path"] = (  # the VLM it uses, by name: naming the default is no change
-        args.teacher_vlm_name_or_path or family.default_teacher_vlm() if family.teacher_context == "vlm" else None)
-    for name in ("pretrained_model_name_or_path", "teacher_vlm_name_or_path", "instance_data_dir", "dataset_name"):
-        if settings.get(name) and os.path.exists(settings[name]):
-            settings[name] = os.path.abspath(settings[name])
-    return json.loads(json.dumps(settings))
+class Interrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM ending the run at once: one line (what stopped, how to go on), exit status 128 + signal."""
+
+    def __init__(self, signum=signal.SIGINT, message="interrupted before training started; rerun the same command"
+                 " (contexts cached so far are kept)"):
+        super().__init__(message)
+        self.signum = signum
 
 
-def check_resume_settings(resume_path, settings):
-    """Refuse a resume that changes what the checkpoint means (all such flags in one line); log the other changes
-    (MAY_CHANGE_ON_RESUME: e.g. a new learning rate applies to the restored optimizer)."""
-    saved_file = Path(resume_path) / SETTINGS_FILE
-    if not saved_file.is_file():
-        logger.warning(f"{resume_path} records no settings (an older checkpoint): resuming without checking them")
-        return
-    saved = json.loads(saved_file.read_text())
-    if saved.get("teacher_vlm_name_or_path", "") is None:  # older checkpoints recorded the default VLM as None
-        saved["teacher_vlm_name_or_path"] = settings["teacher_vlm_name_or_path"]
-    changed = [name for name in settings if name in saved and saved[name] != settings[name]]
-    refused = [name for name in changed if name not in MAY_CHANGE_ON_RESUME]
-    if refused:
-        listing = ", ".join(f"--{name} {saved[name]} (now {settings[name]})" for name in refused)
-        raise UserError(f"cannot resume from {resume_path}: it was trained with {listing}; resume with the"
-                        " checkpoint's values, or start a new run in another --output_dir")
-    if changed:
-        listing = ", ".join(f"--{name} {saved[name]} -> {settings[name]}" for name in changed)
-        logger.info(f"resuming with changed settings: {listing}")
+def interrupt(signum, frame):  # outside the training loop (loading, caching, saving): stop at once
+    raise Interrupted(signum)
 
 
-def compile_by_default(device):
-    """--compile's default: on where inductor generates GPU kernels (CUDA with triton); tests on CPU stay eager."""
-    from torch.utils._triton import has_triton
+class StopRequest:
+    """In the training loop, SIGINT / SIGTERM (Ctrl-C, a notebook's stop button, preemption) ask the loop to stop at
+    the next step boundary with a checkpoint. A second signal stops at once (the handler before the loop's)."""
 
-    return device.type == "cuda" and has_triton()
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+
+    def handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signum, self.previous[signum])
+        logger.warning(f"{signal.Signals(signum).name} received: stopping with a checkpoint after this step"
+                       " (send it again to stop at once)", main_process_only=False)
+
+    def agreed(self, accelerator):
+        """True on every process once any process was asked to stop."""
+        flag = torch.tensor(float(self.requested), device=accelerator.device)
+        return accelerator.reduce(flag, "max").item() > 0
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
-COMPILE_CACHE_FILE = "torch-compile-cache.bin"  # beside the checkpoints: a resumed run loads it, not recompiles
-
-
-def out_of_memory(error):
-    """Whether `error`, or what it wraps, ran out of memory: an eager retry would not help."""
-    while error is not None:
-        if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-            return True
-        error = getattr(error, "inner_exception", None) or error.__cause__
-    return False
-
-
-class CompiledBlocks:
-    """torch.compile of the transformer's repeated blocks (diffusers' regional compilation) for every pass: the
-    student's forward and backward (with or without gradient checkpointing) and the teacher's no-grad forward.
-
-    Shapes are dynamic, so aspect buckets, the teacher's longer context and validation sizes share one set of
-    graphs instead of compiling per shape. The teacher's weights are swapped in by storage, which keeps dynamo's
-    guards valid: after the first step nothing recompiles. New graphs are counted and logged.
-
-    A compile cannot make a run worse: while compiled, work that fails (dynamo, AOTAutograd's lazy backward compile,
-    inductor, triton, a later recompile) is done again eager, once, after one warning line, and the blocks stay
-    eager; if the eager retry fails too, its error is raised. Out of memory and user errors are raised at once. The
-    compiler's cache artifacts are kept in COMPILE_CACHE_FILE beside the checkpoints, so a resumed run reuses them.
-    """
-
-    backend = "inductor"
-
-    def __init__(self, transformer, enabled, cache_folder=None):
-        self.transformer = transformer
-        self.enabled = enabled
-        self.graphs = 0
-        self.window, self.window_noise = [], None  # the accumulation window's micro-batches, its first noise state
-        self.loaded_artifacts = set()
-        if enabled:
-            if cache_folder is not None:
-                self.load_cache(Path(cache_folder, COMPILE_CACHE_FILE))
-            transformer.compile_repeated_blocks(backend=self.backend, dynamic=True)
-
-    def fall_back(self, error):
-        """After `error` in compiled work: whether an eager retry may help. If so, one warning line and the blocks
-        are eager from now on."""
-        if not self.enabled or isinstance(error, UserError) or out_of_memory(error):
-            return False
-        cause = getattr(error, "inner_exception", None) or error  # what the compiler backend raised
-        reason = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
-        logger.warning(f"torch.compile failed ({reason}); going on eager from the same state (--no-compile skips"
-                       " the attempt)")
-        self.undo()
-        return True
-
-    def undo(self):
-        """The blocks eager again, for good."""
-        for module in self.transformer.modules():
-            module._compiled_call_impl = None  # what nn.Module.compile set
-        self.enabled = False
-
-    def call(self, work):
-        """work() (no gradients: validation, the base model's samples); done again eager if it fails compiled."""
-        try:
-            return work()
-        except Exception as error:
-            if not self.fall_back(error):
-                raise
-            return work()
-
-    def micro_batch(self, step, batch, accelerator, model, noise_generator, parameters):
-        """step(batch) for one micro-batch, inside accelerator.accumulate(model); returns its loss.
-
-        While compiled, the micro-batches since the last optimizer step are kept. If one fails, the whole window
-        runs again eager: the noise generator back at the window's start, its gradients dropped, the earlier
-        micro-batches under no_sync (they were not the window's last), then this one. accumulate()'s bookkeeping
-        stands as it is: the earlier micro-batches' optimizer_step calls only counted, and this micro-batch's
-        sync_gradients still decides the optimizer step that follows.
-        """
-        if not self.enabled:
-            return step(batch)
-        if not self.window:
-            self.window_noise = noise_generator.get_state()
-        self.window.append(batch)
-        try:
-            loss = step(batch)
-        except Exception as error:
-            if not self.fall_back(error):
-                raise
-            noise_generator.set_state(self.window_noise)
-            for parameter in parameters:
-                parameter.grad = None
-            for earlier in self.window[:-1]:
-                with accelerator.no_sync(model):
-                    step(earlier)
-            loss = step(batch)
-        if accelerator.sync_gradients or not self.enabled:
-            self.window = []
-        return loss
-
-    def log_new_graphs(self, where):
-        if not self.enabled:
-            return
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        if graphs > self.graphs:
-            logger.info(f"torch.compile: {graphs - self.graphs} new graph(s) at {where}, {graphs} in all")
-            self.graphs = graphs
-
-    def load_cache(self, path):
-        """Hand the compiler the artifacts a previous run saved at `path`; a damaged or foreign file: one warning."""
-        if not path.is_file():
-            return
-        quiet = logging.getLogger("torch.compiler._cache")  # it logs a traceback for a damaged file
-        level = quiet.level
-        quiet.setLevel(logging.CRITICAL)
-        try:
-            info = torch.compiler.load_cache_artifacts(path.read_bytes())
-        except Exception:
-            info = None
-        finally:
-            quiet.setLevel(level)
-        if info is None:
-            logger.warning(f"{path} is damaged or was written by another torch version: compiling anew")
-            return
-        self.loaded_artifacts = {(kind, key) for kind, keys in info.artifacts.items() for key in keys}
-        logger.info(f"torch.compile: {len(self.loaded_artifacts)} cached artifact(s) loaded from {path}")
-
-    def save_cache(self, folder):
-        """Write the compiler's cache artifacts to COMPILE_CACHE_FILE in `folder` (with each checkpoint). A set
-        that lacks some of the loaded artifacts (torch records only what this process compiled) keeps the file."""
-        if not self.enabled:
-            return
-        saved = torch.compiler.save_cache_artifacts()
-        if saved is None:
-            return
-        artifacts, info = saved
-        if not self.loaded_artifacts <= {(kind, key) for kind, keys in info.artifacts.items() for key in keys}:
-            return
-        write_output(Path(folder, COMPILE_CACHE_FILE), lambda temporary: temporary.write_bytes(artifacts), folder,
-                     optional=True)
+# ----------------------------------------------------------------------------------------------------------------
+# Setup: the machine, the engine, the model family, the contexts, the student
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def gpu_has_bf16():
@@ -2930,8 +2541,15 @@ def gpu_has_bf16():
 
 def default_mixed_precision():
     """--mixed_precision when none is given: what `accelerate launch` was told (its config or flag), else bf16 on a
-    GPU that has it (every memory figure in the README is bf16; fp32 takes twice the memory), else none (fp32)."""
+    GPU that has it (every memory figure in the README is bf16), else none (fp32)."""
     return os.environ.get("ACCELERATE_MIXED_PRECISION") or ("bf16" if gpu_has_bf16() else "no")
+
+
+def compile_by_default(device):
+    """--compile's default: on where inductor generates GPU kernels (CUDA with triton); tests on CPU stay eager."""
+    from torch.utils._triton import has_triton
+
+    return device.type == "cuda" and has_triton()
 
 
 def device_and_precision(accelerator):
@@ -2979,7 +2597,6 @@ def engine_options(args):
         for flag, given in (("--compile", args.compile), ("--use_8bit_adam", args.use_8bit_adam)):
             if given:
                 raise UserError(f"{flag} is not supported with FSDP2: drop it")
-        args.compile = False  # FSDP2 runs eager (--compile's default is on with CUDA)
         # Every backward reduce-scatters its gradients (the K roll-out steps and the accumulated micro-batches):
         # skipping the sync would hold a whole unsharded gradient on every GPU.
         options["gradient_accumulation_plugin"].sync_each_batch = True
@@ -3044,42 +2661,40 @@ def setup(args):
     resume_path = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     check_output_dir_is_free(args)
     args.mixed_precision = args.mixed_precision or default_mixed_precision()
-    options = engine_options(args)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=Path(args.output_dir, args.logging_dir)),
-        **options,
+        **engine_options(args),
     )
     launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
     if launched != accelerator.num_processes:  # each process would train alone, as process 0
         raise UserError(f"{launched} processes were launched, but accelerate joined them into no process group (a"
                         " machine without GPUs?): on CPUs, launch DDP with ACCELERATE_USE_CPU=true")
+    # The defaults that depend on the machine, resolved here once, before the settings are recorded: compiling is
+    # on where it makes GPU kernels (not around --offload's per-layer hooks, nor on FSDP2's shards).
+    if args.compile is None:
+        args.compile = (compile_by_default(accelerator.device) and not getattr(args, "offload", False)
+                        and not accelerator.is_fsdp2)
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO,
                         handlers=[ProgressBarSafeHandler()])
-    if accelerator.is_local_main_process:
-        transformers.utils.logging.set_verbosity_warning()
-        diffusers.utils.logging.set_verbosity_warning()
-    else:
-        transformers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
+    verbosity = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
+    transformers.utils.logging.set_verbosity(verbosity)
+    diffusers.utils.logging.set_verbosity(verbosity)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.info(f"no checkpoint in {args.output_dir} to resume from: starting a new run")
     set_seed(args.seed, device_specific=True)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    cuda = accelerator.device.type == "cuda"
-    if accelerator.mixed_precision == "bf16" and cuda and not gpu_has_bf16():
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cuda" and not gpu_has_bf16():
         raise UserError("this GPU has no bf16: use --mixed_precision fp16 (trained with a gradient scaler)")
     logger.info(device_and_precision(accelerator))
 
-    if args.compile is None:
-        args.compile = compile_by_default(accelerator.device) and not getattr(args, "offload", False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     family = family_class(args, weight_dtype, accelerator.device)
-    if args.resolution % family.resolution_multiple:
-        raise UserError(f"--resolution must be a multiple of {family.resolution_multiple} for {family.name}")
     family.check_teacher()
     settings = run_settings(args, accelerator, family)
     if resume_path is not None:
@@ -3094,9 +2709,9 @@ def setup(args):
 
 
 def cache_contexts(args, family, examples, accelerator):
-    """Student and teacher contexts for every example (and the validation prompts), computed once; then the text
-    encoder, VLM and VAE leave the accelerator. The validation prompts go first, while the text encoder is there.
-    With --no-cache_contexts the text encoder and the VLM both stay, to compute contexts for every batch."""
+    """Student and teacher contexts for every example (ContextStore.fill), and the validation prompts' first, while
+    the text encoder is there; then the encoders leave the accelerator. With --no-cache_contexts the text encoder
+    and the VLM both stay, to compute contexts for every batch."""
     with torch.no_grad():
         prompts = [(prompt, family.encode_student_context(prompt)) for prompt in args.validation_prompt or []]
         prior = [(prompt, family.encode_student_context(prompt)) for prompt in args.prior_prompts]
@@ -3109,17 +2724,193 @@ def cache_contexts(args, family, examples, accelerator):
         "prompts": prompts,
         "prior": prior,
         "prior_reference": None,  # the base model's samples of the prior prompts (base_prior_samples)
-        "teacher_view": {**store.get(examples[0]),
-                         "bucket": examples[0].bucket, "caption": examples[0].caption},
+        "teacher_view": {**store.get(examples[0]), "bucket": examples[0].bucket, "caption": examples[0].caption},
     }
     if args.cache_contexts:
         family.free_encoders()
     return store, validation
 
 
-def make_optimizer(args, parameters, accelerator):
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+def prepare_student(args, family, accelerator, lora_targets):
+    """The student as training runs it, and the (name, parameter) pairs that train: a LoRA on `lora_targets` (fp32
+    weights under mixed precision) and gradient checkpointing if asked.
+
+    The transformer is loaded here, once the contexts are cached: straight to the accelerator, or memory-mapped on
+    the host for --quantize_base to quantise each layer as it reaches the accelerator (student and teacher share the
+    quantised base; only the LoRA swaps) and for --offload to keep the frozen base in host RAM."""
+    device = accelerator.device
+    transformer = family.load_transformer("cpu" if args.quantize_base != "none" or args.offload else device)
+    if args.quantize_base != "none":
+        count = quantize_linear_layers(transformer, args.quantize_base, device, family.weight_dtype)
+        logger.info(f"base transformer: {count} linear layers quantised to {args.quantize_base}")
+    if args.offload:
+        # diffusers' group offloading (on CUDA a side stream copies the next layer's weights from pinned memory), leaf
+        # by leaf and before the LoRA exists: only the base's layers are hooked, and the LoRA never leaves the
+        # accelerator (hooks on whole blocks would move it too, and bring blocks back from a copy taken when
+        # offloading began, undoing every update and every teacher swap).
+        cuda = device.type == "cuda"
+        transformer.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                         offload_type="leaf_level", use_stream=cuda, record_stream=cuda)
+        logger.info("base transformer offloaded: its weights stay in host RAM, each layer's brought to the GPU while"
+                    " it runs")
+        if not args.gradient_checkpointing:
+            logger.warning("--offload without --gradient_checkpointing: the student's backward keeps every layer's"
+                           " weights on the GPU until it is done; add --gradient_checkpointing to save GPU memory")
+    else:
+        transformer.to(device)
+    transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
+                                       target_modules=lora_targets))
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if accelerator.mixed_precision in ("fp16", "bf16"):
+        cast_training_params(transformer, dtype=torch.float32)
+    if accelerator.native_amp:
+        # Every pass runs under autocast, which computes the LoRA in bf16/fp16 whatever its input's dtype: peft's
+        # cast of each input to the fp32 adapter dtype would only add a round trip through fp32.
+        for module in transformer.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
+    lora = [(name, p) for name, p in transformer.named_parameters() if p.requires_grad]
+    for _, parameter in lora:  # peft puts the LoRA beside its base layer's weights: an offloaded one's are on the host
+        parameter.data = parameter.data.to(device)
+    return transformer, lora
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training loop: compiled blocks, optimizer, the D-OPSD steps, checkpoints, validation, the final outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+COMPILE_CACHE_FILE = "torch-compile-cache.bin"  # beside the checkpoints: a resumed run loads it, not recompiles
+
+
+def out_of_memory(error):
+    """Whether `error`, or what it wraps, ran out of memory: an eager retry would not help."""
+    while error is not None:
+        if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+            return True
+        error = getattr(error, "inner_exception", None) or error.__cause__
+    return False
+
+
+class CompiledBlocks:
+    """torch.compile of the transformer's repeated blocks (diffusers' regional compilation) for every pass: the
+    student's forward and backward and the teacher's no-grad forward. Shapes are dynamic, so buckets, the teacher's
+    longer context and validation sizes share one set of graphs; the teacher swapped in by storage keeps dynamo's
+    guards valid, so nothing recompiles after the first step. New graphs are logged.
+
+    A compile cannot make a run worse: compiled work that fails is done again eager, once, after one warning line,
+    and the blocks stay eager; out of memory and user errors are raised at once. The compiler's cache artifacts are
+    kept in COMPILE_CACHE_FILE beside the checkpoints, so a resumed run reuses them.
+    """
+
+    backend = "inductor"
+
+    def __init__(self, transformer, enabled, cache_folder=None):
+        self.transformer = transformer
+        self.enabled = enabled
+        self.graphs = 0
+        self.window, self.window_noise = [], None  # the accumulation window's micro-batches, its first noise state
+        self.loaded_artifacts = set()
+        if enabled:
+            if cache_folder is not None:
+                self.load_cache(Path(cache_folder, COMPILE_CACHE_FILE))
+            transformer.compile_repeated_blocks(backend=self.backend, dynamic=True)
+
+    def fall_back(self, error):
+        """After `error` in compiled work: whether an eager retry may help. If so, one warning line and the blocks
+        are eager from now on."""
+        if not self.enabled or isinstance(error, UserError) or out_of_memory(error):
+            return False
+        cause = getattr(error, "inner_exception", None) or error  # what the compiler backend raised
+        logger.warning(f"torch.compile failed ({type(cause).__name__}: {first_line(cause)}); going on eager from the"
+                       " same state (--no-compile skips the attempt)")
+        self.undo()
+        return True
+
+    def undo(self):
+        """The blocks eager again, for good."""
+        for module in self.transformer.modules():
+            module._compiled_call_impl = None  # what nn.Module.compile set
+        self.enabled = False
+
+    def call(self, work):
+        """work() (no gradients: validation, the base model's samples); done again eager if it fails compiled."""
+        try:
+            return work()
+        except Exception as error:
+            if not self.fall_back(error):
+                raise
+            return work()
+
+    def micro_batch(self, step, batch, accelerator, model, noise_generator, parameters):
+        """step(batch) for one micro-batch, inside accelerator.accumulate(model); returns its loss.
+
+        While compiled, the micro-batches since the last optimizer step are kept. If one fails, the whole window
+        runs again eager: the noise generator back at the window's start, its gradients dropped, the earlier
+        micro-batches under no_sync, then this one (whose sync_gradients still decides the optimizer step).
+        """
+        if not self.enabled:
+            return step(batch)
+        if not self.window:
+            self.window_noise = noise_generator.get_state()
+        self.window.append(batch)
+        try:
+            loss = step(batch)
+        except Exception as error:
+            if not self.fall_back(error):
+                raise
+            noise_generator.set_state(self.window_noise)
+            for parameter in parameters:
+                parameter.grad = None
+            for earlier in self.window[:-1]:
+                with accelerator.no_sync(model):
+                    step(earlier)
+            loss = step(batch)
+        if accelerator.sync_gradients or not self.enabled:
+            self.window = []
+        return loss
+
+    def log_new_graphs(self, where):
+        if not self.enabled:
+            return
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        if graphs > self.graphs:
+            logger.info(f"torch.compile: {graphs - self.graphs} new graph(s) at {where}, {graphs} in all")
+            self.graphs = graphs
+
+    def load_cache(self, path):
+        """Hand the compiler the artifacts a previous run saved at `path`; a damaged or foreign file: one warning."""
+        if not path.is_file():
+            return
+        try:
+            with quiet_logger("torch.compiler._cache", logging.CRITICAL):  # it logs a traceback for a damaged file
+                info = torch.compiler.load_cache_artifacts(path.read_bytes())
+        except Exception:
+            info = None
+        if info is None:
+            logger.warning(f"{path} is damaged or was written by another torch version: compiling anew")
+            return
+        self.loaded_artifacts = {(kind, key) for kind, keys in info.artifacts.items() for key in keys}
+        logger.info(f"torch.compile: {len(self.loaded_artifacts)} cached artifact(s) loaded from {path}")
+
+    def save_cache(self, folder):
+        """Write the compiler's cache artifacts to COMPILE_CACHE_FILE in `folder` (with each checkpoint). A set
+        that lacks some of the loaded artifacts (torch records only what this process compiled) keeps the file."""
+        if not self.enabled:
+            return
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            return
+        artifacts, info = saved
+        if not self.loaded_artifacts <= {(kind, key) for kind, keys in info.artifacts.items() for key in keys}:
+            return
+        write_output(Path(folder, COMPILE_CACHE_FILE), lambda temporary: temporary.write_bytes(artifacts), folder,
+                     optional=True)
+
+
+def make_optimizer(args, parameters):
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -3132,6 +2923,23 @@ def make_optimizer(args, parameters, accelerator):
         optimizer_class = torch.optim.AdamW
     return optimizer_class(parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def apply_optimizer_settings(optimizer, lr_scheduler, args):
+    """A restored optimizer keeps the checkpoint's learning rate and Adam settings; replace them with this run's,
+    and continue the lr schedule (possibly a new one) from the restored step."""
+    schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    if not hasattr(schedule, "lr_lambdas"):  # DeepSpeed's own scheduler
+        return
+    previous = schedule.base_lrs[0]
+    schedule.base_lrs = [args.learning_rate for _ in schedule.base_lrs]
+    for group, lr_lambda in zip(optimizer.param_groups, schedule.lr_lambdas):
+        group.update(initial_lr=args.learning_rate, lr=args.learning_rate * lr_lambda(schedule.last_epoch),
+                     betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                     weight_decay=args.adam_weight_decay)
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if previous != args.learning_rate:
+        logger.info(f"learning rate {previous} -> {args.learning_rate} from the resumed step on")
 
 
 def epoch_batches(dataloader, batch_sampler, accelerator, first_epoch, num_epochs, skip_batches):
@@ -3150,8 +2958,8 @@ def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, max_grad_no
     if accelerator.sync_gradients and accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed has stepped already, inside accelerator.backward, clipping to --max_grad_norm (its optimizer's
         # step and zero_grad below do nothing). Its ZeRO-1/2 optimizer skips a step whose gradient norm is not
-        # finite (fp32, bf16 and fp16 alike) and says so; accelerate's lr scheduler then leaves the step out too.
-        # fp16's overflow skips are its loss scaler's own business, as under DDP.
+        # finite and says so; accelerate's lr scheduler then leaves the step out too. fp16's overflow skips are its
+        # loss scaler's own business, as under DDP.
         applied = accelerator.mixed_precision == "fp16" or not optimizer.step_was_skipped
     elif accelerator.sync_gradients:
         grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
@@ -3166,21 +2974,6 @@ def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, max_grad_no
     return applied
 
 
-def apply_optimizer_settings(optimizer, lr_scheduler, args):
-    """A restored optimizer keeps the checkpoint's learning rate and Adam settings; replace them with this run's,
-    and continue the lr schedule (possibly a new one) from the restored step."""
-    schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
-    if not hasattr(schedule, "lr_lambdas"):  # DeepSpeed's own scheduler
-        return
-    previous = schedule.base_lrs[0]
-    schedule.base_lrs = [args.learning_rate for _ in schedule.base_lrs]
-    for group, lr_lambda in zip(optimizer.param_groups, schedule.lr_lambdas):
-        group.update(initial_lr=args.learning_rate, lr=args.learning_rate * lr_lambda(schedule.last_epoch),
-                     betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                     weight_decay=args.adam_weight_decay)
-    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
-    if previous != args.learning_rate:
-        logger.info(f"learning rate {previous} -> {args.learning_rate} from the resumed step on")
 def train(args, accelerator, family, transformer, optimizer, ema_teacher, examples, store, validation, resume_path,
           project_name):
     """The D-OPSD loop: step, clip, optimizer step, EMA update; checkpoints and validation on schedule.
@@ -3193,8 +2986,7 @@ def train(args, accelerator, family, transformer, optimizer, ema_teacher, exampl
         num_cycles=args.lr_num_cycles, power=args.lr_power,
     )
     batch_sampler = BucketBatchSampler(examples, args.train_batch_size, args.repeats, args.seed)
-    dataloader = torch.utils.data.DataLoader(ContextDataset(examples, store), batch_sampler=batch_sampler,
-                                             collate_fn=collate_examples)
+    dataloader = torch.utils.data.DataLoader(store, batch_sampler=batch_sampler, collate_fn=collate_examples)
     # An offloaded base (--offload) is placed layer by layer by its hooks: accelerate must not move it as a whole.
     placement = [False, None, None, None] if getattr(args, "offload", False) else None
     transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader,
@@ -3316,9 +3108,10 @@ def finish(args, accelerator, family, images, save_outputs):
     if accelerator.is_main_process:
         try:
             save_outputs()
-            save_model_card(args, family, hub_repo_id(args), images)
             if args.push_to_hub:
                 uploaded = push_to_hub(args, family, images)
+            else:
+                save_model_card(args, family, hub_repo_id(args), images)
         except KeyboardInterrupt as error:
             raise Interrupted(getattr(error, "signum", signal.SIGINT), "interrupted while writing the outputs"
                               f" (none is half-written); {last_checkpoint(args.output_dir)}. To write them:"
@@ -3329,62 +3122,9 @@ def finish(args, accelerator, family, images, save_outputs):
         sys.exit(1)
 
 
-def prepare_student(args, family, accelerator):
-    """The student as training runs it, and the (name, parameter) pairs that train: a LoRA on --lora_layers (fp32
-    weights under mixed precision) and gradient checkpointing if asked.
-
-    The transformer is loaded here, after the contexts are cached: straight to the accelerator, or memory-mapped on
-    the host to be moved layer by layer. --quantize_base quantises each layer as it reaches the accelerator (which
-    never holds the full-precision base); the quantised base is shared by student and teacher, only the LoRA weights
-    swap. --offload keeps the frozen base in host RAM (offload_frozen_base); the LoRA stays on the accelerator."""
-    device = accelerator.device
-    lora_targets = resolve_lora_targets(family.transformer_layout, args.lora_layers)
-    transformer = family.load_transformer("cpu" if args.quantize_base != "none" or args.offload else device)
-    if args.quantize_base != "none":
-        count = quantize_linear_layers(transformer, args.quantize_base, device, family.weight_dtype)
-        logger.info(f"base transformer: {count} linear layers quantised to {args.quantize_base}")
-    if args.offload:
-        offload_frozen_base(transformer, device)
-        logger.info("base transformer offloaded: its weights stay in host RAM, each layer's brought to the GPU while"
-                    " it runs")
-        if not args.gradient_checkpointing:
-            logger.warning("--offload without --gradient_checkpointing: the student's backward keeps every layer's"
-                           " weights on the GPU until it is done; add --gradient_checkpointing to save GPU memory")
-    else:
-        transformer.to(device)
-    transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
-                                       target_modules=lora_targets))
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    if accelerator.mixed_precision in ("fp16", "bf16"):
-        cast_training_params(transformer, dtype=torch.float32)
-    if accelerator.native_amp:
-        # Every pass runs under autocast (accelerate wraps the prepared model's forward, which the teacher pass and
-        # validation go through too), and autocast computes the LoRA in bf16/fp16 whatever its input's dtype:
-        # peft's cast of each input to the fp32 adapter dtype would only add a round trip through fp32. (peft's
-        # disable_input_dtype_casting does the same for a block of code.)
-        for module in transformer.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.cast_input_dtype_enabled = False
-    lora = [(name, p) for name, p in transformer.named_parameters() if p.requires_grad]
-    for _, parameter in lora:  # peft puts the LoRA beside its base layer's weights: an offloaded one's are on the host
-        parameter.data = parameter.data.to(device)
-    return transformer, lora
-
-
-def offload_frozen_base(transformer, device):
-    """--offload: the frozen base's weights live in host RAM and each layer's come to the accelerator only while that
-    layer runs (diffusers' group offloading; on CUDA a side stream copies the next layer's weights during the
-    current layer's compute, from pinned host memory). Call it before the LoRA is added.
-
-    Layer by layer and before the LoRA exists, so that only the base's layers are hooked: the LoRA layers peft adds
-    around them are not, and the LoRA never leaves the accelerator. Block-level groups would move each block's LoRA
-    weights with it: the optimizer's state and the gradients are on the accelerator, and with streams the hooks bring
-    a block back from a copy taken when offloading began, which would undo every update and, inside the EMA
-    teacher's swap (which replaces the parameters' storage), hand the teacher pass the student's weights."""
-    cuda = device.type == "cuda"
-    transformer.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
-                                     offload_type="leaf_level", use_stream=cuda, record_stream=cuda)
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def main(args):
@@ -3398,10 +3138,10 @@ def main(args):
     claim_output_dir(args, accelerator)
     store, validation = cache_contexts(args, family, examples, accelerator)
 
-    # The student: a LoRA on the transformer. The teacher: the EMA of that LoRA (docs/method.md §2.4), in fp32
-    # (DeepSpeed's bf16 casts the student's copy), taken from the prepared student in train().
-    transformer, lora = prepare_student(args, family, accelerator)
-    ema_teacher = EMATeacher((), args.ema_decay, dtype=torch.float32)
+    # The student: a LoRA on the transformer. The teacher: the EMA of that LoRA, taken from the prepared student in
+    # train() (docs/method.md §2.4).
+    transformer, lora = prepare_student(args, family, accelerator, lora_targets)
+    ema_teacher = EMATeacher((), args.ema_decay)
     logger.info(f"LoRA on {len(lora_targets)} layers: {sum(p.numel() for _, p in lora) / 1e6:.2f} M parameters")
 
     def save_model_hook(models, weights, output_dir):
@@ -3427,7 +3167,7 @@ def main(args):
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
-    optimizer = make_optimizer(args, [p for _, p in lora], accelerator)
+    optimizer = make_optimizer(args, [p for _, p in lora])
     transformer, images = train(args, accelerator, family, transformer, optimizer, ema_teacher, examples, store,
                                 validation, resume_path, "dopsd-lora")
 

@@ -273,7 +273,8 @@ def bench_model(name, args, device, accelerator, peaks):
     family, train_args = build_family(name, args, weight_dtype, device)
     train_args.gradient_checkpointing = args.gradient_checkpointing
     # The student exactly as training prepares it: LoRA, checkpointing, fp32 LoRA computed under autocast.
-    transformer, lora = trainer.prepare_student(train_args, family, accelerator)
+    targets = trainer.resolve_lora_targets(family.transformer_layout, train_args.lora_layers)
+    transformer, lora = trainer.prepare_student(train_args, family, accelerator, targets)
     transformer = accelerator.prepare(transformer)
     transformer.train()
     ema_teacher = trainer.EMATeacher(lora, 0.9999)

@@ -93,7 +93,8 @@ class Run:
                                 512 if device.type == "cuda" else 64, args.student_tokens, args.teacher_tokens)
         reference = self.predict(probe)
         # The LoRA starts at zero, so the prepared student predicts what its (quantised, offloaded) base does.
-        self.transformer, self.lora = trainer.prepare_student(train_args, self.family, accelerator)
+        targets = trainer.resolve_lora_targets(self.family.transformer_layout, train_args.lora_layers)
+        self.transformer, self.lora = trainer.prepare_student(train_args, self.family, accelerator, targets)
         self.prediction_difference = relative_difference(self.predict(probe), reference)
         self.ema_teacher = trainer.EMATeacher(self.lora, 0.9999)
         self.optimizer = torch.optim.AdamW([p for _, p in self.lora], lr=1e-6)

@@ -112,15 +112,16 @@ def train_in_process(family, args, examples, accelerator, steps, learning_rate, 
     """A short D-OPSD run with the script's own pieces (its student: a LoRA or the whole transformer; the step; the
     EMA teacher, with `ema_options` such as dtype), for claims about learning. after_step(named_parameters) runs
     after every EMA update."""
-    transformer, named = script.prepare_student(args, family, accelerator)
+    trained = (script.resolve_lora_targets(family.transformer_layout, args.lora_layers) if script is lora_script
+               else set(script.resolve_trainable(family.transformer_layout, args.train_layers)))
+    transformer, named = script.prepare_student(args, family, accelerator, trained)
     ema = script.EMATeacher(named, args.ema_decay, **ema_options)
     optimizer = torch.optim.AdamW([p for _, p in named], lr=learning_rate)
     store = script.ContextStore(family, examples, accelerator, args.output_dir)
     store.fill()
-    dataset = script.ContextDataset(examples, store)
     generator = torch.Generator().manual_seed(0)
     for step in range(steps):
-        batch = script.collate_examples([dataset[step % len(dataset)]])
+        batch = script.collate_examples([store[step % len(store)]])
         script.dopsd_step(family, transformer, transformer, ema, batch, accelerator, args.rollout_steps,
                           args.loss_space, generator)
         torch.nn.utils.clip_grad_norm_([p for _, p in named], args.max_grad_norm)
@@ -129,7 +130,7 @@ def train_in_process(family, args, examples, accelerator, steps, learning_rate, 
         ema.update()
         if after_step is not None:
             after_step(named)
-    return ema, dataset
+    return ema, store  # the store, as a dataset: item i is example i's contexts and bucket
 
 
 def run_in_process(argv, script=lora_script):

@@ -199,7 +199,10 @@ BAD_INPUTS = [
     Bad("setup", "--teacher_context edit", "--teacher_context edit is not available"),
     Bad("setup", "--text_encoder_out_layers 1 2", "--text_encoder_out_layers applies to FLUX.2-klein only, not to"
         " Z-Image-Turbo"),  # another family's own flag
-    Bad("setup", "--reference_resolution 64", "--reference_resolution applies to FLUX.2-klein's edit teacher only"),
+    Bad("setup", "--reference_resolution 64", "--reference_resolution applies to FLUX.2-klein only, not to"
+        " Z-Image-Turbo"),  # klein's own flag
+    Bad("setup", "--teacher_context vlm --reference_resolution 64", "--reference_resolution applies to"
+        " FLUX.2-klein's edit teacher only", model=TINY_KLEIN),
     Bad("setup", ("--teacher_vlm_name_or_path", "Qwen/Qwen3-VL-4B-Instruct"), "--teacher_vlm_name_or_path applies to"
         " the vlm teacher only, not to FLUX.2-klein's edit teacher: add --teacher_context vlm", model=TINY_KLEIN),
     Bad("setup", "", "cannot write to --output_dir", output=below_a_file),

@@ -135,7 +135,7 @@ def test_teacher_weight_swap_causes_no_recompiles(tmp_path, monkeypatch, backend
     store.fill()
     add_random_lora(family.transformer, args)
     ema = script.EMATeacher([(n, p) for n, p in family.transformer.named_parameters() if p.requires_grad], 0.5)
-    batch = script.collate_examples([script.ContextDataset(examples, store)[0]])
+    batch = script.collate_examples([store[0]])
 
     def step(batch):
         return script.dopsd_step(family, family.transformer, family.transformer, ema, batch, accelerator,

@@ -71,17 +71,19 @@ def test_a_model_replaced_at_the_same_path_gets_new_contexts(tmp_path, accelerat
     example = script.collect_examples(args, klein.resolution_multiple)[0]
     store = script.ContextStore(klein, [example], accelerator, args.output_dir)
     store.fill()
-    assert store.path(example).exists()
+    assert all(store.path(example, role).exists() for role in store.roles)
     weights = model / "text_encoder" / "model.safetensors"
     state = load_file(weights)
     state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"] * 1.5
     save_file(state, weights)  # same path, same size, new contents
 
     replaced = script.ContextStore(klein, [example], accelerator, args.output_dir)
-    assert replaced.path(example) != store.path(example) and not replaced.path(example).exists()
+    assert replaced.path(example, "teacher") != store.path(example, "teacher")
+    assert not replaced.path(example, "teacher").exists()
     # and every setting that shapes a context is part of the key
     args.text_encoder_out_layers = [9, 18, 26]
-    assert script.ContextStore(klein, [example], accelerator, args.output_dir).path(example) != replaced.path(example)
+    assert (script.ContextStore(klein, [example], accelerator, args.output_dir).path(example, "teacher")
+            != replaced.path(example, "teacher"))
 
 
 def test_a_hub_model_is_keyed_on_its_cached_commit(tmp_path):
@@ -105,8 +107,8 @@ def test_an_unreadable_cache_file_is_computed_again_with_one_warning(tmp_path, a
     examples = script.collect_examples(args, family.resolution_multiple)[:2]
     store = script.ContextStore(family, examples, accelerator, args.output_dir)
     store.fill()
-    good = [{k: v.clone() for k, v in load_file(store.path(e)).items()} for e in examples]  # not mmapped
-    truncated, empty = (store.path(e) for e in examples)
+    good = [{k: v.clone() for k, v in load_file(store.path(e, "teacher")).items()} for e in examples]  # not mmapped
+    truncated, empty = (store.path(e, "teacher") for e in examples)
     truncated.write_bytes(truncated.read_bytes()[:-100])
     empty.write_bytes(b"")
     with caplog.at_level(logging.WARNING):
@@ -114,7 +116,7 @@ def test_an_unreadable_cache_file_is_computed_again_with_one_warning(tmp_path, a
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and str(truncated) in warnings[0] and str(empty) in warnings[1]
     for example, expected in zip(examples, good):
-        recomputed = load_file(store.path(example))
+        recomputed = load_file(store.path(example, "teacher"))
         assert recomputed.keys() == expected.keys()
         for key in expected:
             torch.testing.assert_close(recomputed[key], expected[key])
@@ -164,7 +166,7 @@ def test_random_flip_shows_the_teacher_the_mirrored_image(tmp_path, accelerator,
     mirrored = script.training_image(plain).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     assert np.array_equal(np.asarray(script.training_image(flipped)), np.asarray(mirrored))
     store = script.ContextStore(klein, examples[:2], accelerator, args.output_dir)
-    assert store.path(plain) != store.path(flipped)
+    assert store.path(plain, "teacher") != store.path(flipped, "teacher")
     (plain_student, plain_teacher), (student, teacher) = (store.compute(e).values() for e in (plain, flipped))
     torch.testing.assert_close(student["prompt_embeds"], plain_student["prompt_embeds"])  # the caption's, unchanged
     expected = klein.build_teacher_context(mirrored, flipped.caption)
@@ -261,6 +263,7 @@ def test_duplicate_photos_and_captions_share_one_context_and_all_train(tmp_path,
     assert examples[0].image_key == examples[1].image_key and examples[0].image_index != examples[1].image_index
     store = script.ContextStore(klein, examples, accelerator, args.output_dir, targets=True)
     store.fill()
-    assert sorted(p.name for p in store.folder.iterdir()) == [store.path(examples[0]).name]
-    batches = [script.ContextDataset(examples, store)[i] for i in range(2)]
+    expected = sorted(store.path(examples[0], role).name for role in store.roles)  # one file per role
+    assert sorted(p.name for p in store.folder.iterdir()) == expected
+    batches = [store[i] for i in range(2)]
     torch.testing.assert_close(batches[0]["teacher"]["image_latents"], batches[1]["teacher"]["image_latents"])

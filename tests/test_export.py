@@ -269,7 +269,7 @@ def test_a_card_written_without_the_hub_links_nothing_it_cannot_name(exported, t
 
 def test_a_hub_base_model_is_linked_and_named_in_the_card_data(exported, tmp_path, monkeypatch):
     args, family, _ = exported
-    monkeypatch.setattr(script, "base_model_license", lambda name: {"license": "apache-2.0"})  # offline
+    monkeypatch.setattr(family, "base_model_license", lambda name: {"license": "apache-2.0"})  # offline
     script.save_model_card(card_args(args, tmp_path, pretrained_model_name_or_path="Tongyi-MAI/Z-Image-Turbo"),
                            family, "alice/sks-cat", {})
     front, body = read_card(tmp_path)
@@ -278,16 +278,17 @@ def test_a_hub_base_model_is_linked_and_named_in_the_card_data(exported, tmp_pat
 
 
 def test_license_of_known_base_models_when_their_card_cannot_be_read():
-    # offline (conftest): the card cannot be downloaded, so the table answers
-    assert script.base_model_license("Tongyi-MAI/Z-Image-Turbo") == {"license": "apache-2.0"}
-    assert script.base_model_license("black-forest-labs/FLUX.2-klein-4B") == {"license": "apache-2.0"}
-    nine = script.base_model_license("black-forest-labs/FLUX.2-klein-9B")
+    # offline (conftest): the card cannot be downloaded, so the family's table answers
+    assert script.ZImageTurbo.base_model_license("Tongyi-MAI/Z-Image-Turbo") == {"license": "apache-2.0"}
+    assert script.Flux2Klein.base_model_license("black-forest-labs/FLUX.2-klein-4B") == {"license": "apache-2.0"}
+    nine = script.Flux2Klein.base_model_license("black-forest-labs/FLUX.2-klein-9B")
     assert nine["license"] == "other" and nine["license_name"] == "flux-non-commercial-license"
+    assert script.ZImageTurbo.base_model_license("someone/unknown-model") == {"license": "other"}
 
 
 def test_license_is_read_from_a_local_base_models_card(tmp_path):
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# a model\n")
-    assert script.base_model_license(str(tmp_path)) == {"license": "mit"}
+    assert script.Flux2Klein.base_model_license(str(tmp_path)) == {"license": "mit"}
 
 
 def test_bare_hub_model_id_uploads_to_the_namespaced_repo(exported, tmp_path, monkeypatch):

@@ -96,7 +96,7 @@ def test_a_third_family_trains_with_its_own_defaults_guidance_and_flag(third_fam
     family = ThirdFamily(args, torch.float32, torch.device("cpu"))
     examples = script.collect_examples(args, family.resolution_multiple)
     store = script.ContextStore(family, examples, Accelerator(cpu=True), output_dir)
-    cached = load_file(store.path(examples[0]))["student.prompt_embeds"]
+    cached = load_file(store.path(examples[0], "student"))["prompt_embeds"]
     expected = script.ZImageTurbo.encode_student_context(family, "sks " + examples[0].caption)["prompt_embeds"]
     assert torch.equal(cached, expected)
     assert not torch.equal(cached, script.ZImageTurbo.encode_student_context(family, examples[0].caption)[

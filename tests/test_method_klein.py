@@ -108,7 +108,7 @@ def test_max_sequence_length_is_the_pipelines_and_keys_the_cache(tmp_path):
     assert embeds.shape == (64, 3 * 32)
     torch.testing.assert_close(embeds, expected[0])
     _, default = load_family(tmp_path / "default", TINY_KLEIN)
-    assert "max_sequence_length" not in default.context_fingerprint()  # caches made before the flag stay valid
+    assert default.context_fingerprint()["max_sequence_length"] == 512  # the pipelines' default
     assert short.context_fingerprint()["max_sequence_length"] == 64
 
 

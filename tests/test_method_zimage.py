@@ -15,7 +15,7 @@ def accelerator():
 
 
 def example_batch(family, store, index=0):
-    return script.collate_examples([script.ContextDataset(store.examples, store)[index]])
+    return script.collate_examples([store[index]])
 
 
 def test_rollout_schedule_is_the_pipelines_for_k_steps(tmp_path):
@@ -105,9 +105,11 @@ def test_cached_contexts_equal_fresh_ones(tmp_path, accelerator):
     store = script.ContextStore(family, examples, accelerator, args.output_dir)
     # two captions of one image are two cache entries with two contexts (the caption is part of the key)
     first, second = next(pair for pair in zip(examples, examples[1:]) if pair[0].image_index == pair[1].image_index)
-    assert first.caption != second.caption and store.path(first) != store.path(second)
+    assert first.caption != second.caption and store.path(first, "teacher") != store.path(second, "teacher")
     store.fill()
-    assert len(list(store.folder.glob("*.safetensors"))) == len(examples) == 6  # 4 images, 2 with 2 captions
+    # one file per role of each example: 4 images, 2 with 2 captions
+    assert len(list(store.folder.glob("*.teacher.safetensors"))) == len(examples) == 6
+    assert len(list(store.folder.glob("*.safetensors"))) == 2 * len(examples)
     for role in ("student", "teacher"):
         assert not torch.equal(store.get(first)[role]["prompt_embeds"], store.get(second)[role]["prompt_embeds"])
     for example in examples:
@@ -209,10 +211,12 @@ def test_a_short_run_closes_the_student_teacher_gap_on_heldout_noise(tmp_path, a
     assert before > 0 and after <= 0.7 * before, (before, after)
 
 
-def test_copy_swap_for_an_ema_of_another_dtype_restores_the_student_in_place():
-    """A CPU or fp32 EMA swaps by copying in place: the parameters keep their storage (no second model on the GPU)."""
-    parameters = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(6))]
-    ema = script.EMATeacher(zip("ab", parameters), 0.5, dtype=torch.float64)
+def test_copy_swap_for_weights_of_another_dtype_restores_the_student_in_place():
+    """Weights in another dtype than the fp32 EMA (DeepSpeed's bf16 copy; fp64 here) swap by copying in place: the
+    parameters keep their storage (no second model on the GPU)."""
+    parameters = [torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float64)),
+                  torch.nn.Parameter(torch.randn(6, dtype=torch.float64))]
+    ema = script.EMATeacher(zip("ab", parameters), 0.5)
     with torch.no_grad():
         for p in parameters:
             p.add_(1.0)
@@ -222,7 +226,7 @@ def test_copy_swap_for_an_ema_of_another_dtype_restores_the_student_in_place():
     with ema.swapped_in():
         assert [p.data_ptr() for p in parameters] == pointers
         for p, shadow in zip(parameters, ema.shadow):
-            torch.testing.assert_close(p.detach(), shadow.float())
+            torch.testing.assert_close(p.detach(), shadow.double())
     assert [p.data_ptr() for p in parameters] == pointers
     for p, student in zip(parameters, students):
         assert torch.equal(p.detach(), student)

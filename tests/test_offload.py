@@ -48,7 +48,8 @@ def one_step(tmp_path, quantize_base, offload, onloads):
     store = script.ContextStore(family, examples, accelerator, args.output_dir)
     store.fill()
     torch.manual_seed(0)  # the LoRA's initial A
-    transformer, lora = script.prepare_student(args, family, accelerator)
+    targets = script.resolve_lora_targets(family.transformer_layout, args.lora_layers)
+    transformer, lora = script.prepare_student(args, family, accelerator, targets)
     transformer.train()  # as the training loop runs it: gradient checkpointing recomputes each block in the backward
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -60,7 +61,7 @@ def one_step(tmp_path, quantize_base, offload, onloads):
         for shadow in ema.shadow:
             shadow.add_(0.02 * torch.randn(shadow.shape, generator=generator))
     optimizer = torch.optim.AdamW([p for _, p in lora], lr=1e-2)
-    batch = script.collate_examples([script.ContextDataset(examples, store)[0]])
+    batch = script.collate_examples([store[0]])
     onloads.clear()
     loss, _ = script.dopsd_step(family, transformer, transformer, ema, batch, accelerator, args.rollout_steps,
                                 args.loss_space, torch.Generator().manual_seed(1))

@@ -32,21 +32,22 @@ def accelerator():
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_one_backward_with_a_copy_swapped_teacher_gives_the_per_step_gradient(tmp_path, accelerator, kind):
-    """DeepSpeed's arrangement (one backward after the K steps) with an EMA of another dtype, which is swapped in by
-    copying: LoRA with an fp64 EMA (standing in for a CPU EMA), full fine-tuning with gradient checkpointing and the
-    bf16 EMA of --ema_dtype bf16."""
+    """DeepSpeed's arrangement (one backward after the K steps) with a teacher swapped in by copying, as where the
+    EMA's dtype differs from the weights': LoRA weights in fp64 (standing in for DeepSpeed's bf16 copy of them) under
+    the fp32 EMA, full fine-tuning with gradient checkpointing and the bf16 EMA of --ema_dtype bf16."""
     script = lora_script if kind == "lora" else full_script
     extra = ("--rollout_steps", 2) if kind == "lora" else ("--rollout_steps", 2, "--gradient_checkpointing")
     args, family = tiny_family(tmp_path, *extra, script=script)
     transformer = family.transformer
     if kind == "lora":
-        add_random_lora(transformer, args, script)
-        ema_dtype = torch.float64
+        for parameter in add_random_lora(transformer, args, script):
+            parameter.data = parameter.data.double()
+        named = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
+        ema = script.EMATeacher(named, 0.9999)
     else:
         transformer.requires_grad_(True).enable_gradient_checkpointing()
-        ema_dtype = torch.bfloat16
-    named = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
-    ema = script.EMATeacher(named, 0.9999, dtype=ema_dtype)
+        named = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
+        ema = script.EMATeacher(named, 0.9999, dtype=torch.bfloat16)
     with torch.no_grad():
         for shadow in ema.shadow:
             shadow.add_(0.02 * torch.randn_like(shadow))
@@ -87,8 +88,8 @@ def test_a_bf16_teacher_tracks_the_fp32_teacher():
     with the fp32 one (round-to-nearest would leave it where it started)."""
     torch.manual_seed(0)
     student = torch.nn.Parameter(torch.randn(64, 256) * 0.02)
-    fp32 = lora_script.EMATeacher([("w", student)], 0.9999)
-    bf16 = lora_script.EMATeacher([("w", student)], 0.9999, dtype=torch.bfloat16)
+    fp32 = full_script.EMATeacher([("w", student)], 0.9999)
+    bf16 = full_script.EMATeacher([("w", student)], 0.9999, dtype=torch.bfloat16)
     start = bf16.shadow[0].float().clone()
     for _ in range(200):
         with torch.no_grad():

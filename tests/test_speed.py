@@ -27,7 +27,8 @@ def test_lora_without_the_fp32_input_cast_predicts_what_the_cast_path_did(tmp_pa
     args, family = load_family(tmp_path, TINY_ZIMAGE)
     family.transformer.to(torch.bfloat16)
     mixed = SimpleNamespace(device=torch.device("cpu"), mixed_precision="bf16", native_amp=True)
-    transformer, _ = script.prepare_student(args, family, mixed)
+    targets = script.resolve_lora_targets(family.transformer, args.lora_layers)
+    transformer, _ = script.prepare_student(args, family, mixed, targets)
     lora = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
     assert lora and all(p.dtype == torch.float32 for p in lora.values())
     with torch.no_grad():
@@ -239,12 +240,15 @@ def test_reference_resolution_shrinks_the_edit_teachers_reference_tokens(tmp_pat
     examples = script.collect_examples(args, family.resolution_multiple)
     stores = [script.ContextStore(f, examples, SimpleNamespace(), a.output_dir) for a, f in
               ((load_family(tmp_path, TINY_KLEIN, "--resolution", 128)[0], full), (args, family))]
-    assert stores[0].path(examples[0]) != stores[1].path(examples[0])
+    assert stores[0].path(examples[0], "teacher") != stores[1].path(examples[0], "teacher")
 
 
-@pytest.mark.parametrize("model, extra", [(TINY_ZIMAGE, ()), (TINY_KLEIN, ("--teacher_context", "vlm"))])
-def test_reference_resolution_is_refused_without_the_edit_teacher(tmp_path, model, extra):
-    with pytest.raises(script.UserError, match="--reference_resolution applies to FLUX.2-klein's edit teacher only"):
+@pytest.mark.parametrize("model, extra, expected", [
+    (TINY_ZIMAGE, (), "--reference_resolution applies to FLUX.2-klein only, not to Z-Image-Turbo"),
+    (TINY_KLEIN, ("--teacher_context", "vlm"), "--reference_resolution applies to FLUX.2-klein's edit teacher only"),
+])
+def test_reference_resolution_is_refused_without_the_edit_teacher(tmp_path, model, extra, expected):
+    with pytest.raises(script.UserError, match=expected):
         load_family(tmp_path, model, "--reference_resolution", 64, *extra)
 
 
