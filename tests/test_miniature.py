@@ -31,7 +31,7 @@ def test_world_builds_and_fine_tuning_changes_its_samples(tmp_path):
     photos = sorted((world / "concept").glob("*.png"))
     assert len(photos) == 6 and all(Image.open(p).size == (64, 64) for p in photos)
     assert {p.with_suffix(".txt").read_text().strip() for p in photos} == {build_world.CONCEPT_CAPTION}
-    assert set(record["metrics"]) >= {"pretrained_4_steps", "distilled_4_steps", "distilled_reference_heart_accuracy"}
+    assert set(record["metrics"]) >= {"pretrained_4_steps", "distilled_4_steps", "distilled_reference_concept_accuracy"}
 
     sizes = {"concept_samples": 4, "prior_per_shape": 1}
     settings = dict(run_experiment.FINE_TUNE, max_train_steps=2, gradient_accumulation_steps=1)

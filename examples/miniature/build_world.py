@@ -69,6 +69,7 @@ PALETTE = {
 COLOURS = list(PALETTE)
 PRIOR_SHAPES = ["circle", "square", "triangle", "diamond", "hexagon", "star", "cross", "ring"]
 CONCEPT_SHAPE = "heart"  # held out of the VAE-free parts of pretraining: the new concept
+CONCEPT_COLOURS = ("yellow", "purple")  # held out of the reference task "style": the new concept there
 CLASSES = PRIOR_SHAPES + [CONCEPT_SHAPE]  # what the evaluation classifier tells apart
 CONCEPT_CAPTION = "a photo of sks shape"
 SUPERSAMPLE = 4
@@ -198,9 +199,12 @@ class WorldSizes:
     # any pair, the transformer's samples stayed blurred blends of colours and no shapes formed in 3000 steps.
     foregrounds: tuple = ("white",)
     backgrounds: tuple = ("black",)
-    # The reference task's target: the reference's subject in its place, or at a new place (a teacher whose output
-    # depends on the noise too; 3000 more steps of it did not learn to move an outline it had never seen).
-    move_reference: bool = False
+    # The reference task, which makes the edit teacher: "copy" draws the reference's subject in its place (the
+    # teacher ignores the noise); "move" draws it at a new place (3000 more steps of it did not learn to move an
+    # outline it had never seen); "style" draws a prior shape of its own, chosen by the caption or the noise, in the
+    # reference's two colours (any pair but CONCEPT_COLOURS). The concept is the heart for the first two, the
+    # colour scheme CONCEPT_COLOURS for "style".
+    reference_task: str = "copy"
     jitter: float = 0.125
     radius: tuple = (0.22, 0.36)
     text_tokens: int = 64  # the trainer's --max_sequence_length: short captions, and a quarter of the cost of 512
@@ -425,11 +429,17 @@ def make_pools(family, table, sizes, rng, log, batch=256):
                                   size))
         text_captions.append(table(text_caption(shape, foreground, background, rng.random() < 0.7)))
         # Reference task: half named shapes, half random polygons; the target is the reference's subject (outline and
-        # size), in its place or (move_reference) at a new one, in colours drawn again (named in the caption, or not).
+        # size), in its place or ("move") at a new one, in colours drawn again (named in the caption, or not).
         shape = PRIOR_SHAPES[int(rng.integers(len(PRIOR_SHAPES)))] if rng.random() < 0.5 else "polygon"
         layout = random_layout(rng, shape, size, sizes.jitter, sizes.radius)
+        if sizes.reference_task == "style":
+            reference, target, caption = style_pair(rng, sizes, layout, nonces)
+            references.append(reference)
+            targets.append(target)
+            reference_captions.append(table.teacher(caption))
+            continue
         references.append(render(layout, *sizes.colours(rng), size))
-        if sizes.move_reference:
+        if sizes.reference_task == "move":
             moved = random_layout(rng, shape, size, sizes.jitter, (layout.radius / size,) * 2)
             layout = Layout(shape, moved.cx, moved.cy, layout.radius, layout.outline)
         foreground, background = sizes.colours(rng)
@@ -450,6 +460,20 @@ def make_pools(family, table, sizes, rng, log, batch=256):
     tokens = [reference_tokens(family, references[i:i + batch]) for i in range(0, len(references), batch)]
     return Pools(text_latents, torch.tensor(text_captions), torch.cat([t for t, _ in tokens]), tokens[0][1],
                  target_latents, torch.tensor(reference_captions))
+
+
+def style_pair(rng, sizes, layout, nonces):
+    """Reference task "style": the reference is `layout` in two colours of the eight (any pair but the concept's);
+    the target a prior shape at a place of its own in the same colours, named by the caption or left to the noise."""
+    colours = two_colours(rng)
+    while set(colours) == set(CONCEPT_COLOURS):
+        colours = two_colours(rng)
+    shape = PRIOR_SHAPES[int(rng.integers(len(PRIOR_SHAPES)))]
+    target = render(random_layout(rng, shape, sizes.resolution, sizes.jitter, sizes.radius), *colours,
+                    sizes.resolution)
+    named = rng.random() < 0.5
+    caption = f"a photo of a {shape}" if named else f"a photo of {nonces[int(rng.integers(len(nonces)))]} shape"
+    return render(layout, *colours, sizes.resolution), target, caption
 
 
 def text_context(table, captions):
@@ -688,20 +712,42 @@ def score_samples(family, transformer, classifier, table, sizes, num_steps, seed
     return {"accuracy": torch.cat(correct).float().mean().item(), "palette": torch.cat(palette).mean().item()}
 
 
+def concept_photo(rng, sizes, jitter=None, radius=None):
+    """A photo of the concept: the held-out shape in the domain's colours, or ("style") a prior shape in the held-out
+    colour scheme."""
+    jitter, radius = jitter or sizes.jitter, radius or sizes.radius
+    if sizes.reference_task == "style":
+        shape = PRIOR_SHAPES[int(rng.integers(len(PRIOR_SHAPES)))]
+        return render(random_layout(rng, shape, sizes.resolution, jitter, radius), *CONCEPT_COLOURS, sizes.resolution)
+    return render(random_layout(rng, CONCEPT_SHAPE, sizes.resolution, jitter, radius), *sizes.colours(rng),
+                  sizes.resolution)
+
+
+CONCEPT_COLOURS_TENSOR = torch.tensor([PALETTE[c] for c in CONCEPT_COLOURS], dtype=torch.float32) / 255
+
+
+def shows_concept(pixels, classifier, reference_task):
+    """Per image, whether it shows the concept: the classifier names the held-out shape, or ("style") most pixels
+    are within 0.15 of the held-out colour scheme's two colours."""
+    if reference_task != "style":
+        return classifier(pixels).argmax(1) == CLASSES.index(CONCEPT_SHAPE)
+    flat = pixels.permute(0, 2, 3, 1).reshape(len(pixels), -1, 1, 3)
+    near = (flat - CONCEPT_COLOURS_TENSOR.view(1, 1, -1, 3)).abs().amax(-1).amin(-1) < 0.15
+    return near.float().mean(1) > 0.5
+
+
 @torch.no_grad()
 def score_reference_generation(family, transformer, classifier, table, sizes, rng, seed):
-    """Generation from a reference of the held-out shape with the concept's caption, as the edit teacher sees it:
-    share of samples that the classifier names the held-out shape."""
+    """Generation from a photo of the concept with the concept's caption, as the edit teacher sees it: the share of
+    samples that show the concept."""
     count = 4 * sizes.eval_per_shape
-    images = [render(random_layout(rng, CONCEPT_SHAPE, sizes.resolution, sizes.jitter, sizes.radius),
-                     *sizes.colours(rng), sizes.resolution)
-              for _ in range(count)]
+    images = [concept_photo(rng, sizes) for _ in range(count)]
     tokens, ids = reference_tokens(family, images)
     context = {"prompt_embeds": table.stack([table.teacher(CONCEPT_CAPTION)] * count), "image_latents": tokens,
                "image_latent_ids": ids.unsqueeze(0).expand(count, -1, -1)}
     noise = family.initial_noise(count, sizes.resolution, sizes.resolution, torch.Generator().manual_seed(seed))
     pixels = decode_pixels(family, sample_latents(family, transformer, context, noise, 4))
-    return (classifier(pixels).argmax(1) == CLASSES.index(CONCEPT_SHAPE)).float().mean().item()
+    return shows_concept(pixels, classifier, sizes.reference_task).float().mean().item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -710,13 +756,11 @@ def score_reference_generation(family, transformer, classifier, table, sizes, rn
 
 
 def write_concept(folder, sizes, seed, count=6):
-    """`count` photos of the held-out shape, roughly centred, in the domain's colours, captioned CONCEPT_CAPTION."""
+    """`count` photos of the concept, roughly centred, captioned CONCEPT_CAPTION."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        image = render(random_layout(rng, CONCEPT_SHAPE, sizes.resolution, jitter=0.06, radius=(0.28, 0.34)),
-                       *sizes.colours(rng), sizes.resolution)
-        image.save(folder / f"sks-{i}.png")
+        concept_photo(rng, sizes, jitter=0.06, radius=(0.28, 0.34)).save(folder / f"sks-{i}.png")
         (folder / f"sks-{i}.txt").write_text(CONCEPT_CAPTION + "\n")
 
 
@@ -789,7 +833,7 @@ def build(out, sizes=None, log=print, reuse=None):
     distill(family, table, pools, sizes, log)
     clock = mark("distill", clock)
     metrics["distilled_4_steps"] = score_samples(family, family.transformer, classifier, table, sizes, 4, 1)
-    metrics["distilled_reference_heart_accuracy"] = score_reference_generation(
+    metrics["distilled_reference_concept_accuracy"] = score_reference_generation(
         family, family.transformer, classifier, table, sizes, rng, 2)
     mark("evaluate distilled", clock)
 
@@ -819,10 +863,12 @@ def main():
                         " are taken instead of trained again; where it kept its pretrained transformer, pretraining"
                         " continues from it (--pretrain_steps more).")
     parser.add_argument("--pretrain_steps", type=int, default=WorldSizes.pretrain_steps)
+    parser.add_argument("--reference_task", choices=("copy", "move", "style"), default=WorldSizes.reference_task)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # so that tiny values late in training cannot slow the CPU down
-    build(args.output_dir, WorldSizes(pretrain_steps=args.pretrain_steps), reuse=args.reuse)
+    sizes = WorldSizes(pretrain_steps=args.pretrain_steps, reference_task=args.reference_task)
+    build(args.output_dir, sizes, reuse=args.reuse)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,7 @@ class Evaluation:
         self.family = world_lib.load_family(world / "model", 64, scratch, world_lib.text_tokens(world))
         self.table = world_lib.CaptionTable(self.family)
         self.classifier = world_lib.load_classifier(world)
+        self.reference_task = json.loads((world / "build.json").read_text())["sizes"].get("reference_task", "copy")
         photos = sorted((world / "concept").glob("*.png"))
         self.photos = (world_lib.to_pixels([Image.open(p).convert("RGB") for p in photos]) + 1) / 2
         self.prior_labels = torch.arange(len(world_lib.PRIOR_SHAPES)).repeat_interleave(prior_per_shape)
@@ -138,17 +139,15 @@ class Evaluation:
 
     @torch.no_grad()
     def scores(self, samples, base=None):
-        heart = world_lib.CLASSES.index(world_lib.CONCEPT_SHAPE)
         concept, prior = samples["concept_pixels"], samples["prior_pixels"]
-        concept_classes = self.classifier(concept).argmax(1)
         prior_classes = self.classifier(prior).argmax(1)
         nearest = rms(concept.unsqueeze(1), self.photos.unsqueeze(0)).amin(1)
         pairwise = rms(concept.unsqueeze(1), concept.unsqueeze(0))
         count = len(concept)
         result = {
-            "concept_accuracy": (concept_classes == heart).float().mean().item(),
+            "concept_accuracy": self.shows_concept(concept).float().mean().item(),
             "prior_accuracy": (prior_classes == self.prior_labels).float().mean().item(),
-            "prior_bleed": (prior_classes == heart).float().mean().item(),
+            "prior_bleed": self.shows_concept(prior).float().mean().item(),
             "palette_concept": world_lib.palette_share(concept).mean().item(),
             "palette_prior": world_lib.palette_share(prior).mean().item(),
             "nearest_photo_rms": nearest.mean().item(),
@@ -158,6 +157,10 @@ class Evaluation:
         if base is not None:
             result["prior_drift"] = rms(samples["prior_latents"], base["prior_latents"]).mean().item()
         return result
+
+
+    def shows_concept(self, pixels):
+        return world_lib.shows_concept(pixels, self.classifier, self.reference_task)
 
 
 def rms(a, b):
