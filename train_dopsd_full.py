@@ -332,8 +332,7 @@ def check_args(parser, args):
 
 
 # ---- Model families: everything that differs between Z-Image-Turbo and FLUX.2-klein (docs/method.md §3-§5) -----
-# The classes come before the imports below (their methods use torch and diffusers only when called), so that --help,
-# which lists every family's flags, answers without them.
+# These come before the slow imports below (their methods use them only when called), so --help lists their flags fast.
 
 
 # Copied from train_dopsd_lora.ModelFamily
@@ -361,8 +360,7 @@ class ModelFamily:
 
     @classmethod
     def apply_defaults(cls, args, training):
-        """The one place family defaults are set, in place (`training`: the script's TRAINING); refuse flags of
-        another family."""
+        """Set every family default in place (the one place they are set); refuse flags of another family."""
         for other in [family for family in MODEL_FAMILIES.values() if family is not cls]:
             own_flags = argparse.ArgumentParser(add_help=False)
             other.add_arguments(own_flags)
@@ -461,8 +459,7 @@ class ModelFamily:
         return self._transformer if self._transformer is not None else self.load_transformer()
 
     def load_transformer(self, device=None):
-        """Load the frozen transformer once, onto `device` (default: the accelerator; "cpu" for --quantize_base and
-        --offload to move layer by layer)."""
+        """Load the frozen transformer once, onto `device` (default: the accelerator; "cpu": moved layer by layer)."""
         if self._transformer is None:
             try:
                 transformer = self.load_component("transformer", device or self.device)
@@ -547,8 +544,7 @@ class ModelFamily:
         raise NotImplementedError
 
     def training_sigmas(self, batch_size, height, width, generator=None):
-        """Random noise levels, uniform then shifted as the pipeline's schedule at this size, for the objectives that
-        noise the training image."""
+        """Random noise levels for the objectives that noise the image: uniform, shifted as the pipeline's schedule."""
         uniform = torch.rand(batch_size, generator=generator, device=self.device, dtype=torch.float64)
         uniform = 1 - uniform * (1 - 1e-3)  # (0.001, 1]: never the clean image itself
         _, sigmas = self.rollout_schedule(self.default_inference_steps, height, width, sigmas=uniform.tolist())
@@ -642,8 +638,7 @@ class ZImageTurbo(ModelFamily):
         return scheduler.timesteps, scheduler.sigmas
 
     def predict(self, transformer, latents, timestep, context):
-        # The transformer takes t = 1 - sigma and returns the negative of the scheduler's velocity
-        # (docs/method.md §3.1).
+        # It takes t = 1 - sigma and returns the negative of the scheduler's velocity (docs/method.md §3.1).
         t = ((1000 - timestep) / 1000).expand(latents.shape[0])
         model_input = list(latents.to(self.transformer.dtype).unsqueeze(2).unbind(0))
         output = transformer(model_input, t, context["prompt_embeds"], return_dict=False)[0]
@@ -925,8 +920,7 @@ def repeated_block_linears(model):
 
 # Copied from train_dopsd_lora.quantize_linear_layers
 def quantize_linear_layers(model, method, device, compute_dtype):
-    """Quantise the frozen linears of the model's repeated blocks in place on `device` (int8, nf4: bitsandbytes
-    layers; fp8: torchao); returns how many."""
+    """Quantise the frozen linears of the model's repeated blocks in place on `device`; returns how many."""
     backend = quantization_backend(method)
     linears = repeated_block_linears(model)
     if method in ("fp8", "fp8_compute"):
@@ -1008,11 +1002,10 @@ class GraftedVLM:
         mismatched = sorted(k for k in set(target) & set(encoder) if target[k].shape != encoder[k].shape)
         if missing or unexpected or mismatched:
             example = (missing or unexpected or mismatched)[0]
-            raise UserError(
-                f"the teacher VLM {vlm_path} does not match the pipeline's text encoder: {len(missing)} missing,"
-                f" {len(unexpected)} unexpected, {len(mismatched)} mismatched weights (first: {example}); use the"
-                " Qwen3-VL whose language model has the text encoder's size (4B for Qwen3-4B, 8B for Qwen3-8B)"
-            )
+            raise UserError(f"the teacher VLM {vlm_path} does not match the pipeline's text encoder: {len(missing)}"
+                            f" missing, {len(unexpected)} unexpected, {len(mismatched)} mismatched weights (first:"
+                            f" {example}); use the Qwen3-VL whose language model has the text encoder's size (4B for"
+                            " Qwen3-4B, 8B for Qwen3-8B)")
         for token, token_id in (("<|image_pad|>", config.image_token_id),
                                 ("<|vision_start|>", config.vision_start_token_id),
                                 ("<|vision_end|>", config.vision_end_token_id)):
@@ -2031,8 +2024,7 @@ def base_model_reference(name_or_path):
 
 # Copied from train_dopsd_lora.card_prompt
 def card_prompt(args):
-    """The card's example prompt: the first validation prompt (the gallery's), else the instance prompt, else the
-    trigger word."""
+    """The card's example prompt: the first validation prompt, else the instance prompt, else the trigger word."""
     if args.validation_prompt:
         return args.validation_prompt[0]
     if args.instance_prompt:
@@ -2948,8 +2940,7 @@ def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, max_grad_no
 # Copied from train_dopsd_lora.train
 def train(args, accelerator, family, transformer, optimizer, ema_teacher, examples, store, validation, resume_path,
           project_name):
-    """The D-OPSD loop (step, clip, update, EMA), checkpoints and validation; returns the prepared transformer and
-    the last validation images."""
+    """The D-OPSD loop with checkpoints and validation; returns the prepared transformer and last validation images."""
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
