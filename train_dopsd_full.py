@@ -69,9 +69,7 @@ class UserError(Exception):
     """A mistake the user can fix (bad path, bad data, bad flag). Printed as one line, exit status 2."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Arguments -------------------------------------------------------------------------------------------------
 
 
 # Copied from train_dopsd_lora.HelpFormatter
@@ -94,8 +92,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # Copied from train_dopsd_lora.number
 def number(kind, low=None, high=None, low_open=False, high_open=False):
-    """A flag type: the text as `kind` (int or float) within its bounds, so the rule is read where the flag is
-    defined. Open bounds exclude the bound itself; NaN is never within bounds."""
+    """A flag type: the text as `kind` (int or float) within its bounds (open ones exclude the bound; never NaN)."""
     if low is not None and high is not None:
         rule = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     elif low is not None:
@@ -124,8 +121,7 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
 
 # Copied from train_dopsd_lora.has_visible
 def has_visible(text):
-    """Whether the text shows anything: a character that is not a space, a control or a format character (such as a
-    zero-width space or a byte-order mark)."""
+    """Whether the text holds a character that is not a space, a control or a format one (zero-width space, BOM)."""
     return any(unicodedata.category(character)[0] not in "CZ" for character in text)
 
 
@@ -175,7 +171,6 @@ def parse_args(input_args=None):
                        help="Where the EMA teacher's weights live (cpu: copied in for each teacher pass).")
     group.add_argument("--save_ema", action="store_true", help="Also save the EMA teacher (transformer_ema).")
     parser.set_defaults(output_dir="dopsd-full")
-
     args = parser.parse_args(input_args)
     if args.quantize_base != "none":
         parser.error(f"--quantize_base {args.quantize_base} quantises a frozen base, but full fine-tuning trains those"
@@ -186,8 +181,7 @@ def parse_args(input_args=None):
 
 # Copied from train_dopsd_lora.add_common_arguments
 def add_common_arguments(parser):
-    """The flags both D-OPSD scripts share; each script adds its own (LoRA, full fine-tuning). The README's Flags
-    section has the detail."""
+    """The flags both scripts share (the README's Flags section has the detail); each script adds its own."""
     group = parser.add_argument_group("model")
     group.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="Hub id or local folder of a"
                        f" diffusers pipeline: {' or '.join(f.name for f in MODEL_FAMILIES.values())}.")
@@ -337,20 +331,15 @@ def check_args(parser, args):
                              " it, or drop the flag")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Model families: everything that differs between Z-Image-Turbo and FLUX.2-klein (docs/method.md §3-§5)
-# ----------------------------------------------------------------------------------------------------------------
-# The classes come before the imports below (their methods use torch and diffusers only when called), so that --help,
-# which lists every family's flags, answers without them.
+# ---- Model families: everything that differs between Z-Image-Turbo and FLUX.2-klein (docs/method.md §3-§5) -----
+# These come before the slow imports below (their methods use them only when called), so --help lists their flags fast.
 
 
 # Copied from train_dopsd_lora.ModelFamily
 class ModelFamily:
-    """What differs between model families; the rest of the file calls only these attributes and methods.
-
-    Latent states have the shape (batch, channels, height, width) in the space the pipeline's scheduler steps in.
-    Contexts are dicts of CPU-storable tensors for ONE sample; `collate` batches them for `predict`.
-    """
+    """What differs between model families; the rest of the file calls only these attributes and methods. Latents
+    are (batch, channels, height, width) in the scheduler's space; a context is a dict of CPU tensors for ONE sample,
+    which `collate` batches for `predict`."""
 
     name = None
     pipeline_class_name = None  # the _class_name in the pipeline's model_index.json: this family's MODEL_FAMILIES key
@@ -365,15 +354,13 @@ class ModelFamily:
     teacher_contexts = ()  # which --teacher_context values the family offers
     resolution_multiple = 16
 
-    # -- flags and defaults --------------------------------------------------------------------------------------
     @classmethod
     def add_arguments(cls, group):
         """The family's own flags, in its own --help group; a run may set only its own family's (apply_defaults)."""
 
     @classmethod
     def apply_defaults(cls, args, training):
-        """Fill in every flag whose default depends on the family, in place; refuse flags of another family.
-        `training` is the script's TRAINING. This is the one place family defaults are set."""
+        """Set every family default in place (the one place they are set); refuse flags of another family."""
         for other in [family for family in MODEL_FAMILIES.values() if family is not cls]:
             own_flags = argparse.ArgumentParser(add_help=False)
             other.add_arguments(own_flags)
@@ -398,10 +385,8 @@ class ModelFamily:
 
     @classmethod
     def base_model_license(cls, base_model):
-        """The base model's license fields: from its own model card where it can be read, else from the family's
-        `licenses`, else "other" (the card then points to the base model)."""
+        """The base model's license fields: from its model card if readable, else `licenses`, else "other"."""
         from huggingface_hub import ModelCard
-
         readme = Path(base_model) / "README.md"
         if readme.is_file() or not (Path(base_model).exists() or hub_offline()):
             try:
@@ -414,12 +399,10 @@ class ModelFamily:
                 pass
         return dict(cls.licenses.get(Path(base_model.rstrip("/")).name.lower(), {"license": "other"}))
 
-    # -- loading -------------------------------------------------------------------------------------------------
     def __init__(self, args, weight_dtype, device, pipeline=None):
-        """Load the pipeline named by the arguments (defaults applied) without its transformer, or wrap one built in
-        code (the benchmark's random weights). The text encoder goes straight to the accelerator (or is quantised
-        onto it layer by layer, --quantize_encoders); the transformer loads on first use (`load_transformer`), so
-        the host never holds two large components at once. Until then `transformer_layout` stands in for it."""
+        """Load the pipeline without its transformer (or wrap one built in code), the text encoder straight onto the
+        accelerator. The transformer loads on first use, so the host never holds two large components at once;
+        until then `transformer_layout` (its modules on the meta device) stands in for it."""
         assert args.teacher_context in self.teacher_contexts, "apply_defaults(args) comes first"
         self.args = args
         self.weight_dtype = weight_dtype
@@ -464,8 +447,7 @@ class ModelFamily:
         return getattr(importlib.import_module(library), class_name)
 
     def load_component(self, name, device):
-        """One of the pipeline's models in the training dtype, its weights put on `device` one tensor at a time as
-        they are read (on "cpu" they stay memory-mapped from the files until used)."""
+        """One of the pipeline's models in the training dtype, read onto `device` tensor by tensor ("cpu": mmapped)."""
         args = self.args
         return self.component_class(name).from_pretrained(
             args.pretrained_model_name_or_path, subfolder=name, revision=args.revision, variant=args.variant,
@@ -477,8 +459,7 @@ class ModelFamily:
         return self._transformer if self._transformer is not None else self.load_transformer()
 
     def load_transformer(self, device=None):
-        """Load the frozen transformer (once): straight to `device` (default: the accelerator), or on "cpu",
-        memory-mapped, for --quantize_base and --offload to move layer by layer."""
+        """Load the frozen transformer once, onto `device` (default: the accelerator; "cpu": moved layer by layer)."""
         if self._transformer is None:
             try:
                 transformer = self.load_component("transformer", device or self.device)
@@ -497,11 +478,9 @@ class ModelFamily:
         """The diffusers pipeline class (looked up when used: the family classes are defined before the imports)."""
         return getattr(diffusers, self.pipeline_class_name)
 
-    # -- teacher encoders ----------------------------------------------------------------------------------------
     def prepare_teacher_contexts(self, keep_text_encoder=False):
-        """Ready the teacher's encoder once the student contexts are done: the VLM teacher grafts its VLM onto the
-        text encoder's weights, and by default the rest of the text encoder goes (one large encoder on the device
-        at a time); --no-cache_contexts keeps it, to encode every batch."""
+        """Ready the teacher's encoder once the student contexts are done: the VLM teacher's VLM is grafted onto the
+        text encoder, whose rest then goes unless kept (--no-cache_contexts encodes every batch)."""
         if self.teacher_context == "vlm" and self.vlm is None:
             self.vlm = GraftedVLM(self.args.teacher_vlm_name_or_path or self.default_teacher_vlm(),
                                   self.pipeline.text_encoder, self.pipeline.tokenizer, self.weight_dtype,
@@ -527,7 +506,6 @@ class ModelFamily:
         self.pipeline.vae.to("cpu")
         free_memory()
 
-    # -- contexts ------------------------------------------------------------------------------------------------
     def context_fingerprint(self):
         """What the contexts depend on besides the example: part of every context cache file's name."""
         args = self.args
@@ -551,25 +529,22 @@ class ModelFamily:
         raise NotImplementedError
 
     def encode_target(self, image):
-        """The training image as a clean latent state x0 (one sample), for the objectives that noise it."""
+        """The training image as a clean latent x0 (one sample), for the objectives that noise it."""
         raise NotImplementedError
 
     def to_model(self, tensor):
         """A context tensor on the accelerator, floating point in the transformer's dtype (as the pipeline feeds it)."""
         return tensor.to(self.device, self.transformer.dtype if tensor.is_floating_point() else None)
 
-    # -- roll-out ------------------------------------------------------------------------------------------------
     def initial_noise(self, batch_size, height, width, generator=None):
         raise NotImplementedError
 
     def rollout_schedule(self, num_steps, height, width, sigmas=None):
-        """(timesteps, sigmas) exactly as the pipeline sets them for `num_steps` at this size (docs/method.md §4);
-        given `sigmas` (decreasing, in (0, 1]), the pipeline's shift of those instead of its own grid."""
+        """(timesteps, sigmas) as the pipeline sets them at this size, or shifts given `sigmas` (docs/method.md §4)."""
         raise NotImplementedError
 
     def training_sigmas(self, batch_size, height, width, generator=None):
-        """Random noise levels for the objectives that noise the training image: uniform, then shifted as the
-        pipeline shifts its schedule at this size (so they fall where the few-step sampler visits)."""
+        """Random noise levels for the objectives that noise the image: uniform, shifted as the pipeline's schedule."""
         uniform = torch.rand(batch_size, generator=generator, device=self.device, dtype=torch.float64)
         uniform = 1 - uniform * (1 - 1e-3)  # (0.001, 1]: never the clean image itself
         _, sigmas = self.rollout_schedule(self.default_inference_steps, height, width, sigmas=uniform.tolist())
@@ -579,7 +554,6 @@ class ModelFamily:
         """Velocity in the scheduler's convention and the pipeline's dtype: x_{k-1} = x_k + (s_{k-1} - s_k) v."""
         raise NotImplementedError
 
-    # -- images --------------------------------------------------------------------------------------------------
     def unnormalize(self, latents):
         """Latents in the scheduler's space -> the VAE's latent space (what output_type='latent' gives)."""
         raise NotImplementedError
@@ -664,8 +638,7 @@ class ZImageTurbo(ModelFamily):
         return scheduler.timesteps, scheduler.sigmas
 
     def predict(self, transformer, latents, timestep, context):
-        # The transformer takes t = 1 - sigma and returns the negative of the scheduler's velocity
-        # (docs/method.md §3.1).
+        # It takes t = 1 - sigma and returns the negative of the scheduler's velocity (docs/method.md §3.1).
         t = ((1000 - timestep) / 1000).expand(latents.shape[0])
         model_input = list(latents.to(self.transformer.dtype).unsqueeze(2).unbind(0))
         output = transformer(model_input, t, context["prompt_embeds"], return_dict=False)[0]
@@ -753,8 +726,7 @@ class Flux2Klein(ModelFamily):
         }
 
     def reference_pixels(self, image):
-        """The training image as the pipeline prepares an `image=` reference: at --reference_resolution if set,
-        scaled down to 1024^2 pixels if larger (the pipeline's cap), cropped to a multiple of 16; in [-1, 1]."""
+        """The training image in [-1, 1] as the pipeline prepares an `image=` reference (at --reference_resolution)."""
         reference_height, reference_width = self.reference_size(image.height, image.width)
         if (reference_height, reference_width) != (image.height, image.width):
             image = image.resize((reference_width, reference_height), Image.Resampling.LANCZOS)
@@ -766,8 +738,7 @@ class Flux2Klein(ModelFamily):
                                     width=image.width // multiple * multiple, resize_mode="crop")
 
     def reference_size(self, height, width):
-        """(height, width) of the edit teacher's reference image for a bucket: the bucket itself, or its aspect ratio
-        at --reference_resolution^2 pixels (fewer reference tokens, a shorter teacher pass)."""
+        """The edit teacher's reference (height, width) for a bucket: its own, or at --reference_resolution^2 pixels."""
         if self.args.reference_resolution is None:
             return height, width
         scale = self.args.reference_resolution / math.sqrt(height * width)
@@ -862,10 +833,8 @@ warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
 # Copied from train_dopsd_lora.hide_broken_optional_libraries
 def hide_broken_optional_libraries():
-    """bitsandbytes and torchao are optional. diffusers and peft import them whenever they are installed, so one that
-    is installed but fails to import with anything but ImportError (a CUDA set-up error, a version clash) would
-    break the imports below. Such a library is hidden instead (every library then sees it as absent); the flags that
-    need it say why in one line. Returns {name: why it is hidden}."""
+    """Hide bitsandbytes or torchao where installed but failing to import with other than ImportError (diffusers and
+    peft would import it and break); the flags that need it say why. Returns {name: why it is hidden}."""
     broken = {}
     for name in ("bitsandbytes", "torchao"):
         try:
@@ -908,15 +877,12 @@ from transformers import AutoConfig, Qwen2VLImageProcessorPil, Qwen3VLForConditi
 logger = get_logger(__name__)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# What the families load with: quantised layers, the grafted teacher VLM, the pipeline's family
-# ----------------------------------------------------------------------------------------------------------------
+# ---- What the families load with: quantised layers, the grafted teacher VLM, the pipeline's family -------------
 
 
 # Copied from train_dopsd_lora.image_to_tensor
 def image_to_tensor(image):
-    """PIL RGB -> float tensor (1, 3, H, W) in [-1, 1], computed as diffusers' image processor computes it (x / 255,
-    then 2x - 1), so that it is bit-equal to the pipelines' own."""
+    """PIL RGB -> (1, 3, H, W) in [-1, 1], bit-equal to diffusers' image processor (x / 255, then 2x - 1)."""
     array = 2.0 * (np.asarray(image, dtype=np.float32) / 255.0) - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
 
@@ -933,18 +899,15 @@ def quantization_backend(method):
         raise ImportError(BROKEN_LIBRARIES[QUANTIZATION_BACKENDS[method]])
     if QUANTIZATION_BACKENDS[method] == "bitsandbytes":
         import bitsandbytes
-
         return bitsandbytes
     import torchao.quantization
-
     return torchao.quantization
 
 
 # Copied from train_dopsd_lora.repeated_block_linears
 def repeated_block_linears(model):
-    """{name: nn.Linear} inside the model's repeated blocks (diffusers' _repeated_blocks, transformers'
-    _no_split_modules): the layers --quantize_base quantises. The blocks' own modulation layers stay in full
-    precision (Z-Image's adaLN_modulation: benchmarks/bench_nf4_modulation.py measures why)."""
+    """{name: nn.Linear} in the model's repeated blocks, the layers --quantize_base quantises; modulation layers stay
+    in full precision (Z-Image's adaLN_modulation: benchmarks/bench_nf4_modulation.py measures why)."""
     block_types = set(getattr(model, "_repeated_blocks", None) or getattr(model, "_no_split_modules", None) or [])
     linears = {}
     for block_name, block in model.named_modules():
@@ -957,11 +920,7 @@ def repeated_block_linears(model):
 
 # Copied from train_dopsd_lora.quantize_linear_layers
 def quantize_linear_layers(model, method, device, compute_dtype):
-    """Quantise the frozen linear weights of the model's repeated blocks in place, on `device`; returns how many.
-
-    int8 and nf4 replace each nn.Linear by bitsandbytes' Linear8bitLt / Linear4bit (they quantise when moved to the
-    device); fp8 and fp8_compute convert the weights with torchao. LoRA layers wrap the quantised linears unchanged.
-    """
+    """Quantise the frozen linears of the model's repeated blocks in place on `device`; returns how many."""
     backend = quantization_backend(method)
     linears = repeated_block_linears(model)
     if method in ("fp8", "fp8_compute"):
@@ -986,9 +945,8 @@ def quantize_linear_layers(model, method, device, compute_dtype):
                                               quant_type="nf4", device="meta")
             quantized.weight = backend.nn.Params4bit(linear.weight.data, requires_grad=False,
                                                      compress_statistics=True, quant_type="nf4")
-            # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its CPU inference kernel at the first
-            # no-grad call; the repacking fails for layers narrower than its block, and the repacked weight no longer
-            # serves the training passes. It only speeds up CPU inference: off, so every CPU computes alike.
+            # bitsandbytes' AVX512-BF16 repacking (a CPU inference speed-up) fails for narrow layers and breaks the
+            # training passes: off, so every CPU computes alike.
             quantized.support_avx512bf16_for_cpu = False
         if has_bias:
             quantized.bias = linear.bias
@@ -998,9 +956,8 @@ def quantize_linear_layers(model, method, device, compute_dtype):
 
 # Copied from train_dopsd_lora.Float8ComputeLinear
 class Float8ComputeLinear(torch.autograd.Function):
-    """A frozen fp8_compute linear: forward on fp8 tensor cores (torchao quantises the input per row on the fly);
-    backward gives the input's gradient through the dequantised weight, which the LoRA layers before it need and
-    which torchao's fp8 matmul has no derivative for."""
+    """A frozen fp8_compute linear: forward on fp8 tensor cores; backward through the dequantised weight, since the
+    LoRA layers before it need the input's gradient and torchao's fp8 matmul has no derivative."""
 
     @staticmethod
     def forward(ctx, input, weight, bias):
@@ -1021,18 +978,14 @@ def fp8_compute_forward(linear, input):
 
 # Copied from train_dopsd_lora.GraftedVLM
 class GraftedVLM:
-    """Qwen3-VL whose language model is replaced by the pipeline's Qwen3 text encoder (docs/method.md §3.1).
-
-    The vision tower and mergers stay Qwen3-VL's. Text-only, the grafted model reproduces the text encoder's
-    features exactly, so whatever differs in the teacher's context comes from the image tokens.
-    """
+    """Qwen3-VL with the pipeline's text encoder as its language model (docs/method.md §3.1): text-only it gives the
+    encoder's features exactly, so what differs in the teacher's context comes from the image tokens."""
 
     MIN_PIXELS, MAX_PIXELS = 512 * 512, 768 * 768
 
     @staticmethod
     def check(vlm_path, text_encoder, tokenizer, cache_dir=None):
-        """The VLM's config, if the text encoder can be grafted into it; else one line. Compared on the meta device
-        (no weights read), so setup refuses a wrong VLM before anything is written."""
+        """The VLM's config if the text encoder fits it (compared on the meta device), else a UserError."""
         try:
             config = AutoConfig.from_pretrained(vlm_path, cache_dir=cache_dir)
         except Exception as error:
@@ -1049,11 +1002,10 @@ class GraftedVLM:
         mismatched = sorted(k for k in set(target) & set(encoder) if target[k].shape != encoder[k].shape)
         if missing or unexpected or mismatched:
             example = (missing or unexpected or mismatched)[0]
-            raise UserError(
-                f"the teacher VLM {vlm_path} does not match the pipeline's text encoder: {len(missing)} missing,"
-                f" {len(unexpected)} unexpected, {len(mismatched)} mismatched weights (first: {example}); use the"
-                " Qwen3-VL whose language model has the text encoder's size (4B for Qwen3-4B, 8B for Qwen3-8B)"
-            )
+            raise UserError(f"the teacher VLM {vlm_path} does not match the pipeline's text encoder: {len(missing)}"
+                            f" missing, {len(unexpected)} unexpected, {len(mismatched)} mismatched weights (first:"
+                            f" {example}); use the Qwen3-VL whose language model has the text encoder's size (4B for"
+                            " Qwen3-4B, 8B for Qwen3-8B)")
         for token, token_id in (("<|image_pad|>", config.image_token_id),
                                 ("<|vision_start|>", config.vision_start_token_id),
                                 ("<|vision_end|>", config.vision_end_token_id)):
@@ -1063,18 +1015,15 @@ class GraftedVLM:
 
     def __init__(self, vlm_path, text_encoder, tokenizer, dtype, cache_dir=None, rope_theta="text_encoder"):
         config = self.check(vlm_path, text_encoder, tokenizer, cache_dir)
-        # The language model takes the text encoder's RoPE base (1e6 for Qwen3), the one its weights were trained
-        # with: only then do text-only teacher features equal the student's. rope_theta="vlm" keeps Qwen3-VL's (5e6),
-        # as the authors' graft did.
+        # The text encoder's RoPE base (1e6), which its weights were trained with: only then do text-only teacher
+        # features equal the student's. rope_theta="vlm" keeps Qwen3-VL's (5e6), as the authors' graft did.
         text_rope = getattr(text_encoder.config, "rope_parameters", None) or {}
         if rope_theta == "text_encoder" and "rope_theta" in text_rope:
             config.text_config.rope_parameters["rope_theta"] = text_rope["rope_theta"]
-        self.vlm = Qwen3VLForConditionalGeneration.from_pretrained(
-            vlm_path, config=config, dtype=dtype, cache_dir=cache_dir
-        )
-        # The graft shares, it does not copy: the language model's linear layers become the text encoder's own
-        # modules (quantised ones included) and its other weights the encoder's tensors, where they are. Its own
-        # weights, memory-mapped, are dropped unread, and so is its output head (only hidden states are used).
+        self.vlm = Qwen3VLForConditionalGeneration.from_pretrained(vlm_path, config=config, dtype=dtype,
+                                                                   cache_dir=cache_dir)
+        # The graft shares, not copies: the language model's linears become the encoder's modules (quantised ones
+        # too), its other weights the encoder's tensors; its own (mmapped) and its output head are dropped unread.
         language_model, encoder = self.vlm.model.language_model, text_encoder.base_model
         for name, module in list(language_model.named_modules()):
             if isinstance(module, torch.nn.Linear):
@@ -1092,7 +1041,7 @@ class GraftedVLM:
         self.image_token_id = config.image_token_id
 
     def to(self, device, quantize="none"):
-        """Move the VLM to `device`, its repeated blocks quantised there when asked (--quantize_encoders)."""
+        """Move the VLM to `device`, its repeated blocks quantised there if asked (--quantize_encoders)."""
         if quantize != "none":
             quantize_linear_layers(self.vlm, quantize, device, self.vlm.dtype)
         self.vlm.to(device)
@@ -1115,8 +1064,7 @@ class GraftedVLM:
         device = self.vlm.device
         padding = {"padding": "max_length", "max_length": max_length, "truncation": True} if max_length else {}
         tokens = self.tokenizer([text], return_tensors="pt", **padding)
-        input_ids = tokens.input_ids.to(device)
-        attention_mask = tokens.attention_mask.to(device)
+        input_ids, attention_mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
         image_inputs = {}
         if vision is not None:
             image_inputs = {
@@ -1133,15 +1081,13 @@ class GraftedVLM:
 def hub_offline():
     """HF_HUB_OFFLINE as huggingface_hub read it at import, or as set since."""
     from huggingface_hub import constants
-
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
 # Copied from train_dopsd_lora.quiet_logger
 @contextmanager
 def quiet_logger(name, level=logging.ERROR):
-    """A library's log records below `level` held back (huggingface_hub warns once per retry) around a call whose
-    failure its caller words in one line."""
+    """Hold back a library's log records below `level` around a call whose failure the caller words in one line."""
     library_logger = logging.getLogger(name)
     previous = library_logger.level
     library_logger.setLevel(level)
@@ -1153,10 +1099,8 @@ def quiet_logger(name, level=logging.ERROR):
 
 # Copied from train_dopsd_lora.pipeline_load_error
 def pipeline_load_error(args, error):
-    """Why model_index.json could not be read, in words the user can act on. diffusers re-raises the Hub's error as
-    an OSError; the original is its __context__."""
+    """Why model_index.json could not be read, in words the user can act on (the Hub's error is the __context__)."""
     from huggingface_hub import errors
-
     name = args.pretrained_model_name_or_path
     path = Path(name).expanduser()
     if path.is_dir():
@@ -1197,16 +1141,13 @@ def detect_family(args):
     return MODEL_FAMILIES[pipeline_class]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data: (image, caption) pairs in aspect-ratio buckets
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Data: (image, caption) pairs in aspect-ratio buckets ------------------------------------------------------
 
 
 # Copied from train_dopsd_lora.Example
 @dataclass
 class Example:
-    """One (image, caption variant, mirrored or not) triple, with its own cached contexts. The variants of one image
-    share its image_index: the sampler visits each image equally often and draws one of its variants per visit."""
+    """One (image, caption variant, mirrored or not) triple, with its own cached contexts."""
 
     source: str  # a file path, or "dataset:<row>"
     caption: str
@@ -1224,8 +1165,7 @@ class BadData(ValueError):
 
 # Copied from train_dopsd_lora.warn_early
 def warn_early(message):
-    """A warning from the main process, also during the data scan, which runs before the Accelerator exists (and
-    accelerate's logger with it): then the launcher's RANK tells the main process."""
+    """A warning from the main process, also before the Accelerator exists (the launcher's RANK then tells it)."""
     if PartialState._shared_state != {}:
         logger.warning(message)
     elif os.environ.get("RANK", "0") == "0":
@@ -1234,8 +1174,7 @@ def warn_early(message):
 
 # Copied from train_dopsd_lora.load_rgb
 def load_rgb(image, name):
-    """Any PIL image (grayscale, palette, RGBA, CMYK, 16-bit, 32-bit integer or float) as 8-bit RGB, turned upright
-    as its EXIF orientation says; transparency composited on white."""
+    """Any PIL image as 8-bit RGB, turned upright per its EXIF orientation, transparency composited on white."""
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
@@ -1252,29 +1191,28 @@ def load_rgb(image, name):
     return image
 
 
-# Copied from train_dopsd_lora.read_image_file
-def read_image_file(path):
+# Copied from train_dopsd_lora.read_image
+def read_image(open_image, name, failure):
+    """open_image() as 8-bit RGB (load_rgb); an image that cannot be read is BadData("{failure}: {error}")."""
     try:
-        with Image.open(path) as image:
+        with open_image() as image:
             image.load()
-            return load_rgb(image, path)
+            return load_rgb(image, name)
     except BadData:
         raise
     except Exception as error:
-        raise BadData(f"cannot read image {path}: {error}") from None
+        raise BadData(f"{failure}: {error}") from None
+
+
+# Copied from train_dopsd_lora.read_image_file
+def read_image_file(path):
+    return read_image(lambda: Image.open(path), path, f"cannot read image {path}")
 
 
 # Copied from train_dopsd_lora.read_dataset_image
 def read_dataset_image(images, row, column):
     name = f"dataset row {row}"
-    try:
-        image = images[row][column]
-        image.load()
-        return load_rgb(image, name)
-    except BadData:
-        raise
-    except Exception as error:
-        raise BadData(f"cannot read the image of {name}: {error}") from None
+    return read_image(lambda: images[row][column], name, f"cannot read the image of {name}")
 
 
 # Copied from train_dopsd_lora.resize_to_bucket
@@ -1297,8 +1235,7 @@ def training_image(example):
 
 # Copied from train_dopsd_lora.choose_bucket
 def choose_bucket(image, buckets, multiple, no_upscale):
-    """The aspect-ratio bucket nearest to the image's. With no_upscale (kohya's bucket_no_upscale), an image that
-    would have to be enlarged to cover that bucket gets a bucket of its own size, rounded down to the multiple."""
+    """The bucket nearest the image's aspect ratio; with no_upscale, one of its own size if it would be enlarged."""
     height, width = buckets[find_nearest_bucket(image.height, image.width, buckets)]
     if no_upscale and (height > image.height or width > image.width):
         return image.height // multiple * multiple, image.width // multiple * multiple
@@ -1311,8 +1248,7 @@ MAX_CAPTION_CHARS = 8192  # ~2000 English tokens: far above what is encoded (512
 
 # Copied from train_dopsd_lora.caption_variants
 def caption_variants(value, source):
-    """Caption variants from a caption file's text or a metadata/dataset value: a string holds one variant per line,
-    a list of strings one per item. None when there is no caption (the image takes --instance_prompt)."""
+    """Caption variants from a text (one per line) or a list of texts; None when there is no caption."""
     if isinstance(value, str):
         value = value.splitlines()
     if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
@@ -1339,8 +1275,7 @@ def read_caption_file(path, image_path):
 
 # Copied from train_dopsd_lora.scan_instance_data_dir
 def scan_instance_data_dir(folder):
-    """(path, captions reader, image loader) for every image in --instance_data_dir, captioned by same-name .txt
-    files or by metadata.jsonl. Folders and hidden files (such as macOS's "._photo.jpg") are not images."""
+    """(path, captions reader, image loader) for every image in --instance_data_dir (hidden files are no images)."""
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"--instance_data_dir {root} does not exist or is not a folder")
@@ -1379,7 +1314,6 @@ def scan_instance_data_dir(folder):
 def scan_dataset(args):
     """(row, captions reader, image loader) for every row of a Hugging Face dataset (hub id or local folder)."""
     import datasets
-
     try:
         dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir,
                                         split="train")
@@ -1451,11 +1385,9 @@ def collect_examples(args, resolution_multiple):
 
 # Copied from train_dopsd_lora.BucketBatchSampler
 class BucketBatchSampler(torch.utils.data.Sampler):
-    """Batches of example indices from one bucket each, reshuffled every epoch from (seed, epoch).
-
-    Each image is visited `repeats` times per epoch however many caption variants it has (so every image weighs the
-    same, as in the authors' code); each visit uses one of its variants, drawn from (seed, epoch, position).
-    """
+    """Batches of example indices from one bucket each, reshuffled every epoch from (seed, epoch). Each image is
+    visited `repeats` times per epoch however many caption variants it has (every image weighs the same, as in the
+    authors' code), each visit with one of its variants."""
 
     def __init__(self, examples, batch_size, repeats, seed):
         self.batch_size = batch_size
@@ -1489,9 +1421,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return sum(math.ceil(len(group) / self.batch_size) for group in self.groups.values())
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Contexts: student c_s (caption) and teacher c_t (caption + image), computed once per example and cached
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Contexts: student c_s (caption) and teacher c_t (caption + image), computed once per example and cached ---
 
 
 # Copied from train_dopsd_lora.CONTEXT_FORMAT_VERSION
@@ -1500,13 +1430,11 @@ CONTEXT_FORMAT_VERSION = 4  # raise it whenever the code computes or stores a co
 
 # Copied from train_dopsd_lora.model_fingerprint
 def model_fingerprint(name_or_path, revision=None, cache_dir=None):
-    """What identifies a model's contents without reading its weights: the names, sizes and modification times of
-    its files. A Hub id is resolved to its snapshot in the local cache (the folder is named by the commit; its files
-    are content-addressed blobs). Anything else (a pipeline built in code) is identified by its name."""
+    """A model's contents without reading its weights: its files' names, sizes and times (a Hub id: those of its
+    cached snapshot); anything else (a pipeline built in code) by its name."""
     folder = Path(name_or_path)
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
-
         try:
             folder = Path(snapshot_download(name_or_path, revision=revision, cache_dir=cache_dir,
                                             local_files_only=True))
@@ -1523,11 +1451,9 @@ def model_fingerprint(name_or_path, revision=None, cache_dir=None):
 
 # Copied from train_dopsd_lora.ContextStore
 class ContextStore(torch.utils.data.Dataset):
-    """Per-example contexts under output_dir/context_cache, one safetensors file per role: the student's, the
-    teacher's, and with `targets` the clean latents of the objectives that noise the training image. A file's name
-    hashes all its context depends on (the family's context_fingerprint, the format, the image, caption and bucket),
-    so a resumed run reuses it and any change computes a new one. Not `enabled` (--no-cache_contexts): contexts are
-    computed for every batch. As a dataset, item i is example i's contexts by role, with its bucket."""
+    """Per-example contexts in output_dir/context_cache, one file per role (student, teacher, and with `targets` the
+    clean latents), named by a hash of all they depend on, so a resumed run reuses them and any change computes new
+    ones. Not `enabled` (--no-cache_contexts): computed for every batch. Item i: example i's contexts and bucket."""
 
     def __init__(self, family, examples, accelerator, output_dir, enabled=True, targets=False):
         self.family = family
@@ -1555,12 +1481,8 @@ class ContextStore(torch.utils.data.Dataset):
         return {role: encode[role]() for role in roles}
 
     def fill(self):
-        """Compute every missing context; each process takes its share and writes each file atomically.
-
-        Role by role, so that one large encoder at a time is on the accelerator: every student context first (text
-        encoder), then the family readies the teacher (the VLM takes the text encoder's place) for every teacher
-        context (docs/method.md §3.1).
-        """
+        """Compute every missing context, each process its share: all student contexts first, then the teacher's, so
+        one large encoder at a time is on the accelerator (docs/method.md §3.1)."""
         if not self.enabled:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -1591,8 +1513,7 @@ class ContextStore(torch.utils.data.Dataset):
 
     @staticmethod
     def readable(path):
-        """Whether a cache file holds a whole context. An empty or truncated one (a full disk, a copy cut short) is
-        named in one warning and computed again."""
+        """Whether a cache file holds a whole context; a damaged one is named in one warning (and computed again)."""
         if not path.exists():
             return False
         try:
@@ -1630,19 +1551,14 @@ def collate_examples(items):
     return {**{role: [item[role] for item in items] for role in roles}, "bucket": items[0]["bucket"]}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The D-OPSD step: roll out, ask the teacher, pull the student (docs/method.md §2)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- The D-OPSD step: roll out, ask the teacher, pull the student (docs/method.md §2) --------------------------
 
 
 # Own version of train_dopsd_lora.EMATeacher
 class EMATeacher:
-    """The teacher's weights: theta_bar <- d * theta_bar + (1 - d) * theta after every optimizer step, for every
-    trained weight, in fp32 or bf16 (--ema_dtype), on the accelerator or the CPU (--ema_device): the LoRA script's
-    EMA with what only full fine-tuning needs (docs/method.md §2.4). A bf16 shadow is updated with stochastic
-    rounding, its noise seeded by the seed and the update count (saved with the shadow, so a resumed run draws the
-    same noise). Under FSDP2 each process keeps the EMA of its own shards; the checkpoint holds the whole teacher.
-    """
+    """The LoRA script's EMA teacher for every trained weight, in fp32 or bf16 (--ema_dtype), on the accelerator or
+    the CPU (--ema_device) (docs/method.md §2.4). A bf16 shadow is updated with stochastic rounding seeded by the seed
+    and update count (saved with it). Under FSDP2 each process keeps the EMA of its shards; a checkpoint the whole."""
 
     FILE_NAME = "ema_teacher.safetensors"
 
@@ -1654,10 +1570,8 @@ class EMATeacher:
         self.start(named_parameters)
 
     def follow(self, network):
-        """Start over as the EMA of `network`'s trainable parameters, as accelerate prepared them (under FSDP2:
-        this process's shards of them)."""
+        """Start over as the EMA of `network`'s trainable parameters as prepared (FSDP2: this process's shards)."""
         from torch.distributed.fsdp import FSDPModule
-
         self.fsdp_modules = [module for module in network.modules() if isinstance(module, FSDPModule)]
         self.start([(name, p) for name, p in network.named_parameters() if p.requires_grad])
 
@@ -1670,8 +1584,7 @@ class EMATeacher:
         self.num_updates = 0
 
     def weights(self):
-        """What this process trains: the parameters, or under FSDP2 its shards of them (looked up at every use:
-        FSDP2 may move a shard to new storage)."""
+        """What this process trains: the parameters, or under FSDP2 its shards (looked up anew: they may move)."""
         return [p.to_local() for p in self.parameters] if self.fsdp_modules else list(self.parameters)
 
     @torch.no_grad()
@@ -1693,11 +1606,9 @@ class EMATeacher:
 
     @contextmanager
     def swapped_in(self):
-        """Inside the block the student's parameters hold the teacher's weights (and the shadow is not the teacher):
-        swapped by storage, by value under FSDP2 (whose forwards gather from the shards' storage), by halves for a
-        bf16 shadow of fp32 weights, by copy for a CPU one (docs/method.md §2.4). Through `.data`, as the LoRA
-        script's. Under FSDP2 the gathered weights are dropped on the way in and out (the root module keeps its own
-        from one forward to the next), so the next forward gathers the shards as they are then."""
+        """Inside the block the student's parameters hold the teacher's weights, swapped through `.data`: by storage,
+        by value under FSDP2, by halves for a bf16 shadow of fp32 weights, by copy for a CPU one (docs/method.md
+        §2.4). Under FSDP2 gathered weights are dropped on the way in and out, so forwards gather the shards anew."""
         self.reshard()
         put_back = self.swap_in(self.weights())
         try:
@@ -1766,10 +1677,8 @@ class EMATeacher:
         return copy_back
 
     def whole(self, keep=True):
-        """{name: the teacher's tensor} on the CPU. Under FSDP2 every process calls it, and the shards are gathered
-        one tensor at a time; only a process that should `keep` them gets the tensors."""
+        """{name: the teacher's tensor} on the CPU if `keep`; under FSDP2 every process calls it to gather shards."""
         from torch.distributed.tensor import DTensor
-
         tensors = {}
         for name, parameter, shadow in zip(self.names, self.parameters, self.shadow):
             if self.fsdp_modules:
@@ -1788,7 +1697,6 @@ class EMATeacher:
     @torch.no_grad()
     def load(self, folder):
         from torch.distributed.tensor import distribute_tensor
-
         with safe_open(Path(folder) / self.FILE_NAME, "pt") as file:
             if set(file.keys()) != set(self.names) or any(
                     list(file.get_slice(n).get_shape()) != list(p.shape) for n, p in zip(self.names, self.parameters)):
@@ -1803,10 +1711,8 @@ class EMATeacher:
 
 
 def stochastic_round_to_bf16(values, generator):
-    """fp32 -> bf16, rounding each value up (in magnitude) with probability equal to the dropped fraction: unbiased.
-
-    bf16 is the top half of fp32's bits; adding uniform random low bits before truncating carries into the kept
-    half exactly that often."""
+    """fp32 -> bf16, unbiased: adding uniform random low bits before truncating to the top half of fp32's bits
+    rounds up (in magnitude) with probability equal to the dropped fraction."""
     bits = values.view(torch.int32)
     noise = torch.randint(0, 1 << 16, values.shape, generator=generator, device=values.device, dtype=torch.int32)
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
@@ -1820,8 +1726,7 @@ def to_x0(latents, velocity, sigma):
 
 # Copied from train_dopsd_lora.dopsd_loss
 def dopsd_loss(student_velocity, teacher_velocity, latents, sigma, loss_space):
-    """mean((f(u_s) - f(u_t))^2); f = x0-prediction (== sigma^2-weighted velocity MSE) or identity
-    (docs/method.md §2.2)."""
+    """mean((f(u_s) - f(u_t))^2), f = x0-prediction (sigma^2-weighted v MSE) or identity (docs/method.md §2.2)."""
     if loss_space == "x0":
         return F.mse_loss(to_x0(latents, student_velocity, sigma), to_x0(latents, teacher_velocity, sigma))
     return F.mse_loss(student_velocity.float(), teacher_velocity.float())
@@ -1837,16 +1742,11 @@ def rollout_step(latents, velocity, sigma, sigma_next):
 def dopsd_step(family, student, network, ema_teacher, batch, accelerator, rollout_steps, loss_space, generator=None,
                backward_per_step=True, objective="dopsd"):
     """One D-OPSD iteration on a batch; returns the mean loss over the K roll-out steps and the final latents.
+    `network` plays both roles (the teacher while swapped in); `student` is it as prepared, for the passes with grad.
 
-    `network` is the transformer that plays both roles (the teacher's weights while `ema_teacher.swapped_in()`);
-    `student` is the same network as accelerate prepared it (under DDP its wrapper), for the passes with grad.
-
-    The student's forward with grad at x_k *is* the roll-out step: its velocity moves the state to x_{k-1}
-    (detached). Each step's loss is backpropagated at once, so only one step's graph is alive, with the gradient of
-    the mean over the K steps (docs/method.md §2.3); backward_per_step=False keeps the K graphs for one backward at
-    the end, as DeepSpeed needs. objective="offpolicy" asks the same teacher at states noised from the training
-    image instead of the student's roll-out.
-    """
+    The student's forward with grad at x_k *is* the roll-out step. Each step's loss is backpropagated at once, so
+    only one step's graph is alive (docs/method.md §2.3); backward_per_step=False keeps the K graphs for one backward
+    at the end, as DeepSpeed needs. "offpolicy" asks the teacher at states noised from the training image instead."""
     height, width = batch["bucket"]
     student_context = family.collate(batch["student"])
     teacher_context = family.collate(batch["teacher"])
@@ -1883,17 +1783,15 @@ def target_latents(batch, device):
 
 # Copied from train_dopsd_lora.noised_target
 def noised_target(clean, noise, sigma):
-    """Clean latents x0 noised to `sigma` (one, or one per sample) on the flow-matching path:
-    (1 - sigma) x0 + sigma noise, in the noise's dtype."""
+    """(1 - sigma) x0 + sigma noise, in the noise's dtype, for one sigma or one per sample."""
     sigma = sigma.view(-1, 1, 1, 1) if sigma.dim() else sigma
     return ((1 - sigma) * clean + sigma * noise.float()).to(noise.dtype)
 
 
 # Copied from train_dopsd_lora.sft_step
 def sft_step(family, student, batch, accelerator, generator=None):
-    """One step of plain fine-tuning (--objective sft), what diffusers' DreamBooth scripts train: the training
-    image noised to a random sigma, the caption alone as context, the flow-matching target velocity noise - x0.
-    Returns the loss."""
+    """One step of plain fine-tuning (--objective sft, DreamBooth's): the image noised to a random sigma, the caption
+    alone as context, the target velocity noise - x0. Returns the loss."""
     height, width = batch["bucket"]
     noise = family.initial_noise(len(batch["student"]), height, width, generator)
     sigmas = family.training_sigmas(len(batch["student"]), height, width, generator)
@@ -1905,9 +1803,7 @@ def sft_step(family, student, batch, accelerator, generator=None):
     return loss.detach()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Validation
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Validation ------------------------------------------------------------------------------------------------
 
 
 # Copied from train_dopsd_lora.sample
@@ -1959,8 +1855,7 @@ PRIOR_REFERENCE_FILE = "prior_reference.safetensors"
 
 # Copied from train_dopsd_lora.base_prior_samples
 def base_prior_samples(family, transformer, validation, args, resumed, write=True):
-    """The base model's samples of the prior prompts, which the prior drift is measured against: made before the
-    first step (the student is still the base model) and kept in output_dir for resumed runs (if `write`)."""
+    """The base model's samples of the prior prompts, made before the first step and kept for resumed runs."""
     if not validation["prior"]:
         return None
     path = Path(args.output_dir) / PRIOR_REFERENCE_FILE
@@ -1986,8 +1881,7 @@ def base_prior_samples(family, transformer, validation, args, resumed, write=Tru
 
 # Copied from train_dopsd_lora.prior_drift
 def prior_drift(family, transformer, validation, args):
-    """How far the current model's few-step samples of the prior prompts moved from the base model's, from the same
-    noise: the mean relative distance |x - x_base| / |x_base| of the latents (0: unchanged)."""
+    """Mean |x - x_base| / |x_base| of the prior prompts' sample latents from the same noise (0: unchanged)."""
     reference = validation["prior_reference"]
     current = prior_samples(family, transformer, validation["prior"], args)
     return float(np.mean([((current[k] - reference[k]).norm() / reference[k].norm()).item() for k in reference]))
@@ -1999,8 +1893,7 @@ METRICS_FILE = "validation_metrics.jsonl"
 
 # Copied from train_dopsd_lora.log_validation
 def log_validation(family, transformer, ema_teacher, validation, args, accelerator, step):
-    """Student images from the stock pipeline, the teacher's view of the first training example, and the two
-    measures a user watches (docs/method.md §2.6): the concept gap and the prior drift."""
+    """Student images, the teacher's view of the first example, concept gap and prior drift (docs/method.md §2.6)."""
     transformer.eval()
     family.pipeline.vae.to(accelerator.device)
     samples = Path(args.output_dir) / "samples"
@@ -2050,7 +1943,6 @@ def log_validation(family, transformer, ema_teacher, validation, args, accelerat
                 tracker.writer.add_images(name, np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
         elif tracker.name == "wandb":
             import wandb
-
             # the teacher's view has its training bucket's size: a panel of its own (one panel warns of mixed sizes)
             panels = {"validation": [], "teacher view": []}
             for name, images in logged.items():
@@ -2064,9 +1956,7 @@ def log_validation(family, transformer, ema_teacher, validation, args, accelerat
     return logged, metrics
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Saving and the Hub
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Saving and the Hub ----------------------------------------------------------------------------------------
 
 
 # Copied from train_dopsd_lora.card_gallery
@@ -2085,8 +1975,7 @@ def card_gallery(output_dir, images):
 
 # Copied from train_dopsd_lora.metrics_table
 def metrics_table(output_dir, rows=12):
-    """The model card's table of the validation measures (the last record of each step; at most `rows`, evenly
-    spread, the last step always shown), or "" when no validation ran."""
+    """The card's table of the validation measures, at most `rows` evenly spread steps, or "" without any."""
     records = {}
     try:
         for line in (Path(output_dir) / METRICS_FILE).read_text().splitlines():
@@ -2115,7 +2004,6 @@ def metrics_table(output_dir, rows=12):
 def hub_id(name_or_path):
     """The name if it is a Hub repository id, None for a local folder."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if Path(name_or_path).exists():
         return None
     try:
@@ -2136,8 +2024,7 @@ def base_model_reference(name_or_path):
 
 # Copied from train_dopsd_lora.card_prompt
 def card_prompt(args):
-    """The prompt of the card's code example: the first validation prompt (its samples are the card's gallery), else
-    the instance prompt as training saw it, else the trigger word."""
+    """The card's example prompt: the first validation prompt, else the instance prompt, else the trigger word."""
     if args.validation_prompt:
         return args.validation_prompt[0]
     if args.instance_prompt:
@@ -2147,10 +2034,8 @@ def card_prompt(args):
 
 # Copied from train_dopsd_lora.write_model_card
 def write_model_card(args, family, description, widget, tags):
-    """README.md in output_dir: the Hub's metadata (base model, license, gallery, tags), then the description. A base
-    model from a local folder is named in the text only: the Hub links base models by repository id."""
+    """README.md in output_dir: the Hub's metadata (base model, license, gallery, tags), then the description."""
     from huggingface_hub import ModelCard, ModelCardData
-
     data = ModelCardData(library_name="diffusers", base_model=hub_id(args.pretrained_model_name_or_path),
                          instance_prompt=args.trigger_word, widget=widget or None, tags=tags,
                          **family.base_model_license(args.pretrained_model_name_or_path))
@@ -2247,10 +2132,8 @@ def hub_repo_id(args):
 
 # Copied from train_dopsd_lora.push_to_hub
 def push_to_hub(args, family, images):
-    """Create the repository, write the card naming the id the Hub gave it (user/name), upload the output folder.
-    If the Hub fails, the card names the id as asked, everything stays local and the retry command is printed."""
+    """Create the repository, write the card with its id (user/name) and upload; on failure print the retry command."""
     from huggingface_hub import create_repo, upload_folder
-
     repo_id, error = hub_repo_id(args), None
     try:
         repo_id = create_repo(repo_id, exist_ok=True, private=args.hub_private).repo_id
@@ -2271,9 +2154,7 @@ def push_to_hub(args, family, images):
     return False
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Run safety: atomic writes, checkpoints and resume, the output folder, signals
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Run safety: atomic writes, checkpoints and resume, the output folder, signals -----------------------------
 
 
 # Copied from train_dopsd_lora.remove_path
@@ -2309,9 +2190,8 @@ LOW_DISK_SPACE = 1 << 20  # bytes; less than this left after a failed write mean
 
 # Copied from train_dopsd_lora.write_failure
 def write_failure(error, path):
-    """Why a write under `path` failed, if `error` is a failed write (full disk, quota, I/O error); None if it is
-    any other error. torch.save raises RuntimeError and safetensors SafetensorError, neither with an errno, so a
-    full disk is recognised by the free space left (the partial file has just used it up)."""
+    """Why a write under `path` failed, if `error` is a failed write (full disk, quota, I/O error), else None. torch
+    and safetensors raise errors without an errno: a full disk is recognised by the free space left."""
     if isinstance(error, OSError):
         return error.strerror or str(error)
     if not isinstance(error, (RuntimeError, SafetensorError)):
@@ -2329,12 +2209,9 @@ def write_failure(error, path):
 
 # Copied from train_dopsd_lora.write_output
 def write_output(path, write, output_dir, optional=False, accelerator=None, in_place=False):
-    """The one way every output is written (checkpoints, final weights, card, samples, context cache, logs).
-
-    write(temporary) writes a file or folder under a `.tmp` name (logs: `in_place`), renamed into place once whole
-    with the mode a new file gets (safetensors alone gives 0600). A failed write (full disk, quota, I/O error) leaves
-    nothing half-written; an `optional` output then costs one warning and returns False, any other stops the run in
-    one line naming the last checkpoint. With `accelerator` every process writes, then the main process renames."""
+    """The one way every output is written: write(temporary) under a `.tmp` name (or `in_place`), renamed into place
+    once whole, with a new file's mode. A failed write leaves nothing half-written: an `optional` output costs one
+    warning (returns False), any other stops the run in one line. With `accelerator` all write, the main renames."""
     path = Path(path)
     temporary = path if in_place else path.with_name(path.name + ".tmp")
     staged = not in_place and (accelerator is None or accelerator.is_main_process)  # this process renames it
@@ -2383,8 +2260,7 @@ def write_output(path, write, output_dir, optional=False, accelerator=None, in_p
 
 # Copied from train_dopsd_lora.save_checkpoint
 def save_checkpoint(accelerator, output_dir, global_step, noise_generator, total_limit=None):
-    """accelerate state (model hooks, optimizer, lr scheduler, RNGs) and the roll-out noise generator, as
-    checkpoint-N. Old checkpoints beyond `total_limit` are pruned only once it is whole."""
+    """accelerate's state and the roll-out noise generator as checkpoint-N; then prune beyond `total_limit`."""
     def write(folder):
         accelerator.save_state(str(folder))
         save_file({"state": noise_generator.get_state()},
@@ -2400,9 +2276,8 @@ def save_checkpoint(accelerator, output_dir, global_step, noise_generator, total
 
 # Copied from train_dopsd_lora.damaged_file
 def damaged_file(folder, required=()):
-    """'FILE is damaged (why)' for the first file in `folder` that cannot be read whole, or a `required` one that is
-    missing; None if all are intact. Cheap for files of tens of GB: a safetensors file must be as long as its header
-    says, a torch.save file (a zip) must end in its central directory, a JSON file must parse."""
+    """'FILE is damaged (why)' for the first file in `folder` not whole, or a missing `required` one; None if intact.
+    Cheap for tens of GB: safetensors by its header's length, zips by their central directory, JSON by parsing."""
     for name in required:
         if not (Path(folder) / name).is_file():
             return f"{Path(folder) / name} is missing"
@@ -2427,9 +2302,8 @@ def damaged_file(folder, required=()):
 
 # Copied from train_dopsd_lora.find_resume_checkpoint
 def find_resume_checkpoint(resume_from_checkpoint, output_dir):
-    """The checkpoint folder --resume_from_checkpoint names, its files checked first ("latest": the newest in
-    output_dir; None if there is none). A damaged one is refused in one line naming the damaged file and the newest
-    intact checkpoint; "latest" goes on from that one instead, with a warning."""
+    """The checkpoint folder --resume_from_checkpoint names, its files checked (None: nothing to resume). A damaged
+    one is refused naming the newest intact checkpoint, which "latest" takes instead, with a warning."""
     checkpoints = list_checkpoints(output_dir)
     if resume_from_checkpoint is None or resume_from_checkpoint == "latest" and not checkpoints:
         return None
@@ -2456,8 +2330,7 @@ def find_resume_checkpoint(resume_from_checkpoint, output_dir):
 
 # Copied from train_dopsd_lora.load_checkpoint
 def load_checkpoint(accelerator, path, noise_generator):
-    """Restore everything save_checkpoint wrote (find_resume_checkpoint checked its files); a checkpoint of another
-    model or LoRA shape, or damaged where a cheap check cannot see, is a user error."""
+    """Restore what save_checkpoint wrote; a checkpoint that does not fit or is damaged is a user error."""
     try:
         accelerator.load_state(str(path))
         noise_generator.set_state(load_file(Path(path) / f"rollout_noise_{accelerator.process_index}.safetensors")
@@ -2503,8 +2376,7 @@ def run_settings(args, accelerator, family):
 
 # Copied from train_dopsd_lora.check_resume_settings
 def check_resume_settings(resume_path, settings):
-    """Refuse a resume that changes what the checkpoint means (all such flags in one line); log the other changes
-    (MAY_CHANGE_ON_RESUME: e.g. a new learning rate applies to the restored optimizer)."""
+    """Refuse a resume that changes what the checkpoint means (all such flags in one line); log other changes."""
     saved_file = Path(resume_path) / SETTINGS_FILE
     if not saved_file.is_file():
         logger.warning(f"{resume_path} records no settings (an older checkpoint): resuming without checking them")
@@ -2533,8 +2405,7 @@ output_dir_locks = {}  # resolved output_dir -> the open lock file this process 
 
 # Copied from train_dopsd_lora.check_output_dir_is_free
 def check_output_dir_is_free(args):
-    """A new run must not mix with another run's results: its final outputs would be overwritten and its newer
-    checkpoints would be taken as this run's `latest`."""
+    """Refuse a new run in a folder with another run's results (overwritten outputs, another run's `latest`)."""
     if args.resume_from_checkpoint is not None:
         return
     output_dir = Path(args.output_dir)
@@ -2548,9 +2419,8 @@ def check_output_dir_is_free(args):
 
 # Copied from train_dopsd_lora.lock_output_dir
 def lock_output_dir(output_dir):
-    """Make output_dir and hold an exclusive lock on it for the rest of the run (the OS releases it when the process
-    ends), so two runs never write into one folder at once; writing the lock file proves the folder writable. A
-    process that already holds it (an earlier in-process run that stopped with an error) takes it again."""
+    """Make output_dir and hold an exclusive lock on it until the process ends (an earlier in-process run's is taken
+    over), so two runs never write into one folder; writing the lock file proves the folder writable."""
     release_output_dir(output_dir)
     try:
         os.makedirs(output_dir, exist_ok=True)
@@ -2578,8 +2448,7 @@ def release_output_dir(output_dir):
 
 # Copied from train_dopsd_lora.claim_output_dir
 def claim_output_dir(args, accelerator):
-    """The run's first effect on disk, once every check that can refuse it has passed: lock output_dir, and under
-    --overwrite_output_dir delete the previous run's checkpoints (so `latest` can never pick one of them)."""
+    """The run's first write, after every check: lock output_dir; --overwrite_output_dir deletes old checkpoints."""
     if accelerator.is_main_process:
         lock_output_dir(args.output_dir)
         if args.overwrite_output_dir and args.resume_from_checkpoint is None:
@@ -2618,8 +2487,7 @@ def interrupt(signum, frame):  # outside the training loop (loading, caching, sa
 
 # Copied from train_dopsd_lora.StopRequest
 class StopRequest:
-    """In the training loop, SIGINT / SIGTERM (Ctrl-C, a notebook's stop button, preemption) ask the loop to stop at
-    the next step boundary with a checkpoint. A second signal stops at once (the handler before the loop's)."""
+    """In the loop, SIGINT / SIGTERM stop it after this step, with a checkpoint; a second signal stops at once."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -2643,22 +2511,18 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Setup: the machine, the engine, the model family, the contexts, the student
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Setup: the machine, the engine, the model family, the contexts, the student -------------------------------
 
 
 # Copied from train_dopsd_lora.gpu_has_bf16
 def gpu_has_bf16():
-    """Whether the CUDA GPU computes bf16 natively (compute capability 8.0+). torch.cuda.is_bf16_supported() alone
-    also says yes where bf16 is only emulated (T4, V100): slowly, and not what the memory figures assume."""
+    """Whether the CUDA GPU computes bf16 natively (8.0+), not emulated as on a T4 or V100."""
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 # Copied from train_dopsd_lora.default_mixed_precision
 def default_mixed_precision():
-    """--mixed_precision when none is given: what `accelerate launch` was told (its config or flag), else bf16 on a
-    GPU that has it (every memory figure in the README is bf16), else none (fp32)."""
+    """--mixed_precision's default: what `accelerate launch` was told, else bf16 on a GPU that has it, else fp32."""
     return os.environ.get("ACCELERATE_MIXED_PRECISION") or ("bf16" if gpu_has_bf16() else "no")
 
 
@@ -2666,7 +2530,6 @@ def default_mixed_precision():
 def compile_by_default(device):
     """--compile's default: on where inductor generates GPU kernels (CUDA with triton); tests on CPU stay eager."""
     from torch.utils._triton import has_triton
-
     return device.type == "cuda" and has_triton()
 
 
@@ -2698,9 +2561,8 @@ class ProgressBarSafeHandler(logging.StreamHandler):
 
 # Copied from train_dopsd_lora.engine_options
 def engine_options(args):
-    """Accelerator options for the DeepSpeed or FSDP setup `accelerate launch` passes in the environment, refused in
-    one line where this trainer cannot honour it. The flags stay the one source of the batch size, accumulation,
-    clipping and precision: a DeepSpeed JSON leaves them "auto" (filled in here) or agrees with them."""
+    """Accelerator options for the DeepSpeed or FSDP setup `accelerate launch` passes, refused where this trainer
+    cannot honour it. The flags decide batch size, accumulation, clipping and precision; a DeepSpeed JSON agrees."""
     options = {"gradient_accumulation_plugin": GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps),
                "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=False)]}
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
@@ -2766,11 +2628,9 @@ def engine_options(args):
 
 # Copied from train_dopsd_lora.setup
 def setup(args):
-    """Check inputs, start accelerate, load the model family. Bad input fails here, before any long work and before
-    anything is written (claim_output_dir is the first write)."""
+    """Check inputs, start accelerate, load the model family: bad input fails before any long work or write."""
     if args.push_to_hub:
         from huggingface_hub import get_token
-
         if get_token() is None:
             raise UserError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
     for name in (args.pretrained_model_name_or_path, args.teacher_vlm_name_or_path):
@@ -2832,9 +2692,8 @@ def setup(args):
 
 # Copied from train_dopsd_lora.cache_contexts
 def cache_contexts(args, family, examples, accelerator):
-    """Student and teacher contexts for every example (ContextStore.fill), and the validation prompts' first, while
-    the text encoder is there; then the encoders leave the accelerator. With --no-cache_contexts the text encoder
-    and the VLM both stay, to compute contexts for every batch."""
+    """The validation prompts' contexts, then every example's (ContextStore.fill); then the encoders leave unless
+    --no-cache_contexts computes contexts for every batch."""
     with torch.no_grad():
         prompts = [(prompt, family.encode_student_context(prompt)) for prompt in args.validation_prompt or []]
         prior = [(prompt, family.encode_student_context(prompt)) for prompt in args.prior_prompts]
@@ -2870,9 +2729,8 @@ def resolve_trainable(transformer, train_layers):
 
 # Own version of train_dopsd_lora.prepare_student
 def prepare_student(args, family, accelerator, trained_names):
-    """The student as training runs it, and the (name, parameter) pairs that train: the transformer itself with fp32
-    master weights (autocast computes in bf16/fp16), trainable where `trained_names` (a set) says, gradient
-    checkpointing if asked."""
+    """The student (the transformer in fp32, trainable where `trained_names` says) and the (name, parameter) pairs
+    that train."""
     transformer = family.transformer.to(accelerator.device, torch.float32)
     for name, parameter in transformer.named_parameters():
         parameter.requires_grad_(name in trained_names)
@@ -2882,10 +2740,8 @@ def prepare_student(args, family, accelerator, trained_names):
 
 
 def gathered_transformer(accelerator, transformer):
-    """Under FSDP2, the whole transformer as a plain module on the main process's CPU (None on the others), from
-    every process's shards; every process calls it."""
+    """Under FSDP2 the whole transformer on the main process's CPU (None elsewhere); every process calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     state = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not accelerator.is_main_process:
         return None
@@ -2896,9 +2752,7 @@ def gathered_transformer(accelerator, transformer):
     return model
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The training loop: compiled blocks, optimizer, the D-OPSD steps, checkpoints, validation, the final outputs
-# ----------------------------------------------------------------------------------------------------------------
+# ---- The training loop: compiled blocks, optimizer, the D-OPSD steps, checkpoints, validation, the final outputs ---
 
 
 # Copied from train_dopsd_lora.COMPILE_CACHE_FILE
@@ -2917,15 +2771,9 @@ def out_of_memory(error):
 
 # Copied from train_dopsd_lora.CompiledBlocks
 class CompiledBlocks:
-    """torch.compile of the transformer's repeated blocks (diffusers' regional compilation) for every pass: the
-    student's forward and backward and the teacher's no-grad forward. Shapes are dynamic, so buckets, the teacher's
-    longer context and validation sizes share one set of graphs; the teacher swapped in by storage keeps dynamo's
-    guards valid, so nothing recompiles after the first step. New graphs are logged.
-
-    A compile cannot make a run worse: compiled work that fails is done again eager, once, after one warning line,
-    and the blocks stay eager; out of memory and user errors are raised at once. The compiler's cache artifacts are
-    kept in COMPILE_CACHE_FILE beside the checkpoints, so a resumed run reuses them.
-    """
+    """torch.compile of the transformer's repeated blocks for every pass, with dynamic shapes so buckets, contexts
+    and validation sizes share one set of graphs. Compiled work that fails is done again eager after one warning,
+    and the blocks stay eager (out of memory and user errors are raised). The cache is kept for resumed runs."""
 
     backend = "inductor"
 
@@ -2941,8 +2789,7 @@ class CompiledBlocks:
             transformer.compile_repeated_blocks(backend=self.backend, dynamic=True)
 
     def fall_back(self, error):
-        """After `error` in compiled work: whether an eager retry may help. If so, one warning line and the blocks
-        are eager from now on."""
+        """After `error` in compiled work: whether an eager retry may help; if so, warn and go eager for good."""
         if not self.enabled or isinstance(error, UserError) or out_of_memory(error):
             return False
         cause = getattr(error, "inner_exception", None) or error  # what the compiler backend raised
@@ -2967,12 +2814,8 @@ class CompiledBlocks:
             return work()
 
     def micro_batch(self, step, batch, accelerator, model, noise_generator, parameters):
-        """step(batch) for one micro-batch, inside accelerator.accumulate(model); returns its loss.
-
-        While compiled, the micro-batches since the last optimizer step are kept. If one fails, the whole window
-        runs again eager: the noise generator back at the window's start, its gradients dropped, the earlier
-        micro-batches under no_sync, then this one (whose sync_gradients still decides the optimizer step).
-        """
+        """step(batch) for one micro-batch, inside accelerator.accumulate(model); returns its loss. If it fails
+        compiled, the accumulation window runs again eager from its start: noise, gradients, earlier batches."""
         if not self.enabled:
             return step(batch)
         if not self.window:
@@ -3018,8 +2861,7 @@ class CompiledBlocks:
         logger.info(f"torch.compile: {len(self.loaded_artifacts)} cached artifact(s) loaded from {path}")
 
     def save_cache(self, folder):
-        """Write the compiler's cache artifacts to COMPILE_CACHE_FILE in `folder` (with each checkpoint). A set
-        that lacks some of the loaded artifacts (torch records only what this process compiled) keeps the file."""
+        """Write the compiler's artifacts to `folder`, unless they lack loaded ones (torch records only its own)."""
         if not self.enabled:
             return
         saved = torch.compiler.save_cache_artifacts()
@@ -3037,7 +2879,6 @@ def make_optimizer(args, parameters):
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
-
             optimizer_class = bnb.optim.AdamW8bit
         except Exception as error:
             reason = BROKEN_LIBRARIES.get("bitsandbytes", error)
@@ -3050,8 +2891,7 @@ def make_optimizer(args, parameters):
 
 # Copied from train_dopsd_lora.apply_optimizer_settings
 def apply_optimizer_settings(optimizer, lr_scheduler, args):
-    """A restored optimizer keeps the checkpoint's learning rate and Adam settings; replace them with this run's,
-    and continue the lr schedule (possibly a new one) from the restored step."""
+    """Give a restored optimizer this run's learning rate and Adam settings, the schedule going on from its step."""
     schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
     if not hasattr(schedule, "lr_lambdas"):  # DeepSpeed's own scheduler
         return
@@ -3082,15 +2922,12 @@ def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, max_grad_no
     """Clip and step. A step whose loss or gradients are not finite is skipped; returns whether it was applied."""
     applied = True
     if accelerator.sync_gradients and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # DeepSpeed has stepped already, inside accelerator.backward, clipping to --max_grad_norm (its optimizer's
-        # step and zero_grad below do nothing). Its ZeRO-1/2 optimizer skips a step whose gradient norm is not
-        # finite and says so; accelerate's lr scheduler then leaves the step out too. fp16's overflow skips are its
-        # loss scaler's own business, as under DDP.
+        # DeepSpeed has clipped and stepped inside accelerator.backward (the calls below do nothing), skipping a
+        # non-finite step; fp16's overflow skips are its loss scaler's business, as under DDP.
         applied = accelerator.mixed_precision == "fp16" or not optimizer.step_was_skipped
     elif accelerator.sync_gradients:
         grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
-        # fp16's gradient scaler skips overflowing steps itself.
-        if grad_norm is not None and accelerator.scaler is None:
+        if grad_norm is not None and accelerator.scaler is None:  # fp16's scaler skips overflowing steps itself
             if not (math.isfinite(float(grad_norm)) and math.isfinite(loss.item())):
                 optimizer.zero_grad(set_to_none=True)
                 return False
@@ -3103,9 +2940,7 @@ def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, max_grad_no
 # Copied from train_dopsd_lora.train
 def train(args, accelerator, family, transformer, optimizer, ema_teacher, examples, store, validation, resume_path,
           project_name):
-    """The D-OPSD loop: step, clip, optimizer step, EMA update; checkpoints and validation on schedule.
-
-    Returns the prepared transformer and the last validation images."""
+    """The D-OPSD loop with checkpoints and validation; returns the prepared transformer and last validation images."""
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
@@ -3250,9 +3085,7 @@ def finish(args, accelerator, family, images, save_outputs):
         sys.exit(1)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------------------------
+# ---- main ------------------------------------------------------------------------------------------------------
 
 
 # Own version of train_dopsd_lora.main
