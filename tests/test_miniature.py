@@ -1,9 +1,11 @@
 """The miniature world (examples/miniature) at smoke sizes: it builds into a klein pipeline the trainer loads, and
 the experiment's pipeline (train with the trainer, sample, score, tabulate) runs end to end on it."""
 
+import dataclasses
 import json
 import sys
 
+import numpy as np
 import safetensors.torch
 import torch
 from PIL import Image
@@ -60,7 +62,8 @@ def test_a_world_built_on_another_reuses_its_codec_and_judge_and_continues_its_p
     sizes = build_world.SMOKE_SIZES
     first = build_world.build(tmp_path / "first", sizes, log=lambda *_: None)
     logged = []
-    second = build_world.build(tmp_path / "second", sizes, log=logged.append, reuse=tmp_path / "first")
+    style = dataclasses.replace(sizes, reference_task="style")
+    second = build_world.build(tmp_path / "second", style, log=logged.append, reuse=tmp_path / "first")
     assert first["pretrain_steps_total"] == sizes.pretrain_steps and first["reused_from_earlier_build"] == []
     assert second["pretrain_steps_total"] == 2 * sizes.pretrain_steps
     assert second["reused_from_earlier_build"] == ["vae", "classifier"]
@@ -72,3 +75,18 @@ def test_a_world_built_on_another_reuses_its_codec_and_judge_and_continues_its_p
                   for world in ("first", "second")]
     assert pretrained[0].keys() == pretrained[1].keys()
     assert any(not torch.equal(pretrained[0][key], pretrained[1][key]) for key in pretrained[0])
+
+    # The second world's concept is the held-out colour scheme: its photos show it, the first world's (hearts) do not.
+    classifier = build_world.load_classifier(tmp_path / "first")
+    for world, expected in (("first", False), ("second", True)):
+        photos = sorted((tmp_path / world / "concept").glob("*.png"))
+        pixels = (build_world.to_pixels([Image.open(p).convert("RGB") for p in photos]) + 1) / 2
+        assert build_world.shows_concept(pixels, classifier, "style").tolist() == [expected] * 6, world
+    # A style pair: the target is in the reference's colours (the background shows it), and its caption names a
+    # prior shape or is the nonce form.
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        reference, target, caption = build_world.style_pair(rng, style, build_world.random_layout(rng, "star", 64),
+                                                             ["qzx"])
+        assert reference.getpixel((0, 0)) == target.getpixel((0, 0))
+        assert caption == "a photo of qzx shape" or caption.removeprefix("a photo of a ") in build_world.PRIOR_SHAPES
