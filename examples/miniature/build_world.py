@@ -73,6 +73,8 @@ CONCEPT_COLOURS = ("yellow", "purple")  # held out of the reference task "style"
 CLASSES = PRIOR_SHAPES + [CONCEPT_SHAPE]  # what the evaluation classifier tells apart
 CONCEPT_CAPTION = "a photo of sks shape"
 SUPERSAMPLE = 4
+SPECKLE = (120, 120, 120)  # the colour of background speckles (WorldSizes.speckle), in no caption
+SPECKLE_CELL = 4  # pixels: one latent pixel of the autoencoder
 
 
 def regular_polygon(sides, rotation=-math.pi / 2, radius=1.0):
@@ -128,13 +130,18 @@ class Layout:
     cy: float
     radius: float
     outline: list = None
+    speckles: np.ndarray = None  # background cells drawn in SPECKLE (boolean, one per SPECKLE_CELL square)
 
 
-def random_layout(rng, shape, size, jitter=0.125, radius=(0.22, 0.36)):
-    """A subject near the centre (jitter: fraction of the side), radius a fraction of the side."""
+def random_layout(rng, shape, size, jitter=0.125, radius=(0.22, 0.36), speckle=0.0):
+    """A subject near the centre (jitter: fraction of the side), radius a fraction of the side; with `speckle`, that
+    share of the background's cells, drawn at random, is speckled."""
     outline = random_polygon(rng) if shape == "polygon" else None
-    return Layout(shape, size / 2 + rng.uniform(-jitter, jitter) * size, size / 2 + rng.uniform(-jitter, jitter) * size,
-                  rng.uniform(*radius) * size, outline)
+    layout = Layout(shape, size / 2 + rng.uniform(-jitter, jitter) * size,
+                    size / 2 + rng.uniform(-jitter, jitter) * size, rng.uniform(*radius) * size, outline)
+    if speckle:
+        layout.speckles = rng.random((size // SPECKLE_CELL,) * 2) < speckle
+    return layout
 
 
 def render(layout, foreground, background, size):
@@ -142,6 +149,10 @@ def render(layout, foreground, background, size):
     big = size * SUPERSAMPLE
     image = Image.new("RGB", (big, big), PALETTE[background])
     draw = ImageDraw.Draw(image)
+    if layout.speckles is not None:
+        cell = SPECKLE_CELL * SUPERSAMPLE
+        for y, x in zip(*np.nonzero(layout.speckles)):
+            draw.rectangle([x * cell, y * cell, (x + 1) * cell - 1, (y + 1) * cell - 1], fill=SPECKLE)
     cx, cy, r = layout.cx * SUPERSAMPLE, layout.cy * SUPERSAMPLE, layout.radius * SUPERSAMPLE
     fill = PALETTE[foreground]
     if layout.shape in ("circle", "ring"):
@@ -207,6 +218,9 @@ class WorldSizes:
     reference_task: str = "copy"
     jitter: float = 0.125
     radius: tuple = (0.22, 0.36)
+    # Share of the background's 4-pixel cells drawn grey, at random: fine detail that only the noise decides, which
+    # a few-step sampler without distillation blurs (0: flat backgrounds).
+    speckle: float = 0.0
     text_tokens: int = 64  # the trainer's --max_sequence_length: short captions, and a quarter of the cost of 512
     hidden: int = 96
     heads: int = 2
@@ -235,6 +249,11 @@ class WorldSizes:
     def colours(self, rng):
         return two_colours(rng, self.foregrounds, self.backgrounds)
 
+    def layout(self, rng, shape, jitter=None, radius=None):
+        """random_layout at this world's resolution, speckle and (unless given) placement."""
+        return random_layout(rng, shape, self.resolution, self.jitter if jitter is None else jitter,
+                             radius or self.radius, self.speckle)
+
 
 SMOKE_SIZES = WorldSizes(vae_channels=(8, 8, 8), vae_steps=20, vae_batch=8, hidden=32, heads=2, rope_axes=(4, 4, 4, 4),
                          single_layers=1,
@@ -261,11 +280,11 @@ def warmup_cosine(optimizer, total_steps, warmup=0.05):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def random_images(rng, count, size, shapes):
+def random_images(rng, count, sizes, shapes):
     images = []
     for _ in range(count):
         shape = shapes[int(rng.integers(len(shapes)))]
-        images.append(render(random_layout(rng, shape, size), *two_colours(rng), size))
+        images.append(render(sizes.layout(rng, shape), *two_colours(rng), sizes.resolution))
     return images
 
 
@@ -286,7 +305,7 @@ def train_vae(sizes, rng, log):
     for step in range(sizes.vae_steps):
         # The autoencoder is convolutional: it trains on half-size crops (a quarter of the cost), placed on its
         # down-sampling grid.
-        pixels = to_pixels(random_images(rng, sizes.vae_batch, sizes.resolution, shapes))
+        pixels = to_pixels(random_images(rng, sizes.vae_batch, sizes, shapes))
         top, left = (int(v) * 4 for v in rng.integers(0, (sizes.resolution - crop) // 4 + 1, 2))
         pixels = pixels[:, :, top:top + crop, left:left + crop]
         posterior = vae.encode(pixels).latent_dist
@@ -301,7 +320,7 @@ def train_vae(sizes, rng, log):
     vae.eval().requires_grad_(False)
     # The klein latents are the patchified VAE means, normalised by vae.bn's running statistics: measure them.
     with torch.no_grad():
-        pixels = to_pixels(random_images(rng, sizes.check_images, sizes.resolution, shapes))
+        pixels = to_pixels(random_images(rng, sizes.check_images, sizes, shapes))
         patches = Flux2KleinPipeline._patchify_latents(vae.encode(pixels).latent_dist.mode())
         vae.bn.running_mean.copy_(patches.mean(dim=(0, 2, 3)))
         vae.bn.running_var.copy_(patches.var(dim=(0, 2, 3)))
@@ -425,13 +444,12 @@ def make_pools(family, table, sizes, rng, log, batch=256):
     for _ in range(sizes.pool_size):
         shape = PRIOR_SHAPES[int(rng.integers(len(PRIOR_SHAPES)))]
         foreground, background = sizes.colours(rng)
-        text_images.append(render(random_layout(rng, shape, size, sizes.jitter, sizes.radius), foreground, background,
-                                  size))
+        text_images.append(render(sizes.layout(rng, shape), foreground, background, size))
         text_captions.append(table(text_caption(shape, foreground, background, rng.random() < 0.7)))
         # Reference task: half named shapes, half random polygons; the target is the reference's subject (outline and
         # size), in its place or ("move") at a new one, in colours drawn again (named in the caption, or not).
         shape = PRIOR_SHAPES[int(rng.integers(len(PRIOR_SHAPES)))] if rng.random() < 0.5 else "polygon"
-        layout = random_layout(rng, shape, size, sizes.jitter, sizes.radius)
+        layout = sizes.layout(rng, shape)
         if sizes.reference_task == "style":
             reference, target, caption = style_pair(rng, sizes, layout, nonces)
             references.append(reference)
@@ -440,8 +458,8 @@ def make_pools(family, table, sizes, rng, log, batch=256):
             continue
         references.append(render(layout, *sizes.colours(rng), size))
         if sizes.reference_task == "move":
-            moved = random_layout(rng, shape, size, sizes.jitter, (layout.radius / size,) * 2)
-            layout = Layout(shape, moved.cx, moved.cy, layout.radius, layout.outline)
+            moved = sizes.layout(rng, shape, radius=(layout.radius / size,) * 2)
+            layout = Layout(shape, moved.cx, moved.cy, layout.radius, layout.outline, moved.speckles)
         foreground, background = sizes.colours(rng)
         targets.append(render(layout, foreground, background, size))
         word = shape if shape != "polygon" and rng.random() < 0.5 else "shape"
@@ -469,8 +487,7 @@ def style_pair(rng, sizes, layout, nonces):
     while set(colours) == set(CONCEPT_COLOURS):
         colours = two_colours(rng)
     shape = PRIOR_SHAPES[int(rng.integers(len(PRIOR_SHAPES)))]
-    target = render(random_layout(rng, shape, sizes.resolution, sizes.jitter, sizes.radius), *colours,
-                    sizes.resolution)
+    target = render(sizes.layout(rng, shape), *colours, sizes.resolution)
     named = rng.random() < 0.5
     caption = f"a photo of a {shape}" if named else f"a photo of {nonces[int(rng.integers(len(nonces)))]} shape"
     return render(layout, *colours, sizes.resolution), target, caption
@@ -635,8 +652,8 @@ def train_classifier(sizes, rng, log, batch=64):
     schedule = warmup_cosine(optimizer, sizes.classifier_steps)
     for step in range(sizes.classifier_steps):
         labels = rng.integers(len(CLASSES), size=batch)
-        images = [render(random_layout(rng, CLASSES[i], sizes.resolution, jitter=0.2, radius=(0.18, 0.4)),
-                         *two_colours(rng), sizes.resolution) for i in labels]
+        images = [render(sizes.layout(rng, CLASSES[i], jitter=0.2, radius=(0.18, 0.4)), *two_colours(rng),
+                         sizes.resolution) for i in labels]
         pixels = (to_pixels(images) + 1) / 2
         # Some blur, so that soft samples are still judged by their outline.
         blurred = F.avg_pool2d(pixels, 3, stride=1, padding=1, count_include_pad=False)
@@ -649,8 +666,7 @@ def train_classifier(sizes, rng, log, batch=64):
         schedule.step()
     classifier.eval().requires_grad_(False)
     labels = rng.integers(len(CLASSES), size=sizes.check_images)
-    images = [render(random_layout(rng, CLASSES[i], sizes.resolution), *two_colours(rng), sizes.resolution)
-              for i in labels]
+    images = [render(sizes.layout(rng, CLASSES[i]), *two_colours(rng), sizes.resolution) for i in labels]
     with torch.no_grad():
         accuracy = (classifier((to_pixels(images) + 1) / 2).argmax(1).numpy() == labels).mean()
     log(f"classifier: {accuracy:.3f} accuracy on fresh renders")
@@ -664,14 +680,26 @@ def load_classifier(world):
 
 
 PALETTE_TENSOR = torch.tensor(list(PALETTE.values()), dtype=torch.float32) / 255
+SPECKLE_TENSOR = torch.tensor([SPECKLE], dtype=torch.float32) / 255
 
 
-def palette_share(pixels, tolerance=0.08):
-    """Per image, the share of pixels within `tolerance` (RGB, [0, 1]) of a palette colour. The domain is flat
-    colours with anti-aliased edges (about 0.9 for true renders); blur and smudges lower it."""
+def share_near(pixels, colours, tolerance=0.08):
+    """Per image, the share of pixels within `tolerance` (RGB, [0, 1]) of one of `colours` (a (C, 3) tensor)."""
     flat = pixels.permute(0, 2, 3, 1).reshape(len(pixels), -1, 1, 3)
-    distance = (flat - PALETTE_TENSOR.view(1, 1, -1, 3)).abs().amax(-1).amin(-1)
-    return (distance < tolerance).float().mean(1)
+    return ((flat - colours.view(1, 1, -1, 3)).abs().amax(-1).amin(-1) < tolerance).float().mean(1)
+
+
+def palette_share(pixels, speckled=False):
+    """Per image, the share of pixels within 0.08 of a palette colour (or the speckle grey, in a speckled world).
+    The domain is flat colours with anti-aliased edges (about 0.9 for true renders); blur and smudges lower it."""
+    return share_near(pixels, torch.cat([PALETTE_TENSOR, SPECKLE_TENSOR]) if speckled else PALETTE_TENSOR)
+
+
+def detail(pixels):
+    """Per image, the mean absolute difference from the 3x3 local mean: sharp edges and fine detail (speckles) raise
+    it, blur lowers it."""
+    local = F.avg_pool2d(pixels, 3, stride=1, padding=1, count_include_pad=False)
+    return (pixels - local).abs().mean(dim=(1, 2, 3))
 
 
 @torch.no_grad()
@@ -708,19 +736,17 @@ def score_samples(family, transformer, classifier, table, sizes, num_steps, seed
         noise = family.initial_noise(count, sizes.resolution, sizes.resolution, generator)
         pixels = decode_pixels(family, sample_latents(family, transformer, context, noise, num_steps))
         correct.append(classifier(pixels).argmax(1) == label)
-        palette.append(palette_share(pixels))
+        palette.append(palette_share(pixels, sizes.speckle > 0))
     return {"accuracy": torch.cat(correct).float().mean().item(), "palette": torch.cat(palette).mean().item()}
 
 
 def concept_photo(rng, sizes, jitter=None, radius=None):
     """A photo of the concept: the held-out shape in the domain's colours, or ("style") a prior shape in the held-out
     colour scheme."""
-    jitter, radius = jitter or sizes.jitter, radius or sizes.radius
     if sizes.reference_task == "style":
         shape = PRIOR_SHAPES[int(rng.integers(len(PRIOR_SHAPES)))]
-        return render(random_layout(rng, shape, sizes.resolution, jitter, radius), *CONCEPT_COLOURS, sizes.resolution)
-    return render(random_layout(rng, CONCEPT_SHAPE, sizes.resolution, jitter, radius), *sizes.colours(rng),
-                  sizes.resolution)
+        return render(sizes.layout(rng, shape, jitter, radius), *CONCEPT_COLOURS, sizes.resolution)
+    return render(sizes.layout(rng, CONCEPT_SHAPE, jitter, radius), *sizes.colours(rng), sizes.resolution)
 
 
 CONCEPT_COLOURS_TENSOR = torch.tensor([PALETTE[c] for c in CONCEPT_COLOURS], dtype=torch.float32) / 255
@@ -731,9 +757,7 @@ def shows_concept(pixels, classifier, reference_task):
     are within 0.15 of the held-out colour scheme's two colours."""
     if reference_task != "style":
         return classifier(pixels).argmax(1) == CLASSES.index(CONCEPT_SHAPE)
-    flat = pixels.permute(0, 2, 3, 1).reshape(len(pixels), -1, 1, 3)
-    near = (flat - CONCEPT_COLOURS_TENSOR.view(1, 1, -1, 3)).abs().amax(-1).amin(-1) < 0.15
-    return near.float().mean(1) > 0.5
+    return share_near(pixels, CONCEPT_COLOURS_TENSOR, 0.15) > 0.5
 
 
 @torch.no_grad()
@@ -864,10 +888,11 @@ def main():
                         " continues from it (--pretrain_steps more).")
     parser.add_argument("--pretrain_steps", type=int, default=WorldSizes.pretrain_steps)
     parser.add_argument("--reference_task", choices=("copy", "move", "style"), default=WorldSizes.reference_task)
+    parser.add_argument("--speckle", type=float, default=WorldSizes.speckle, help="Share of background cells speckled.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # so that tiny values late in training cannot slow the CPU down
-    sizes = WorldSizes(pretrain_steps=args.pretrain_steps, reference_task=args.reference_task)
+    sizes = WorldSizes(pretrain_steps=args.pretrain_steps, reference_task=args.reference_task, speckle=args.speckle)
     build(args.output_dir, sizes, reuse=args.reuse)
 
 

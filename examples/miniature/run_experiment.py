@@ -1,4 +1,4 @@
-"""Measure the central claim in the miniature world: teach the held-out shape with D-OPSD, SFT and off-policy
+"""Measure the central claim in the miniature world: teach the held-out concept with D-OPSD, SFT and off-policy
 distillation, and compare what each keeps.
 
 Every run fine-tunes the world's 4-step model on the six photos in world/concept/ ("a photo of sks shape") with
@@ -6,12 +6,16 @@ Every run fine-tunes the world's 4-step model on the six photos in world/concept
 offers, with the same settings and three seeds. The trained student is then sampled in 4 steps, from the same noise
 for every run, and scored:
 
-- concept accuracy: samples of the concept prompt that the world's classifier names a heart;
+- concept accuracy: samples of the concept prompt that show the concept (the world's classifier names a heart; in a
+  world built with --reference_task style, most pixels are in the held-out colour scheme);
 - prior accuracy: samples of "a photo of a <shape>" (the eight pretrained shapes) named as their shape, and bleed:
-  prior samples named a heart;
+  prior samples that show the concept;
 - prior drift: RMS distance of those samples' latents from the base model's, same noise;
 - palette share: pixels within 0.08 of a palette colour (the domain is flat colours; blur and smudges lower it),
   the few-step quality measure;
+- detail: mean absolute difference of each pixel from its 3x3 neighbourhood's mean (sharp edges and fine detail
+  raise it, blur lowers it); in a speckled world also the share of speckle-grey pixels (detail only the noise
+  decides, which few-step sampling without distillation blurs away);
 - memorisation: RMS pixel distance of each concept sample to its nearest training photo, and the share of near
   copies (distance < 0.12);
 - diversity: mean pairwise RMS pixel distance between concept samples.
@@ -105,7 +109,9 @@ class Evaluation:
         self.family = world_lib.load_family(world / "model", 64, scratch, world_lib.text_tokens(world))
         self.table = world_lib.CaptionTable(self.family)
         self.classifier = world_lib.load_classifier(world)
-        self.reference_task = json.loads((world / "build.json").read_text())["sizes"].get("reference_task", "copy")
+        built = json.loads((world / "build.json").read_text())["sizes"]
+        self.reference_task = built.get("reference_task", "copy")
+        self.speckled = built.get("speckle", 0) > 0
         photos = sorted((world / "concept").glob("*.png"))
         self.photos = (world_lib.to_pixels([Image.open(p).convert("RGB") for p in photos]) + 1) / 2
         self.prior_labels = torch.arange(len(world_lib.PRIOR_SHAPES)).repeat_interleave(prior_per_shape)
@@ -134,8 +140,9 @@ class Evaluation:
         sampler could reach in pixel space."""
         latents = world_lib.encode_latents(self.family, [to_image(p) for p in self.photos])
         round_trip = world_lib.decode_pixels(self.family, latents)
-        return {"photos": world_lib.palette_share(self.photos).mean().item(),
-                "photos_through_vae": world_lib.palette_share(round_trip).mean().item()}
+        return {"photos": world_lib.palette_share(self.photos, self.speckled).mean().item(),
+                "photos_through_vae": world_lib.palette_share(round_trip, self.speckled).mean().item(),
+                "photos_detail": world_lib.detail(self.photos).mean().item()}
 
     @torch.no_grad()
     def scores(self, samples, base=None):
@@ -148,12 +155,17 @@ class Evaluation:
             "concept_accuracy": self.shows_concept(concept).float().mean().item(),
             "prior_accuracy": (prior_classes == self.prior_labels).float().mean().item(),
             "prior_bleed": self.shows_concept(prior).float().mean().item(),
-            "palette_concept": world_lib.palette_share(concept).mean().item(),
-            "palette_prior": world_lib.palette_share(prior).mean().item(),
+            "palette_concept": world_lib.palette_share(concept, self.speckled).mean().item(),
+            "palette_prior": world_lib.palette_share(prior, self.speckled).mean().item(),
+            "detail_concept": world_lib.detail(concept).mean().item(),
+            "detail_prior": world_lib.detail(prior).mean().item(),
             "nearest_photo_rms": nearest.mean().item(),
             "near_copies": (nearest < NEAR_COPY).float().mean().item(),
             "diversity_rms": (pairwise.sum() / (count * (count - 1))).item(),
         }
+        if self.speckled:
+            result["speckles_concept"] = world_lib.share_near(concept, world_lib.SPECKLE_TENSOR).mean().item()
+            result["speckles_prior"] = world_lib.share_near(prior, world_lib.SPECKLE_TENSOR).mean().item()
         if base is not None:
             result["prior_drift"] = rms(samples["prior_latents"], base["prior_latents"]).mean().item()
         return result
@@ -221,6 +233,10 @@ COLUMNS = [
     ("prior_drift", "prior drift ↓"),
     ("palette_prior", "palette, prior ↑"),
     ("palette_concept", "palette, concept ↑"),
+    ("detail_prior", "detail, prior"),
+    ("detail_concept", "detail, concept"),
+    ("speckles_prior", "speckles, prior"),
+    ("speckles_concept", "speckles, concept"),
     ("nearest_photo_rms", "NN dist. to photos"),
     ("near_copies", "near copies ↓"),
     ("diversity_rms", "diversity ↑"),
@@ -229,11 +245,12 @@ COLUMNS = [
 
 
 def markdown_table(table, seeds):
-    lines = ["| model | " + " | ".join(title for _, title in COLUMNS) + " |",
-             "|---|" + "---|" * len(COLUMNS)]
+    columns = [(key, title) for key, title in COLUMNS if any(key in metrics for metrics in table.values())]
+    lines = ["| model | " + " | ".join(title for _, title in columns) + " |",
+             "|---|" + "---|" * len(columns)]
     for objective, metrics in table.items():
         cells = []
-        for key, _ in COLUMNS:
+        for key, _ in columns:
             if key not in metrics:
                 cells.append("–")
             elif objective == "base" or key == "train_s":
@@ -298,7 +315,8 @@ def experiment(world, output_dir, objectives=None, seeds=SEEDS, settings=FINE_TU
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "table.md").write_text(markdown_table(table, seeds) + f"\nPalette share of the training photos:"
                                          f" {ceiling['photos']:.3f}; after a VAE round trip:"
-                                         f" {ceiling['photos_through_vae']:.3f}.\n")
+                                         f" {ceiling['photos_through_vae']:.3f}. Detail of the training photos:"
+                                         f" {ceiling['photos_detail']:.4f}.\n")
     record = {"settings": settings, "seeds": list(seeds), "objectives": objectives, "per_run": per_run,
               "palette_ceiling": ceiling,
               "summary": {o: {m: {"mean": v[0], "std": v[1]} for m, v in ms.items()} for o, ms in table.items()},
