@@ -727,17 +727,19 @@ def prior_prompts():
 
 @torch.no_grad()
 def score_samples(family, transformer, classifier, table, sizes, num_steps, seed, per_shape=None):
-    """Classifier accuracy and palette share of samples of 'a photo of a <shape>' for every prior shape."""
+    """Classifier accuracy, palette share and detail of samples of 'a photo of a <shape>' for every prior shape."""
     count = per_shape or sizes.eval_per_shape
     generator = torch.Generator().manual_seed(seed)
-    correct, palette = [], []
+    correct, palette, details = [], [], []
     for label, prompt in enumerate(prior_prompts()):
         context = {"prompt_embeds": table.stack([table(prompt)] * count)}
         noise = family.initial_noise(count, sizes.resolution, sizes.resolution, generator)
         pixels = decode_pixels(family, sample_latents(family, transformer, context, noise, num_steps))
         correct.append(classifier(pixels).argmax(1) == label)
         palette.append(palette_share(pixels, sizes.speckle > 0))
-    return {"accuracy": torch.cat(correct).float().mean().item(), "palette": torch.cat(palette).mean().item()}
+        details.append(detail(pixels))
+    return {"accuracy": torch.cat(correct).float().mean().item(), "palette": torch.cat(palette).mean().item(),
+            "detail": torch.cat(details).mean().item()}
 
 
 def concept_photo(rng, sizes, jitter=None, radius=None):
