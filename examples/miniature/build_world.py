@@ -16,6 +16,10 @@ real checkpoint. It is made in the order the real model was:
 One shape, the heart, is held out of all of this: it is the new concept that run_experiment.py teaches. A small CNN
 classifier, trained on every shape (heart included), scores samples.
 
+With --reference_task style the reference task carries a colour scheme instead, and the concept is the held-out
+scheme CONCEPT_COLOURS; with --speckle, backgrounds carry random grey cells, detail that a few-step sampler without
+distillation blurs (examples/miniature/README.md has the worlds built so).
+
     python examples/miniature/build_world.py            # writes examples/miniature/world/
 """
 
